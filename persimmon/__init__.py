@@ -1,0 +1,25 @@
+"""persimmon: Adept's Persimmon language model in PyTorch (model, checkpoints, tokenizer, generation)."""
+
+from .cache import KVCache
+from .checkpoint import CheckpointError
+from .config import PersimmonConfig
+from .model import (
+    PersimmonForCausalLM,
+    PersimmonForSequenceClassification,
+    PersimmonModel,
+    PersimmonOutput,
+    PersimmonPreTrainedModel,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CheckpointError",
+    "KVCache",
+    "PersimmonConfig",
+    "PersimmonForCausalLM",
+    "PersimmonForSequenceClassification",
+    "PersimmonModel",
+    "PersimmonOutput",
+    "PersimmonPreTrainedModel",
+]

@@ -1,0 +1,235 @@
+"""Reading and writing HF-format Persimmon checkpoints: config.json plus safetensors weights.
+
+Loading builds the model on the meta device and assigns the tensors read from memory-mapped safetensors
+files, so an 8B model is never materialised twice. Key names are the checkpoint's own; a base model loads
+from a causal-LM or classifier checkpoint (its `model.` prefix stripped), never the other way round.
+Pickled `pytorch_model*.bin` files are read only on explicit opt-in, and then with `weights_only=True`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .config import PersimmonConfig, dtype_name, resolve_dtype
+
+SAFE_WEIGHTS = "model.safetensors"
+SAFE_INDEX = "model.safetensors.index.json"
+PICKLE_WEIGHTS = "pytorch_model.bin"
+PICKLE_INDEX = "pytorch_model.bin.index.json"
+_IGNORED_KEYS = re.compile(r"(^|\.)rotary_emb\.inv_freq$")  # non-persistent buffer some old exports carry
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory that cannot be loaded into the requested model; the message says why."""
+
+
+def weight_files(path: Path, allow_pickle: bool = False) -> tuple[list[Path], bool]:
+    """The weight files of a checkpoint directory and whether they are pickles, preferring safetensors."""
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint directory {path} does not exist")
+    for index_name, single_name, pickled in ((SAFE_INDEX, SAFE_WEIGHTS, False), (PICKLE_INDEX, PICKLE_WEIGHTS, True)):
+        if (path / single_name).is_file():
+            files = [path / single_name]
+        elif (path / index_name).is_file():
+            try:
+                weight_map = json.loads((path / index_name).read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError) as exc:
+                raise CheckpointError(f"{path / index_name} is not a valid shard index: {exc!r}") from exc
+            files = [path / name for name in sorted(set(weight_map.values()))]
+            missing = [f.name for f in files if not f.is_file()]
+            if missing:
+                raise CheckpointError(f"{path / index_name} names shard files that are missing: {missing}")
+        else:
+            continue
+        if pickled and not allow_pickle:
+            raise CheckpointError(
+                f"{path} holds only pickled weights ({files[0].name}); pickles can run code when read. "
+                "Convert them to safetensors, or pass allow_pickle=True to read them with weights_only=True"
+            )
+        return files, pickled
+    raise CheckpointError(f"no weights in {path}: expected {SAFE_WEIGHTS} or {SAFE_INDEX}")
+
+
+def _read_tensors(files: list[Path], pickled: bool, device: str):
+    """Yield (name, tensor) from every weight file; safetensors are memory-mapped and read one tensor at a time."""
+    for file in files:
+        if pickled:
+            state = torch.load(file, map_location=device, weights_only=True, mmap=True)
+            yield from state.items()
+            continue
+        try:
+            with safe_open(file, framework="pt", device=device) as f:
+                for name in f.keys():
+                    yield name, f.get_tensor(name)
+        except Exception as exc:  # safetensors raises its own error types for corrupt headers
+            raise CheckpointError(f"cannot read {file}: {exc}") from exc
+
+
+def _stored_dtype(files: list[Path], pickled: bool) -> torch.dtype:
+    """dtype of the first floating tensor, for dtype='auto' when config.json does not say."""
+    for _, tensor in _read_tensors(files[:1], pickled, "cpu"):
+        if tensor.is_floating_point():
+            return tensor.dtype
+    return torch.float32
+
+
+def _key_mapper(expected: set[str], found: set[str]):
+    """Map checkpoint key -> model key, bridging a base model and a checkpoint with heads (`model.` prefix)."""
+    model_prefixed = any(k.startswith("model.") for k in expected)
+    ckpt_prefixed = any(k.startswith("model.") for k in found)
+    if ckpt_prefixed and not model_prefixed:  # base model from a CausalLM / classifier checkpoint: drop the heads
+        return lambda k: k[len("model."):] if k.startswith("model.") else None
+    if model_prefixed and not ckpt_prefixed:  # head model from a base-model checkpoint: its head will be missing
+        return lambda k: "model." + k
+    return lambda k: k
+
+
+def load_checkpoint(
+    cls,
+    path: Path,
+    dtype: str | torch.dtype | None = None,
+    device: str | torch.device = "cpu",
+    allow_pickle: bool = False,
+    config: PersimmonConfig | None = None,
+):
+    config = config if config is not None else PersimmonConfig.from_pretrained(path)
+    files, pickled = weight_files(path, allow_pickle)
+    if dtype == "auto":
+        target = resolve_dtype(config.torch_dtype) if config.torch_dtype else _stored_dtype(files, pickled)
+    else:
+        target = resolve_dtype(dtype) or torch.float32
+    device = torch.device(device)
+    with torch.device("meta"):
+        model = cls(config)
+    expected = {name: p.shape for name, p in model.state_dict().items()}
+    tied = config.tie_word_embeddings and "lm_head.weight" in expected
+    if tied:
+        expected.pop("lm_head.weight")
+
+    state: dict[str, torch.Tensor] = {}
+    unexpected, mismatched = [], []
+    mapper = _key_mapper(set(expected), _all_keys(files, pickled))
+    load_device = "cpu" if pickled else str(device)
+    for name, tensor in _read_tensors(files, pickled, load_device):
+        if _IGNORED_KEYS.search(name):
+            continue
+        key = mapper(name)
+        if key is None:
+            continue
+        if key not in expected:
+            if not (tied and key == "lm_head.weight"):
+                unexpected.append(name)
+            continue
+        if tuple(tensor.shape) != tuple(expected[key]):
+            mismatched.append(f"{name}: checkpoint {tuple(tensor.shape)} vs model {tuple(expected[key])}")
+            continue
+        if tensor.is_floating_point() and tensor.dtype != target:
+            tensor = tensor.to(target)
+        state[key] = tensor.to(device)
+    missing = sorted(set(expected) - set(state))
+    problems = []
+    if mismatched:
+        problems.append("shape mismatch: " + "; ".join(mismatched))
+    if missing:
+        problems.append("missing tensors: " + ", ".join(f"{k} {tuple(expected[k])}" for k in missing[:10])
+                        + (f" and {len(missing) - 10} more" if len(missing) > 10 else ""))
+    if unexpected:
+        problems.append("unexpected tensors: " + ", ".join(sorted(unexpected)[:10])
+                        + (f" and {len(unexpected) - 10} more" if len(unexpected) > 10 else ""))
+    if problems:
+        hint = _head_hint(cls, set(state) | set(unexpected))
+        raise CheckpointError(f"cannot load {path} into {cls.__name__}: " + " | ".join(problems) + hint)
+    model.load_state_dict(state, strict=not tied, assign=True)
+    if tied:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    return model.eval()
+
+
+def _all_keys(files: list[Path], pickled: bool) -> set[str]:
+    if pickled:
+        return {k for f in files for k in torch.load(f, map_location="meta", weights_only=True, mmap=True)}
+    keys: set[str] = set()
+    for file in files:
+        with safe_open(file, framework="pt", device="cpu") as f:
+            keys.update(f.keys())
+    return keys
+
+
+def _head_hint(cls, keys: set[str]) -> str:
+    if "lm_head.weight" in keys and cls.__name__ == "PersimmonForSequenceClassification":
+        return " (this is a causal-LM checkpoint: load it with PersimmonForCausalLM, or fine-tune a classifier head)"
+    if "score.weight" in keys and cls.__name__ == "PersimmonForCausalLM":
+        return " (this is a sequence-classification checkpoint: load it with PersimmonForSequenceClassification)"
+    return ""
+
+
+def parse_size(size: int | str) -> int:
+    """'5GB' -> 5_000_000_000, '500MiB' -> 524_288_000; an int is bytes."""
+    if isinstance(size, int):
+        return size
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B)?\s*", str(size), flags=re.IGNORECASE)
+    if not match:
+        raise ValueError(f"cannot read size {size!r}; write it like 5GB, 500MB or 2GiB")
+    number, unit = float(match.group(1)), (match.group(2) or "B").upper()
+    scale = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+             "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}[unit]
+    return int(number * scale)
+
+
+def save_checkpoint(model, path: Path, max_shard_size: int | str = "5GB") -> None:
+    limit = parse_size(max_shard_size)
+    path.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    if model.config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)  # safetensors refuses shared storage; the tie is in the config
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, tensor in state.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + nbytes > limit:
+            shards.append({})
+            size = 0
+        shards[-1][name] = tensor
+        size += nbytes
+    for stale in [*path.glob("model*.safetensors"), path / SAFE_INDEX]:
+        stale.unlink(missing_ok=True)
+    model.config.torch_dtype = dtype_name(model.dtype)
+    model.config.save_pretrained(path, architecture=model.architecture)
+    if len(shards) == 1:
+        _atomic_save(shards[0], path / SAFE_WEIGHTS)
+        return
+    weight_map = {}
+    for i, shard in enumerate(shards, start=1):
+        name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        _atomic_save(shard, path / name)
+        weight_map.update({k: name for k in shard})
+    index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())},
+             "weight_map": dict(sorted(weight_map.items()))}
+    _atomic_write_text(path / SAFE_INDEX, json.dumps(index, indent=2) + "\n")
+
+
+def _atomic_save(tensors: dict[str, torch.Tensor], file: Path) -> None:
+    fd, tmp = tempfile.mkstemp(dir=file.parent, prefix=f".{file.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata={"format": "pt"})
+        os.replace(tmp, file)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _atomic_write_text(file: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=file.parent, prefix=f".{file.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, file)
+

@@ -1,0 +1,69 @@
+"""Shared fixtures: tiny random Persimmon checkpoints built and saved by transformers (the numerical oracle)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+TINY = dict(
+    vocab_size=384,
+    hidden_size=64,
+    intermediate_size=160,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    max_position_embeddings=48,
+)
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+def hf_config(rope_theta: float = 25000.0, partial_rotary_factor: float = 0.5, rope_scaling: dict | None = None,
+              **overrides):
+    """A transformers PersimmonConfig in whichever layout the installed transformers speaks."""
+    kwargs = {**TINY, **overrides}
+    if int(transformers.__version__.split(".")[0]) >= 5:
+        params = {"rope_type": "default", "rope_theta": rope_theta, "partial_rotary_factor": partial_rotary_factor}
+        if rope_scaling:
+            params.update(rope_type=rope_scaling["type"], factor=rope_scaling["factor"])
+        kwargs["rope_parameters"] = params
+    else:
+        kwargs.update(rope_theta=rope_theta, partial_rotary_factor=partial_rotary_factor, rope_scaling=rope_scaling)
+    return transformers.PersimmonConfig(**kwargs)
+
+
+def randomize_(model: torch.nn.Module, seed: int = 0) -> None:
+    """Give every parameter (biases and LayerNorms included) random values, so no loading slip hides behind
+    a zero bias or a unit LayerNorm."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "layernorm" in name and name.endswith("weight"):
+                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=gen))
+            else:
+                p.copy_(0.08 * torch.randn(p.shape, generator=gen))
+
+
+def build_hf_model(path: Path, kind: str = "causal", seed: int = 0, **config_kwargs):
+    """Build a tiny random transformers Persimmon model, save it to `path`, return it in eval mode."""
+    torch.manual_seed(seed)
+    cls = {
+        "causal": transformers.PersimmonForCausalLM,
+        "seqcls": transformers.PersimmonForSequenceClassification,
+        "base": transformers.PersimmonModel,
+    }[kind]
+    model = cls(hf_config(**config_kwargs)).eval()
+    randomize_(model, seed)
+    model.save_pretrained(path)
+    return model
+
+
+@pytest.fixture
+def hf_causal(tmp_path):
+    """(transformers model, checkpoint dir) of a tiny random causal LM."""
+    path = tmp_path / "causal"
+    return build_hf_model(path, "causal"), path
