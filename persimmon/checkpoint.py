@@ -65,12 +65,16 @@ def _read_tensors(files: list[Path], pickled: bool, device: str):
             state = torch.load(file, map_location=device, weights_only=True, mmap=True)
             yield from state.items()
             continue
-        try:
-            with safe_open(file, framework="pt", device=device) as f:
-                for name in f.keys():
-                    yield name, f.get_tensor(name)
-        except Exception as exc:  # safetensors raises its own error types for corrupt headers
-            raise CheckpointError(f"cannot read {file}: {exc}") from exc
+        with _open_safetensors(file, device) as f:
+            for name in f.keys():
+                yield name, f.get_tensor(name)
+
+
+def _open_safetensors(file: Path, device: str = "cpu"):
+    try:
+        return safe_open(file, framework="pt", device=device)
+    except Exception as exc:  # safetensors raises its own error types for corrupt headers
+        raise CheckpointError(f"cannot read {file}: {exc}") from exc
 
 
 def _stored_dtype(files: list[Path], pickled: bool) -> torch.dtype:
@@ -158,7 +162,7 @@ def _all_keys(files: list[Path], pickled: bool) -> set[str]:
         return {k for f in files for k in torch.load(f, map_location="meta", weights_only=True, mmap=True)}
     keys: set[str] = set()
     for file in files:
-        with safe_open(file, framework="pt", device="cpu") as f:
+        with _open_safetensors(file) as f:
             keys.update(f.keys())
     return keys
 

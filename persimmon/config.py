@@ -2,9 +2,9 @@
 
 Reads both layouts found in the wild: the Hub / transformers 4.37 one (`rope_theta`, `rope_scaling`,
 `partial_rotary_factor`, `torch_dtype`) and the transformers 5.x one (`rope_parameters`, `dtype`).
-Writes the Hub layout, which both transformers generations read. Defaults are the real 8B checkpoint's
-values (adept/persimmon-8b-base), but a config file is always read whole: nothing relies on a default
-that a file could have overridden.
+Writes the Hub layout, which both transformers generations read. Shape defaults are the real 8B
+checkpoint's values (adept/persimmon-8b-base), but a config file is always read whole: nothing relies on a
+default that a file could have overridden (5.x's own class, for one, defaults rope_theta to 10000).
 """
 
 from __future__ import annotations
@@ -78,8 +78,8 @@ class PersimmonConfig:
     attention_dropout: float = 0.0
     partial_rotary_factor: float = 0.5
     pad_token_id: int | None = None
-    bos_token_id: int | None = 71013
-    eos_token_id: int | None = 71013
+    bos_token_id: int | None = 1  # the reference class's defaults; the real config.json says 71013
+    eos_token_id: int | None = 2
     num_labels: int = 2
     id2label: dict[int, str] | None = None
     label2id: dict[str, int] | None = None

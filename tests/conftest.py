@@ -62,8 +62,22 @@ def build_hf_model(path: Path, kind: str = "causal", seed: int = 0, **config_kwa
     return model
 
 
-@pytest.fixture
-def hf_causal(tmp_path):
-    """(transformers model, checkpoint dir) of a tiny random causal LM."""
-    path = tmp_path / "causal"
-    return build_hf_model(path, "causal"), path
+def train_sentencepiece(prefix: Path, vocab_size: int = TINY["vocab_size"], extra_symbols=("|ENDOFTEXT|",)) -> Path:
+    """A small Unigram model with byte fallback, trained on real prose; returns the .model path."""
+    import sentencepiece as spm
+
+    from tests.corpus import paragraphs
+
+    corpus = prefix.parent / "corpus.txt"
+    corpus.write_text("\n".join(paragraphs()))
+    spm.SentencePieceTrainer.train(
+        input=str(corpus), model_prefix=str(prefix), vocab_size=vocab_size, model_type="unigram",
+        byte_fallback=True, user_defined_symbols=list(extra_symbols), hard_vocab_limit=False,
+        minloglevel=2, num_threads=2,
+    )
+    return prefix.with_suffix(".model")
+
+
+@pytest.fixture(scope="session")
+def sentencepiece_model(tmp_path_factory) -> Path:
+    return train_sentencepiece(tmp_path_factory.mktemp("spm") / "tokenizer")
