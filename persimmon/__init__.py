@@ -3,6 +3,7 @@
 from .cache import KVCache
 from .checkpoint import CheckpointError
 from .config import PersimmonConfig
+from .generate import GenerationOutput, SamplingParams
 from .model import (
     PersimmonForCausalLM,
     PersimmonForSequenceClassification,
@@ -10,11 +11,13 @@ from .model import (
     PersimmonOutput,
     PersimmonPreTrainedModel,
 )
+from .tokenizer import PersimmonTokenizer
 
 __version__ = "0.1.0"
 
 __all__ = [
     "CheckpointError",
+    "GenerationOutput",
     "KVCache",
     "PersimmonConfig",
     "PersimmonForCausalLM",
@@ -22,4 +25,6 @@ __all__ = [
     "PersimmonModel",
     "PersimmonOutput",
     "PersimmonPreTrainedModel",
+    "PersimmonTokenizer",
+    "SamplingParams",
 ]

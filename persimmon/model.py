@@ -323,6 +323,27 @@ class PersimmonForCausalLM(PersimmonPreTrainedModel):
         return out
 
 
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        max_new_tokens: int = 32,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        eos_token_id: int | list[int] | None = None,
+        seed: int | None = None,
+    ) -> torch.Tensor:
+        """Greedy (default) or sampled continuation of a padded batch -> LongTensor (B, T + new), left-padded
+        prompts followed by the new tokens; rows that stop early are padded after their stop token.
+        persimmon.generate.generate returns more (per-row tokens, finish reasons, stop strings)."""
+        from .generate import SamplingParams, generate
+
+        params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed) if do_sample else SamplingParams()
+        return generate(self, input_ids, attention_mask, max_new_tokens, params, eos_token_id).sequences
+
+
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean cross-entropy of position t's logits against label t+1, in float32; -100 labels are ignored."""
     if labels.shape != logits.shape[:2]:

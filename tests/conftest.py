@@ -73,7 +73,8 @@ def train_sentencepiece(prefix: Path, vocab_size: int = TINY["vocab_size"], extr
     spm.SentencePieceTrainer.train(
         input=str(corpus), model_prefix=str(prefix), vocab_size=vocab_size, model_type="unigram",
         byte_fallback=True, user_defined_symbols=list(extra_symbols), hard_vocab_limit=False,
-        minloglevel=2, num_threads=2,
+        # identity normalization keeps every input byte, so decode(encode(x)) == x for any text
+        normalization_rule_name="identity", remove_extra_whitespaces=False, minloglevel=2, num_threads=2,
     )
     return prefix.with_suffix(".model")
 
