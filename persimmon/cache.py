@@ -59,6 +59,15 @@ class KVCache:
         """Mark num_tokens more positions as filled (called once per forward, after every layer wrote)."""
         self.length += num_tokens
 
+    def write_rows(self, rows: torch.Tensor, start: int, other: "KVCache") -> None:
+        """Copy other's filled positions into these batch rows at [start, start + other.length)."""
+        end = start + other.length
+        if end > self.capacity:
+            self._grow(end)
+        for mine, theirs in ((self.keys, other.keys), (self.values, other.values)):
+            for layer in range(len(mine)):
+                mine[layer][rows, :, start:end] = theirs[layer][:, :, : other.length]
+
     def select_rows(self, rows: torch.Tensor) -> None:
         """Keep only these batch rows (e.g. drop finished sequences), in the given order."""
         self.keys = [k.index_select(0, rows) for k in self.keys]

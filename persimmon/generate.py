@@ -5,8 +5,9 @@ keeps pads out of attention, and sampling randomness is drawn per row from a gen
 (seed, row key) -- by default the row key is a hash of the row's prompt tokens -- so a row's output never
 depends on its batch-mates, the batch size, the row order or how a job was split over actors.
 
-Rows stop at EOS, at a stop string (the completion text is cut exactly before it) or at max_new_tokens;
-finished rows leave the batch at once, so they stop costing compute.
+The prompts are prefilled in groups of similar length (padding costs little) and each row's keys and values
+are placed in the batch's left-padded cache. Rows stop at EOS, at a stop string (the completion text is cut
+exactly before it) or at max_new_tokens; finished rows leave the batch at once, so they stop costing compute.
 """
 
 from __future__ import annotations
@@ -113,6 +114,43 @@ def sample(logits: torch.Tensor, params: SamplingParams, uniforms: torch.Tensor 
     return torch.searchsorted(cdf, target, right=True).squeeze(-1).clamp_(max=logits.shape[-1] - 1)
 
 
+def length_groups(lengths: Sequence[int], max_waste: float = 0.25, max_tokens: int = 16384) -> list[list[int]]:
+    """Split row indices into groups of similar length: each group's padded size (rows x longest) stays within
+    (1 + max_waste) x its real tokens and within max_tokens (a single longer row still gets a group)."""
+    groups: list[list[int]] = []
+    real = 0
+    for i in sorted(range(len(lengths)), key=lambda i: lengths[i]):
+        if groups:
+            padded = (len(groups[-1]) + 1) * lengths[i]  # sorted ascending: row i is the group's longest
+            if padded <= (1 + max_waste) * (real + lengths[i]) and padded <= max_tokens:
+                groups[-1].append(i)
+                real += lengths[i]
+                continue
+        groups.append([i])
+        real = lengths[i]
+    return groups
+
+
+def prefill(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, cache: KVCache) -> torch.Tensor:
+    """Run left-padded prompts (B, T) through the model in length groups, placing each row's keys/values at
+    its left-padded positions of `cache`; returns the last position's logits (B, V)."""
+    B, T = input_ids.shape
+    lengths = attention_mask.sum(-1).tolist()
+    logits = None
+    for group in length_groups(lengths):
+        width = max(lengths[i] for i in group)
+        rows = torch.tensor(group, device=input_ids.device)
+        part = KVCache.for_model(model.config, len(group), width, cache.keys[0].dtype, input_ids.device)
+        out = model(input_ids[rows, T - width:], attention_mask=attention_mask[rows, T - width:],
+                    past_key_values=part, logits_to_keep=1).logits[:, -1]
+        if logits is None:
+            logits = out.new_empty(B, out.shape[-1])
+        logits[rows] = out
+        cache.write_rows(rows, T - width, part)
+    cache.advance(T)
+    return logits
+
+
 class StopChecker:
     """Finds stop strings in a row's completion text as tokens arrive, decoding only a recent window."""
 
@@ -186,7 +224,7 @@ def generate(
         mask[:, :T] = attention_mask
         positions = attention_mask.sum(-1, keepdim=True)  # (B, 1): the next token's position
         present = list(range(B))  # original row index of each row still in the batch
-        logits = model(input_ids, attention_mask=attention_mask, past_key_values=cache, logits_to_keep=1).logits[:, -1]
+        logits = prefill(model, input_ids, attention_mask, cache)
         for step in range(max_new_tokens):
             next_tokens = sample(logits, sampling, None if uniforms is None else uniforms[:, step])
             for j, tok in enumerate(next_tokens.tolist()):
