@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 
 import torch
-from common import BENCH_MODEL, build, machine, timed
+from common import BENCH_MODEL, build, machine, timed_pair
 
 from persimmon import PersimmonForCausalLM, PersimmonTokenizer
 from persimmon.generate import generate
@@ -23,7 +23,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--compile", action="store_true", help="ours with the compiled static decode step")
     args = ap.parse_args()
     dtype = getattr(torch, args.dtype)
 
@@ -38,20 +39,19 @@ def main() -> None:
     new = args.new_tokens
 
     def run_ours():
-        return generate(ours, ids, mask, max_new_tokens=new, eos_token_id=[])
+        return generate(ours, ids, mask, max_new_tokens=new, eos_token_id=[], compile=args.compile)
 
     def run_theirs():
         with torch.inference_mode():
-            return hf.generate(ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new, do_sample=False,
+            return hf.generate(ids, attention_mask=mask, max_new_tokens=new, do_sample=False,
                                pad_token_id=tok.padding_id, eos_token_id=None)
 
     out_ours, out_theirs = run_ours(), run_theirs()
     T = ids.shape[1]
     same = sum(out_ours.tokens[i] == out_theirs[i, T:].tolist() for i in range(len(texts)))
-    t_ours = timed(run_ours, args.repeats)
-    t_theirs = timed(run_theirs, args.repeats)
+    t_ours, t_theirs = timed_pair(run_ours, run_theirs, args.repeats)
     tokens = new * len(texts)
-    print(f"model {BENCH_MODEL}, vocab {ours.config.vocab_size}, {args.dtype}; {machine()}")
+    print(f"model {BENCH_MODEL}, vocab {ours.config.vocab_size}, {args.dtype}, compiled decode {args.compile}; {machine()}")
     print(f"batch {len(texts)}, prompt tokens {min(lengths)}..{max(lengths)} (padded to {T}), {new} new tokens each")
     print(f"rows with identical greedy tokens: {same}/{len(texts)}")
     print(f"ours:         {tokens / t_ours:9.1f} tokens/s  ({t_ours:.3f} s)")

@@ -33,15 +33,17 @@ def build(kind: str = "causal", vocab_size: int = 8000, workdir: str | None = No
     return hf, root / "model"
 
 
-def timed(fn, repeats: int = 3) -> float:
-    """Median wall time of fn() over `repeats` runs after one warm-up run."""
-    fn()
-    times = []
+def timed_pair(a, b, repeats: int = 5) -> tuple[float, float]:
+    """Median wall times of a() and b(), each warmed up once, then run alternately so that drift in the
+    machine's speed (other tenants, frequency) falls on both alike."""
+    a(), b()
+    ta, tb = [], []
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for fn, times in ((a, ta), (b, tb)):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+    return statistics.median(ta), statistics.median(tb)
 
 
 def machine() -> str:

@@ -12,6 +12,7 @@ exactly before it) or at max_new_tokens; finished rows leave the batch at once, 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import secrets
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ import torch
 from .cache import KVCache
 
 FINISH_EOS, FINISH_STOP, FINISH_LENGTH = "eos", "stop", "length"
+STATIC_CAPACITY_STEP = 256  # the compiled decode step's cache capacity is a multiple of this
 
 
 @dataclass
@@ -131,6 +133,13 @@ def length_groups(lengths: Sequence[int], max_waste: float = 0.25, max_tokens: i
     return groups
 
 
+def read_windows(sorted_lengths: Sequence[int], prompt_width: int) -> list[tuple[int, int, int]]:
+    """Decode-step read windows for a left-padded cache whose rows are sorted by prompt length (ascending):
+    contiguous row ranges of similar length, each reading keys from its longest row's first real position."""
+    return [(g[0], g[-1] + 1, prompt_width - sorted_lengths[g[-1]])
+            for g in length_groups(sorted_lengths, max_waste=0.5, max_tokens=1 << 62)]
+
+
 def prefill(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, cache: KVCache) -> torch.Tensor:
     """Run left-padded prompts (B, T) through the model in length groups, placing each row's keys/values at
     its left-padded positions of `cache`; returns the last position's logits (B, V)."""
@@ -170,6 +179,18 @@ class StopChecker:
         return text[: min(cuts)] if cuts else text
 
 
+def _decode_step(model, tokens: torch.Tensor, positions: torch.Tensor, key_mask: torch.Tensor, cache: KVCache):
+    """One token per row over a static cache: every shape is fixed, so it compiles to one graph per batch size."""
+    return model(tokens, attention_mask=key_mask, position_ids=positions, past_key_values=cache,
+                 logits_to_keep=1).logits[:, -1]
+
+
+@functools.cache
+def compiled_decode_step():
+    """The decode step under torch.compile; on CUDA "reduce-overhead" replays it as a CUDA graph."""
+    return torch.compile(_decode_step, mode="reduce-overhead", fullgraph=True)
+
+
 @torch.inference_mode()
 def generate(
     model,
@@ -182,11 +203,15 @@ def generate(
     decode: Callable[[list[int]], str] | None = None,
     row_keys: Sequence | None = None,
     pad_token_id: int | None = None,
+    compile: bool | None = None,
 ) -> GenerationOutput:
     """Generate up to max_new_tokens for each row of a (left- or right-) padded batch.
 
     eos_token_id: None -> the model config's; stop: strings that end a completion (needs `decode`, ids -> text);
     row_keys: per-row keys for the sampling seed (default: the prompt's tokens).
+    compile: decode with the compiled static-shape step (CUDA graphs on GPU). None -> on for CUDA, off on CPU,
+    where it measured slower (bench/bench_generate.py --compile). With it, finished rows stay in the batch
+    (shapes must not change) but are no longer recorded.
     """
     sampling = sampling or SamplingParams()
     if max_new_tokens < 0:
@@ -209,6 +234,8 @@ def generate(
     input_ids, attention_mask = left_align(input_ids, attention_mask, pad)
     B, T = input_ids.shape
     prompt_lengths = attention_mask.sum(-1).tolist()
+    # work on rows sorted by prompt length, so rows of similar length are neighbours (see read_windows)
+    order = sorted(range(B), key=lambda i: prompt_lengths[i])
     tokens: list[list[int]] = [[] for _ in range(B)]
     finish: list[str | None] = [None] * B
     stopper = StopChecker(stop, decode) if stop else None
@@ -216,19 +243,33 @@ def generate(
     uniforms = None
     if not sampling.greedy and max_new_tokens:
         seed = sampling.seed if sampling.seed is not None else secrets.randbits(63)
-        uniforms = row_uniforms(row_seeds(seed, input_ids, attention_mask, row_keys), max_new_tokens, device)
+        uniforms = row_uniforms(row_seeds(seed, input_ids, attention_mask, row_keys), max_new_tokens, device)[order]
 
     if max_new_tokens:
-        cache = KVCache.for_model(config, B, T + max_new_tokens, model.dtype, device)
-        mask = torch.zeros(B, T + max_new_tokens, dtype=torch.long, device=device)
-        mask[:, :T] = attention_mask
-        positions = attention_mask.sum(-1, keepdim=True)  # (B, 1): the next token's position
-        present = list(range(B))  # original row index of each row still in the batch
-        logits = prefill(model, input_ids, attention_mask, cache)
+        present = order  # original row index of each row in the working batch
+        index = torch.tensor(order, device=device)
+        work_ids, work_mask = input_ids[index], attention_mask[index]
+        static = compile if compile is not None else device.type == "cuda"
+        capacity = T + max_new_tokens
+        if static:  # few distinct cache shapes -> few graphs to compile and capture
+            capacity = -(-capacity // STATIC_CAPACITY_STEP) * STATIC_CAPACITY_STEP
+        cache = KVCache.for_model(config, B, capacity, model.dtype, device)
+        mask = torch.zeros(B, capacity, dtype=torch.long, device=device)
+        mask[:, :T] = work_mask
+        positions = work_mask.sum(-1, keepdim=True)  # (B, 1): the next token's position
+        logits = prefill(model, work_ids, work_mask, cache)
+        if static:
+            cache.make_static(T)
+            key_mask = mask.bool()[:, None, None, :]  # (B, 1, 1, capacity)
+            step_fn = compiled_decode_step()
+        else:
+            cache.read_windows = read_windows([prompt_lengths[r] for r in present], T)
         for step in range(max_new_tokens):
             next_tokens = sample(logits, sampling, None if uniforms is None else uniforms[:, step])
             for j, tok in enumerate(next_tokens.tolist()):
                 row = present[j]
+                if finish[row] is not None:  # a finished row kept in a static batch
+                    continue
                 tokens[row].append(tok)
                 if tok in eos_ids:
                     finish[row] = FINISH_EOS
@@ -239,12 +280,19 @@ def generate(
             keep = [j for j, row in enumerate(present) if finish[row] is None]
             if not keep:
                 break
+            if static:
+                key_mask[:, 0, 0, T + step] = True
+                cache.write_index.fill_(T + step)
+                logits = step_fn(model, next_tokens[:, None], positions, key_mask, cache)
+                positions = positions + 1
+                continue
             if len(keep) < len(present):  # finished rows leave the batch and stop costing compute
                 index = torch.tensor(keep, device=device)
                 cache.select_rows(index)
                 mask, positions, next_tokens = mask[index], positions[index], next_tokens[index]
                 uniforms = None if uniforms is None else uniforms[index]
                 present = [present[j] for j in keep]
+                cache.read_windows = read_windows([prompt_lengths[r] for r in present], T)
             mask[:, T + step] = 1
             logits = model(next_tokens[:, None], attention_mask=mask[:, : T + step + 1], position_ids=positions,
                            past_key_values=cache, logits_to_keep=1).logits[:, -1]

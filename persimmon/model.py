@@ -77,8 +77,14 @@ class PersimmonAttention(nn.Module):
         if output_attentions:
             y, weights = self._eager_attention(q, k, v, mask, dropout)
         elif T == 1 and dropout == 0.0:
-            # one query per row (a decode step): two small matmuls beat the fused kernel's per-call cost
-            y = self._eager_attention(q, k, v, mask, 0.0)[0]
+            # one query per row (a decode step): two small matmuls beat the fused kernel's per-call cost, and
+            # read windows let short rows skip the long rows' left padding in the cache
+            windows = cache.read_windows if cache is not None and cache.read_windows else [(0, B, 0)]
+            y = torch.cat([
+                self._eager_attention(q[r0:r1], k[r0:r1, :, p0:], v[r0:r1, :, p0:],
+                                      None if mask is None else mask[r0:r1, ..., p0:], 0.0)[0]
+                for r0, r1, p0 in windows
+            ])
         else:
             # mask None means plain causal over a fresh sequence (or one query over all keys)
             y = F.scaled_dot_product_attention(
@@ -230,7 +236,11 @@ class PersimmonModel(PersimmonPreTrainedModel):
         past = cache.length if cache is not None else 0
         if cache is not None and cache.batch_size != B:
             raise ValueError(f"past_key_values holds {cache.batch_size} rows but the input has {B}")
-        if attention_mask is not None and tuple(attention_mask.shape) != (B, past + T):
+        if attention_mask is not None and attention_mask.dim() == 4:
+            # a ready boolean (B, 1, T, S) mask, True = attend: used as given (static-cache decoding)
+            if position_ids is None:
+                raise ValueError("a 4-D attention_mask needs explicit position_ids")
+        elif attention_mask is not None and tuple(attention_mask.shape) != (B, past + T):
             raise ValueError(
                 f"attention_mask has shape {tuple(attention_mask.shape)}; expected (batch, past + new) = {(B, past + T)}"
             )
@@ -240,7 +250,10 @@ class PersimmonModel(PersimmonPreTrainedModel):
             position_ids = position_ids[None]
         position_ids = position_ids.expand(B, T)
         cos, sin = rope_cos_sin(self.config, position_ids, x.dtype)
-        mask = attention_mask_for(attention_mask, past, T, x.device)
+        if attention_mask is not None and attention_mask.dim() == 4:
+            mask = attention_mask.bool()
+        else:
+            mask = attention_mask_for(attention_mask, past, T, x.device)
 
         hidden_states = [] if output_hidden_states else None
         attentions = [] if output_attentions else None
@@ -253,7 +266,7 @@ class PersimmonModel(PersimmonPreTrainedModel):
         x = self.final_layernorm(x)
         if hidden_states is not None:
             hidden_states.append(x)  # the last entry is the normed output, as in the reference
-        if cache is not None:
+        if cache is not None and cache.write_index is None:  # in static mode the caller owns the position
             cache.advance(T)
         return PersimmonOutput(
             last_hidden_state=x,
