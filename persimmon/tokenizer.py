@@ -114,6 +114,12 @@ class PersimmonTokenizer:
         out.append(self.sp.decode(run))
         return "".join(out)
 
+    def encode_continuation(self, text: str) -> list[int]:
+        """Ids of `text` as it reads after other text and a space (e.g. a label after "Answer:"): sentencepiece
+        models that add a dummy prefix space already write it; the others need it spelled out."""
+        dummy_prefix = self.sp.encode("a", out_type=str)[0].startswith("\u2581")
+        return self.sp.encode(text if dummy_prefix else " " + text)
+
     def encode_truncated(
         self, text: str, max_length: int | None = None, truncation_side: str = "right", add_bos: bool = True
     ) -> Encoded:

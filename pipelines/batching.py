@@ -1,0 +1,160 @@
+"""Turning a record batch's text column into model batches that waste little.
+
+Rows are validated one by one (a bad row gets an error and keeps its place), encoded and truncated, then
+sorted by token length and cut into batches by a token budget counted in padded tokens. Results are
+scattered back to the input order by the caller. PaddingStats keeps the real and padded token counts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import pyarrow as pa
+
+# A piece of the sentencepiece vocabulary is at most this many characters (its max_piece_length default),
+# so max_length tokens never need more than this many characters per token of text.
+MAX_CHARS_PER_TOKEN = 16
+
+
+@dataclass
+class EncodedRow:
+    """A row ready for the model: its position in the record batch, its ids, whether they were truncated."""
+
+    index: int
+    ids: list[int]
+    truncated: bool
+
+
+@dataclass
+class PaddingStats:
+    real_tokens: int = 0
+    padded_tokens: int = 0
+    batches: int = 0
+
+    def add(self, rows: int, width: int, real: int) -> None:
+        self.real_tokens += real
+        self.padded_tokens += rows * width
+        self.batches += 1
+
+    @property
+    def waste(self) -> float:
+        """Padded tokens per real token (1.0 = no padding)."""
+        return self.padded_tokens / self.real_tokens if self.real_tokens else 1.0
+
+
+@dataclass
+class PipelineStats:
+    """Counters a pipeline keeps over every batch it has processed."""
+
+    rows: int = 0
+    errors: int = 0
+    truncated: int = 0
+    seconds: float = 0.0
+    padding: PaddingStats = field(default_factory=PaddingStats)
+    generated_tokens: int = 0
+
+    def as_dict(self) -> dict:
+        return {
+            "rows": self.rows, "errors": self.errors, "truncated": self.truncated,
+            "seconds": round(self.seconds, 3), "real_tokens": self.padding.real_tokens,
+            "padded_tokens": self.padding.padded_tokens, "padding_waste": round(self.padding.waste, 4),
+            "batches": self.padding.batches, "generated_tokens": self.generated_tokens,
+        }
+
+
+def text_column(batch: pa.RecordBatch | pa.Table, name: str) -> tuple[list[str | None], list[str | None]]:
+    """The column's values as Python strings, and per row an error message or None.
+
+    A missing column is an error of the whole batch (ValueError); a column that is not text makes every
+    row an error row; null, empty and whitespace-only texts are row errors.
+    """
+    if name not in batch.schema.names:
+        raise ValueError(f"text column {name!r} not in the input; columns are {batch.schema.names}")
+    column = batch.column(name)
+    kind = column.type
+    if pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_string_view(kind):
+        values = column.to_pylist()
+    elif pa.types.is_binary(kind) or pa.types.is_large_binary(kind):
+        values = []
+        for raw in column.to_pylist():
+            try:
+                values.append(None if raw is None else raw.decode("utf-8"))
+            except UnicodeDecodeError as exc:
+                values.append(exc)  # reported below
+    elif pa.types.is_dictionary(kind) and pa.types.is_string(kind.value_type):
+        values = column.to_pylist()
+    else:
+        message = f"text column {name!r} holds {kind}, not strings"
+        return [None] * len(column), [message] * len(column)
+    texts: list[str | None] = []
+    errors: list[str | None] = []
+    for value in values:
+        if isinstance(value, UnicodeDecodeError):
+            texts.append(None)
+            errors.append(f"text is not valid UTF-8: {value}")
+        elif value is None:
+            texts.append(None)
+            errors.append("text is null")
+        elif not value.strip():
+            texts.append(None)
+            errors.append("text is empty" if not value else "text is only whitespace")
+        else:
+            texts.append(value)
+            errors.append(None)
+    return texts, errors
+
+
+def encode_rows(
+    texts: list[str | None],
+    errors: list[str | None],
+    encode: Callable[[str], tuple[list[int], bool]],
+    max_length: int,
+    truncation_side: str,
+) -> list[EncodedRow]:
+    """Encode every valid row; a row whose encoding fails gets its error set in `errors` (in place).
+
+    Very long texts are cut to MAX_CHARS_PER_TOKEN * max_length characters (on the side that truncation
+    drops) before encoding, so a 100 MB cell costs no more than a cell at the window's size.
+    """
+    limit = MAX_CHARS_PER_TOKEN * max_length
+    rows: list[EncodedRow] = []
+    for index, text in enumerate(texts):
+        if text is None:
+            continue
+        clipped = len(text) > limit
+        if clipped:
+            text = text[:limit] if truncation_side == "right" else text[-limit:]
+        try:
+            ids, truncated = encode(text)
+        except Exception as exc:  # a row the tokenizer cannot take is that row's error, not the batch's
+            errors[index] = f"cannot tokenize text: {type(exc).__name__}: {exc}"
+            continue
+        if not ids:
+            errors[index] = "text has no tokens"
+            continue
+        rows.append(EncodedRow(index, ids, truncated or clipped))
+    return rows
+
+
+def plan_batches(rows: list[EncodedRow], batch_tokens: int, extra_per_row: int = 0,
+                 max_rows: int | None = None) -> list[list[EncodedRow]]:
+    """Sort rows by length and cut them into batches whose padded size, rows x (longest + extra_per_row),
+    stays within batch_tokens (a row longer than the budget gets a batch of its own).
+
+    extra_per_row is room each row needs beyond its prompt (generated tokens occupy the KV cache too).
+    """
+    if batch_tokens < 1:
+        raise ValueError(f"batch_tokens must be positive, got {batch_tokens}")
+    ordered = sorted(rows, key=lambda r: len(r.ids))
+    batches: list[list[EncodedRow]] = []
+    for row in ordered:
+        if batches:
+            current = batches[-1]
+            width = len(row.ids) + extra_per_row  # sorted ascending: this row is the longest so far
+            fits = (len(current) + 1) * width <= batch_tokens
+            if fits and (max_rows is None or len(current) < max_rows):
+                current.append(row)
+                continue
+        batches.append([row])
+    return batches

@@ -1,0 +1,150 @@
+"""ClassificationPipeline: a record batch of texts in, the same rows with label / score / probs / error out.
+
+With a fine-tuned PersimmonForSequenceClassification it pools each row's last real token (single-label,
+multi-label or regression, from the config). With `candidate_labels` and a causal LM it classifies zero-shot:
+each candidate is scored by the log-likelihood of its tokens after the prompt, all candidates sharing one
+prefill of the prompt (its KV cache is repeated across candidates, not recomputed).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import torch
+
+from persimmon import KVCache, PersimmonForCausalLM, PersimmonForSequenceClassification, PersimmonTokenizer
+
+from .batching import EncodedRow, PipelineStats, encode_rows, plan_batches, text_column
+from .prompts import PromptTemplate
+from .schema import MULTI_LABEL, REGRESSION, SINGLE_LABEL, ZERO_SHOT, append_columns
+
+ZERO_SHOT_TEMPLATE = "human: Which of these labels fits the text best: {labels}?\n\nText: {text}\n\nadept:"
+
+
+class ClassificationPipeline:
+    def __init__(
+        self,
+        model_dir: str | Path,
+        dtype: str | torch.dtype | None = "auto",
+        device: str | torch.device = "cpu",
+        max_length: int | None = None,
+        batch_tokens: int = 16384,
+        text_column: str = "text",
+        truncation_side: str = "right",
+        padding_side: str = "right",
+        threshold: float = 0.5,
+        candidate_labels: list[str] | None = None,
+        prompt_template: str = ZERO_SHOT_TEMPLATE,
+    ) -> None:
+        """max_length: tokens per text (default: the model's max_position_embeddings); longer texts are cut on
+        truncation_side. batch_tokens: padded tokens per forward pass. threshold: multi-label cut-off."""
+        if truncation_side not in ("left", "right") or padding_side not in ("left", "right"):
+            raise ValueError(f"sides must be 'left' or 'right', got truncation {truncation_side!r}, padding {padding_side!r}")
+        self.text_column = text_column
+        self.truncation_side, self.padding_side = truncation_side, padding_side
+        self.batch_tokens, self.threshold = batch_tokens, threshold
+        self.device = torch.device(device)
+        self.tokenizer = PersimmonTokenizer.from_pretrained(model_dir)
+        self.stats = PipelineStats()
+        self.candidate_labels = list(candidate_labels) if candidate_labels else None
+        if self.candidate_labels is not None:
+            if len(set(self.candidate_labels)) != len(self.candidate_labels) or not all(l.strip() for l in self.candidate_labels):
+                raise ValueError(f"candidate labels must be distinct and non-empty, got {self.candidate_labels}")
+            self.model = PersimmonForCausalLM.from_pretrained(model_dir, dtype=dtype, device=self.device)
+            self.template = PromptTemplate(prompt_template, labels=", ".join(self.candidate_labels))
+            self.label_ids = [self.tokenizer.encode_continuation(label) for label in self.candidate_labels]
+            self.schema = ZERO_SHOT
+            self.kind = "zero_shot"
+        else:
+            self.model = PersimmonForSequenceClassification.from_pretrained(model_dir, dtype=dtype, device=self.device)
+            config = self.model.config
+            self.kind = config.problem_type or ("regression" if config.num_labels == 1 else "single_label_classification")
+            self.schema = {"regression": REGRESSION, "single_label_classification": SINGLE_LABEL,
+                           "multi_label_classification": MULTI_LABEL}[self.kind]
+        config = self.model.config
+        if self.tokenizer.vocab_size > config.vocab_size:
+            raise ValueError(f"tokenizer has {self.tokenizer.vocab_size} pieces but the model only {config.vocab_size}")
+        longest_label = max((len(ids) for ids in getattr(self, "label_ids", [])), default=0)
+        self.max_length = min(max_length or config.max_position_embeddings, config.max_position_embeddings - longest_label)
+        if self.max_length < 1:
+            raise ValueError(f"max_length must be positive, got {max_length}")
+        if self.candidate_labels is not None:
+            self.template.check_fits(self.tokenizer, self.max_length)
+
+    def _encode(self, text: str) -> tuple[list[int], bool]:
+        if self.candidate_labels is not None:
+            return self.template.encode(self.tokenizer, text, self.max_length, self.truncation_side)
+        enc = self.tokenizer.encode_truncated(text, self.max_length, self.truncation_side)
+        return enc.ids, enc.truncated
+
+    @torch.inference_mode()
+    def __call__(self, batch: pa.RecordBatch | pa.Table) -> pa.Table:
+        start = time.perf_counter()
+        texts, errors = text_column(batch, self.text_column)
+        rows = encode_rows(texts, errors, self._encode, self.max_length, self.truncation_side)
+        n = len(texts)
+        columns: dict[str, list] = {name: [None] * n for name in self.schema.names}
+        for group in plan_batches(rows, self.batch_tokens):
+            if self.candidate_labels is not None:
+                self._fill_probs(columns, group, self._zero_shot_probs(group))
+            else:
+                logits = self._logits(group)
+                if self.kind == "regression":
+                    for row, value in zip(group, logits[:, 0].tolist()):
+                        columns["score"][row.index] = value
+                elif self.kind == "multi_label_classification":
+                    probs = torch.sigmoid(logits)
+                    names = self.model.config.id2label
+                    for row, p in zip(group, probs.tolist()):
+                        columns["probs"][row.index] = p
+                        columns["labels"][row.index] = [names[i] for i, v in enumerate(p) if v > self.threshold]
+                else:
+                    self._fill_probs(columns, group, torch.softmax(logits, dim=-1))
+        self.stats.rows += n
+        self.stats.errors += sum(e is not None for e in errors)
+        self.stats.truncated += sum(r.truncated for r in rows)
+        self.stats.seconds += time.perf_counter() - start
+        return append_columns(batch, self.schema, columns, errors)
+
+    def _fill_probs(self, columns: dict[str, list], group: list[EncodedRow], probs: torch.Tensor) -> None:
+        names = self.candidate_labels or [self.model.config.id2label[i] for i in range(probs.shape[-1])]
+        best = probs.argmax(dim=-1).tolist()
+        for row, p, b in zip(group, probs.tolist(), best):
+            columns["probs"][row.index] = p
+            columns["label"][row.index] = names[b]
+            columns["score"][row.index] = p[b]
+
+    def _batch_tensors(self, group: list[EncodedRow], side: str) -> tuple[torch.Tensor, torch.Tensor]:
+        ids, mask = self.tokenizer.pad([r.ids for r in group], side)
+        self.stats.padding.add(len(group), ids.shape[1], sum(len(r.ids) for r in group))
+        return ids.to(self.device), mask.to(self.device)
+
+    def _logits(self, group: list[EncodedRow]) -> torch.Tensor:
+        ids, mask = self._batch_tensors(group, self.padding_side)
+        return self.model(ids, attention_mask=mask).logits.float()
+
+    def _zero_shot_probs(self, group: list[EncodedRow]) -> torch.Tensor:
+        """(rows, candidates) probabilities: softmax over each candidate's summed token log-likelihood."""
+        ids, mask = self._batch_tensors(group, "left")
+        B, T = ids.shape
+        K = len(self.label_ids)
+        width = max(len(l) for l in self.label_ids)
+        cache = KVCache.for_model(self.model.config, B, T + width, self.model.dtype, self.device)
+        first = self.model(ids, attention_mask=mask, past_key_values=cache, logits_to_keep=1).logits[:, -1].float()
+        first = torch.log_softmax(first, dim=-1)  # (B, V): the first label token's log-probability
+        labels = torch.tensor([l + [0] * (width - len(l)) for l in self.label_ids], device=self.device)  # (K, W)
+        label_mask = torch.tensor([[1] * len(l) + [0] * (width - len(l)) for l in self.label_ids], device=self.device)
+        scores = first[:, labels[:, 0]]  # (B, K)
+        if width > 1:
+            # every row's prompt cache, once per candidate; the candidates' tokens go through in one pass
+            cache.select_rows(torch.arange(B, device=self.device).repeat_interleave(K))
+            cont_ids = labels[:, :-1].repeat(B, 1)  # (B*K, W-1): each token predicts the next label token
+            cont_mask = torch.cat([mask.repeat_interleave(K, dim=0), label_mask[:, :-1].repeat(B, 1)], dim=1)
+            logits = self.model(cont_ids, attention_mask=cont_mask, past_key_values=cache).logits.float()
+            targets = labels[:, 1:].repeat(B, 1)  # (B*K, W-1)
+            token_logp = logits.gather(-1, targets[..., None])[..., 0] - torch.logsumexp(logits, dim=-1)
+            token_logp = token_logp * label_mask[:, 1:].repeat(B, 1)
+            scores = scores + token_logp.sum(-1).view(B, K)
+        return torch.softmax(scores, dim=-1)

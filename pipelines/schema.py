@@ -1,0 +1,38 @@
+"""The columns each task adds to its output (shared/CONTRACT.md), and how they are appended to the input."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+PROBS = pa.list_(pa.float32())
+
+SINGLE_LABEL = pa.schema([("label", pa.string()), ("score", pa.float32()), ("probs", PROBS)])
+MULTI_LABEL = pa.schema([("labels", pa.list_(pa.string())), ("probs", PROBS)])
+REGRESSION = pa.schema([("score", pa.float32())])
+ZERO_SHOT = SINGLE_LABEL
+GENERATION = pa.schema([
+    ("completion", pa.string()),
+    ("finish_reason", pa.string()),
+    ("prompt_tokens", pa.int32()),
+    ("completion_tokens", pa.int32()),
+])
+ERROR = pa.field("error", pa.string())
+
+
+def added_columns(task_schema: pa.Schema) -> pa.Schema:
+    """The task's columns plus `error`, in output order."""
+    return pa.schema([*task_schema, ERROR])
+
+
+def append_columns(batch: pa.RecordBatch | pa.Table, task_schema: pa.Schema, columns: dict[str, list],
+                   errors: list[str | None]) -> pa.Table:
+    """The input with the task's columns and `error` appended; input columns of the same names are refused,
+    since overwriting a user's column silently would lose data."""
+    table = batch if isinstance(batch, pa.Table) else pa.Table.from_batches([batch])
+    schema = added_columns(task_schema)
+    clash = [name for name in schema.names if name in table.schema.names]
+    if clash:
+        raise ValueError(f"the input already has column(s) {clash} that the output adds; rename them first")
+    for field in task_schema:
+        table = table.append_column(field, pa.array(columns[field.name], type=field.type))
+    return table.append_column(ERROR, pa.array(errors, type=pa.string()))
