@@ -111,7 +111,12 @@ class PersimmonMLP(nn.Module):
         self.dense_4h_to_h = nn.Linear(config.intermediate_size, config.hidden_size, bias=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dense_4h_to_h(torch.square(F.relu(self.dense_h_to_4h(x))))
+        h = self.dense_h_to_4h(x)
+        if torch.is_grad_enabled() and h.requires_grad:
+            h = torch.square(F.relu(h))
+        else:  # inference: no second (tokens x intermediate) buffer, the largest activation of the model
+            h = F.relu_(h).square_()
+        return self.dense_4h_to_h(h)
 
 
 class PersimmonDecoderLayer(nn.Module):

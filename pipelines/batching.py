@@ -137,24 +137,31 @@ def encode_rows(
     return rows
 
 
-def plan_batches(rows: list[EncodedRow], batch_tokens: int, extra_per_row: int = 0,
-                 max_rows: int | None = None) -> list[list[EncodedRow]]:
+def plan_batches(rows: list[EncodedRow], batch_tokens: int, extra_per_row: int = 0, max_rows: int | None = None,
+                 max_waste: float = 0.1, min_tokens: int = 512) -> list[list[EncodedRow]]:
     """Sort rows by length and cut them into batches whose padded size, rows x (longest + extra_per_row),
     stays within batch_tokens (a row longer than the budget gets a batch of its own).
 
+    A batch that already holds min_tokens is also closed when the next row would push its padding past
+    max_waste (padded / real - 1): matmul efficiency depends on the tokens in a batch, not its row count,
+    so short rows lose nothing by going in batches of their own length.
     extra_per_row is room each row needs beyond its prompt (generated tokens occupy the KV cache too).
     """
     if batch_tokens < 1:
         raise ValueError(f"batch_tokens must be positive, got {batch_tokens}")
     ordered = sorted(rows, key=lambda r: len(r.ids))
     batches: list[list[EncodedRow]] = []
+    real = 0
     for row in ordered:
+        size = len(row.ids) + extra_per_row
         if batches:
             current = batches[-1]
-            width = len(row.ids) + extra_per_row  # sorted ascending: this row is the longest so far
-            fits = (len(current) + 1) * width <= batch_tokens
-            if fits and (max_rows is None or len(current) < max_rows):
+            padded = (len(current) + 1) * size  # sorted ascending: this row is the longest so far
+            wasteful = padded > (1 + max_waste) * (real + size) and len(current) * size >= min_tokens
+            if padded <= batch_tokens and not wasteful and (max_rows is None or len(current) < max_rows):
                 current.append(row)
+                real += size
                 continue
         batches.append([row])
+        real = size
     return batches
