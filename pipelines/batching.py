@@ -11,6 +11,9 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import pyarrow as pa
+import torch
+
+from persimmon import PersimmonConfig, PersimmonTokenizer
 
 # A piece of the sentencepiece vocabulary is at most this many characters (its max_piece_length default),
 # so max_length tokens never need more than this many characters per token of text.
@@ -53,6 +56,13 @@ class PipelineStats:
     seconds: float = 0.0
     padding: PaddingStats = field(default_factory=PaddingStats)
     generated_tokens: int = 0
+
+    def record(self, errors: list[str | None], rows: list[EncodedRow], seconds: float) -> None:
+        """Count one processed record batch: its rows, the errors among them, the truncated ones, the time."""
+        self.rows += len(errors)
+        self.errors += sum(e is not None for e in errors)
+        self.truncated += sum(r.truncated for r in rows)
+        self.seconds += seconds
 
     def as_dict(self) -> dict:
         return {
@@ -165,3 +175,17 @@ def plan_batches(rows: list[EncodedRow], batch_tokens: int, extra_per_row: int =
         batches.append([row])
         real = size
     return batches
+
+
+def pad_batch(tok: PersimmonTokenizer, group: list[EncodedRow], side: str, stats: PaddingStats,
+              device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask) of a planned batch on `device`, its real and padded tokens counted."""
+    ids, mask = tok.pad([r.ids for r in group], side)
+    stats.add(len(group), ids.shape[1], sum(len(r.ids) for r in group))
+    return ids.to(device), mask.to(device)
+
+
+def check_vocabulary(tok: PersimmonTokenizer, config: PersimmonConfig) -> None:
+    """A tokenizer with more pieces than the model has embeddings would index past the embedding table."""
+    if tok.vocab_size > config.vocab_size:
+        raise ValueError(f"tokenizer {tok.model_file} has {tok.vocab_size} pieces but the model only {config.vocab_size}")

@@ -16,7 +16,7 @@ import torch
 
 from persimmon import KVCache, PersimmonForCausalLM, PersimmonForSequenceClassification, PersimmonTokenizer
 
-from .batching import EncodedRow, PipelineStats, encode_rows, plan_batches, text_column
+from .batching import EncodedRow, PipelineStats, check_vocabulary, encode_rows, pad_batch, plan_batches, text_column
 from .prompts import PromptTemplate
 from .schema import MULTI_LABEL, REGRESSION, SINGLE_LABEL, ZERO_SHOT, append_columns
 
@@ -64,8 +64,7 @@ class ClassificationPipeline:
             self.schema = {"regression": REGRESSION, "single_label_classification": SINGLE_LABEL,
                            "multi_label_classification": MULTI_LABEL}[self.kind]
         config = self.model.config
-        if self.tokenizer.vocab_size > config.vocab_size:
-            raise ValueError(f"tokenizer has {self.tokenizer.vocab_size} pieces but the model only {config.vocab_size}")
+        check_vocabulary(self.tokenizer, config)
         longest_label = max((len(ids) for ids in getattr(self, "label_ids", [])), default=0)
         self.max_length = min(max_length or config.max_position_embeddings, config.max_position_embeddings - longest_label)
         if self.max_length < 1:
@@ -102,10 +101,7 @@ class ClassificationPipeline:
                         columns["labels"][row.index] = [names[i] for i, v in enumerate(p) if v > self.threshold]
                 else:
                     self._fill_probs(columns, group, torch.softmax(logits, dim=-1))
-        self.stats.rows += n
-        self.stats.errors += sum(e is not None for e in errors)
-        self.stats.truncated += sum(r.truncated for r in rows)
-        self.stats.seconds += time.perf_counter() - start
+        self.stats.record(errors, rows, time.perf_counter() - start)
         return append_columns(batch, self.schema, columns, errors)
 
     def _fill_probs(self, columns: dict[str, list], group: list[EncodedRow], probs: torch.Tensor) -> None:
@@ -116,18 +112,13 @@ class ClassificationPipeline:
             columns["label"][row.index] = names[b]
             columns["score"][row.index] = p[b]
 
-    def _batch_tensors(self, group: list[EncodedRow], side: str) -> tuple[torch.Tensor, torch.Tensor]:
-        ids, mask = self.tokenizer.pad([r.ids for r in group], side)
-        self.stats.padding.add(len(group), ids.shape[1], sum(len(r.ids) for r in group))
-        return ids.to(self.device), mask.to(self.device)
-
     def _logits(self, group: list[EncodedRow]) -> torch.Tensor:
-        ids, mask = self._batch_tensors(group, self.padding_side)
+        ids, mask = pad_batch(self.tokenizer, group, self.padding_side, self.stats.padding, self.device)
         return self.model(ids, attention_mask=mask).logits.float()
 
     def _zero_shot_probs(self, group: list[EncodedRow]) -> torch.Tensor:
         """(rows, candidates) probabilities: softmax over each candidate's summed token log-likelihood."""
-        ids, mask = self._batch_tensors(group, "left")
+        ids, mask = pad_batch(self.tokenizer, group, "left", self.stats.padding, self.device)
         B, T = ids.shape
         K = len(self.label_ids)
         width = max(len(l) for l in self.label_ids)

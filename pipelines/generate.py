@@ -17,7 +17,7 @@ import torch
 from persimmon import PersimmonForCausalLM, PersimmonTokenizer, SamplingParams
 from persimmon.generate import generate
 
-from .batching import PipelineStats, encode_rows, plan_batches, text_column
+from .batching import PipelineStats, check_vocabulary, encode_rows, pad_batch, plan_batches, text_column
 from .prompts import PromptTemplate
 from .schema import GENERATION, append_columns
 
@@ -54,8 +54,7 @@ class GenerationPipeline:
         self.tokenizer = PersimmonTokenizer.from_pretrained(model_dir)
         self.model = PersimmonForCausalLM.from_pretrained(model_dir, dtype=dtype, device=self.device)
         config = self.model.config
-        if self.tokenizer.vocab_size > config.vocab_size:
-            raise ValueError(f"tokenizer has {self.tokenizer.vocab_size} pieces but the model only {config.vocab_size}")
+        check_vocabulary(self.tokenizer, config)
         window = config.max_position_embeddings - max_new_tokens
         if window < 1:
             raise ValueError(f"max_new_tokens ({max_new_tokens}) leaves no room for a prompt in the model's "
@@ -75,8 +74,7 @@ class GenerationPipeline:
         n = len(texts)
         columns: dict[str, list] = {name: [None] * n for name in GENERATION.names}
         for group in plan_batches(rows, self.batch_tokens, extra_per_row=self.max_new_tokens):
-            ids, mask = self.tokenizer.pad([r.ids for r in group], "left")
-            self.stats.padding.add(len(group), ids.shape[1], sum(len(r.ids) for r in group))
+            ids, mask = pad_batch(self.tokenizer, group, "left", self.stats.padding, self.device)
             out = generate(self.model, ids, mask, max_new_tokens=self.max_new_tokens, sampling=self.sampling,
                            stop=self.stop, decode=self.tokenizer.decode, compile=self.compile)
             for j, row in enumerate(group):
@@ -85,8 +83,5 @@ class GenerationPipeline:
                 columns["prompt_tokens"][row.index] = len(row.ids)
                 columns["completion_tokens"][row.index] = len(out.tokens[j])
                 self.stats.generated_tokens += len(out.tokens[j])
-        self.stats.rows += n
-        self.stats.errors += sum(e is not None for e in errors)
-        self.stats.truncated += sum(r.truncated for r in rows)
-        self.stats.seconds += time.perf_counter() - start
+        self.stats.record(errors, rows, time.perf_counter() - start)
         return append_columns(batch, GENERATION, columns, errors)
