@@ -20,7 +20,7 @@ from common import BENCH_MODEL, build, machine
 
 from persimmon import PersimmonTokenizer
 from pipelines import ClassificationPipeline
-from tests.corpus import paragraphs
+from jobs.corpus import paragraphs
 
 
 def matmul_peak(dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> float:

@@ -15,7 +15,7 @@ from common import BENCH_MODEL, build, machine, timed_pair
 
 from persimmon import PersimmonForCausalLM, PersimmonTokenizer
 from persimmon.generate import generate
-from tests.corpus import paragraphs
+from jobs.corpus import paragraphs
 
 
 def main() -> None:

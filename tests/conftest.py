@@ -66,7 +66,7 @@ def train_sentencepiece(prefix: Path, vocab_size: int = TINY["vocab_size"], extr
     """A small Unigram model with byte fallback, trained on real prose; returns the .model path."""
     import sentencepiece as spm
 
-    from tests.corpus import paragraphs
+    from jobs.corpus import paragraphs
 
     corpus = prefix.parent / "corpus.txt"
     corpus.write_text("\n".join(paragraphs()))

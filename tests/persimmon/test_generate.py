@@ -8,7 +8,7 @@ import torch
 from persimmon import PersimmonForCausalLM, PersimmonTokenizer, SamplingParams
 from persimmon.generate import generate
 from tests.conftest import build_hf_model
-from tests.corpus import paragraphs
+from jobs.corpus import paragraphs
 
 PROMPTS = [p[:n] for p, n in zip(paragraphs()[10:18], (40, 200, 15, 120, 80, 300, 5, 160))]
 

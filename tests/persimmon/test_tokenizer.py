@@ -10,7 +10,7 @@ import sentencepiece as spm
 import torch
 
 from persimmon import PersimmonTokenizer
-from tests.corpus import paragraphs
+from jobs.corpus import paragraphs
 
 ZOO = {
     "empty": "",

@@ -11,7 +11,7 @@ import torch
 from persimmon import PersimmonTokenizer
 from pipelines import ClassificationPipeline
 from tests.conftest import build_hf_model
-from tests.corpus import paragraphs
+from jobs.corpus import paragraphs
 
 MAX_POS = 64
 LABELS = {0: "billing", 1: "bug", 2: "praise"}

@@ -11,7 +11,7 @@ from persimmon import SamplingParams
 from persimmon.generate import generate
 from pipelines import GenerationPipeline
 from tests.conftest import build_hf_model
-from tests.corpus import paragraphs
+from jobs.corpus import paragraphs
 
 TEMPLATE = "human: {text}\n\nadept:"
 

@@ -1,4 +1,4 @@
-"""Real prose found on any machine the tests run on: license texts and the Python standard library's docstrings."""
+"""Real prose found on any machine: license texts and the Python standard library's docstrings (demo data, tests)."""
 
 from __future__ import annotations
 

@@ -1,0 +1,139 @@
+"""ShardWorker: what one Ray actor does. It loads the pipeline once, then streams each work unit's record
+batches from Parquet through it into an attempt-unique temporary output file. It holds one record batch
+window at a time, and reports failures of a unit as results (the runner decides about retries)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+import torch
+
+from persimmon import SamplingParams
+from pipelines import ClassificationPipeline, GenerationPipeline
+
+from .shards import META_FINGERPRINT, META_INPUT, WorkUnit, join, temporary_name
+from .spec import JobSpec
+
+
+def build_pipeline(spec: JobSpec, device: str):
+    """The pipeline a job spec describes, with the spec's options mapped onto its arguments."""
+    o = dict(spec.options)
+    common = dict(dtype=o.pop("dtype", "auto"), device=device, max_length=o.pop("max_length", None),
+                  text_column=spec.text_column)
+    if "batch_tokens" in o:
+        common["batch_tokens"] = o.pop("batch_tokens")
+    if spec.task == "classify":
+        return ClassificationPipeline(spec.model, **common, **o)
+    sampling = SamplingParams(temperature=o.pop("temperature", 0.0), top_k=o.pop("top_k", 0),
+                              top_p=o.pop("top_p", 1.0), seed=o.pop("seed", 0))
+    return GenerationPipeline(spec.model, sampling=sampling, **common, **o)
+
+
+def current_node() -> str:
+    """The Ray node this process runs on (its host name outside Ray), for the manifest's audit trail."""
+    try:
+        import ray
+
+        if ray.is_initialized():
+            return ray.get_runtime_context().get_node_id()
+    except ImportError:
+        pass
+    return socket.gethostname()
+
+
+class ShardWorker:
+    def __init__(self, spec: JobSpec, fingerprint: str, in_fs: pafs.FileSystem, in_base: str,
+                 out_fs: pafs.FileSystem, out_base: str, device: str, threads: int | None) -> None:
+        if threads:
+            torch.set_num_threads(threads)
+        self.spec, self.fingerprint = spec, fingerprint
+        self.in_fs, self.in_base, self.out_fs, self.out_base = in_fs, in_base, out_fs, out_base
+        self.node = current_node()
+        self.pipeline = build_pipeline(spec, device)
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def process(self, unit: WorkUnit) -> dict[str, Any]:
+        """Run one unit into a temporary file; returns its counts, or ok=False with the reason."""
+        start = time.perf_counter()
+        before = self.pipeline.stats.as_dict()
+        temp = temporary_name(unit)
+        try:
+            rows = self._run(unit, temp)
+        except Exception as exc:  # a bad shard is a result to report, not a crash of the actor
+            self._discard(temp)
+            return {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+        after = self.pipeline.stats.as_dict()
+        delta = {k: after[k] - before[k] for k in ("errors", "truncated", "real_tokens", "padded_tokens",
+                                                   "generated_tokens")}
+        return {"ok": True, "temp": temp, "rows": rows, "seconds": time.perf_counter() - start,
+                "node": self.node, "host": socket.gethostname(), "pid": os.getpid(), **delta}
+
+    def _run(self, unit: WorkUnit, temp: str) -> int:
+        path = join(self.in_base, unit.shard)
+        with self.in_fs.open_input_file(path) as source:
+            parquet = pq.ParquetFile(source)
+            columns = parquet.schema_arrow.names
+            if self.spec.text_column not in columns:
+                raise ValueError(f"shard {unit.shard} has no column {self.spec.text_column!r}; its columns are {columns}")
+            metadata = {**(parquet.schema_arrow.metadata or {}), META_FINGERPRINT: self.fingerprint.encode(),
+                        META_INPUT: unit.shard.encode()}
+            metadata.pop(b"pandas", None)  # describes the input's columns, not ours
+            writer = None
+            rows = 0
+            try:
+                batches = parquet.iter_batches(batch_size=self.spec.runner.batch_rows, row_groups=unit.row_groups)
+                for batch in batches:
+                    out = self.pipeline(batch).replace_schema_metadata(metadata)
+                    if writer is None:
+                        writer = self._writer(temp, out.schema)
+                    writer.write_table(out)
+                    rows += out.num_rows
+                if writer is None:  # an empty shard still gets its (empty) output file
+                    out = self.pipeline(parquet.schema_arrow.empty_table()).replace_schema_metadata(metadata)
+                    writer = self._writer(temp, out.schema)
+                    writer.write_table(out)
+            finally:
+                if writer is not None:
+                    writer.close()
+        return rows
+
+    def merge(self, shard: str, temps: list[str]) -> dict[str, Any]:
+        """Concatenate a sliced shard's part files, in order, into one temporary file (streamed by row group)."""
+        temp = temporary_name(WorkUnit(shard))
+        try:
+            writer, rows = None, 0
+            for part in temps:
+                with self.out_fs.open_input_file(join(self.out_base, part)) as f:
+                    parquet = pq.ParquetFile(f)
+                    for g in range(parquet.num_row_groups):
+                        table = parquet.read_row_group(g)
+                        if writer is None:
+                            writer = self._writer(temp, table.schema)
+                        writer.write_table(table)
+                        rows += table.num_rows
+            if writer is not None:
+                writer.close()
+            for part in temps:
+                self._discard(part)
+        except Exception as exc:
+            self._discard(temp)
+            return {"ok": False, "error": f"merging parts of {shard}: {type(exc).__name__}: {exc}"}
+        return {"ok": True, "temp": temp, "rows": rows}
+
+    def _writer(self, temp: str, schema: pa.Schema) -> pq.ParquetWriter:
+        self.out_fs.create_dir(join(self.out_base, temp).rsplit("/", 1)[0], recursive=True)
+        return pq.ParquetWriter(join(self.out_base, temp), schema, filesystem=self.out_fs)
+
+    def _discard(self, temp: str) -> None:
+        try:
+            self.out_fs.delete_file(join(self.out_base, temp))
+        except (FileNotFoundError, OSError):
+            pass

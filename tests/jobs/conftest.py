@@ -1,0 +1,30 @@
+"""Fixtures for the job tests: a demo checkpoint and Parquet shards built from real text, and real Ray."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from jobs.demo import build_demo
+
+
+@pytest.fixture(scope="session")
+def demo_root(tmp_path_factory):
+    return build_demo(tmp_path_factory.mktemp("demo"), shards=4, rows_per_shard=60, vocab_size=800)
+
+
+@pytest.fixture
+def demo(demo_root, tmp_path):
+    """A private copy of the demo input (tests add bad shards to it) and the shared model."""
+    shutil.copytree(demo_root / "input", tmp_path / "input")
+    return demo_root / "model", tmp_path / "input", tmp_path / "out"
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    import ray
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING", log_to_driver=False)
+    yield ray
+    ray.shutdown()

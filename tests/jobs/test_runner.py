@@ -1,0 +1,147 @@
+"""The runner on real Ray (num_cpus=2) with real Parquet and safetensors files."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from jobs.runner import JobConflict, run_job
+from jobs.shards import MANIFEST, SUCCESS, TEMPORARY, Manifest, resolve
+from jobs.spec import JobSpec, RunnerSettings
+from pipelines import ClassificationPipeline
+
+
+def spec_for(model, input, output, **runner) -> JobSpec:
+    return JobSpec("classify", str(model), str(input), str(output), options={"dtype": "float32"},
+                   runner=RunnerSettings(**runner))
+
+
+def output_table(out: Path) -> pa.Table:
+    files = sorted(p for p in out.rglob("*.parquet") if not p.name.startswith("_") and TEMPORARY not in p.parts)
+    return pa.concat_tables([pq.read_table(p) for p in files]).sort_by("id")
+
+
+def file_digests(out: Path) -> dict[str, tuple[int, str]]:
+    return {p.name: (p.stat().st_mtime_ns, hashlib.sha256(p.read_bytes()).hexdigest())
+            for p in out.glob("*.parquet")}
+
+
+def assert_exactly_once(out: Path, input: Path) -> pa.Table:
+    table = output_table(out)
+    ids = table.column("id").to_pylist()
+    expected = sorted(i for p in input.glob("*.parquet") if p.name.startswith("part-")
+                      for i in pq.read_table(p).column("id").to_pylist())
+    assert ids == expected, "every input row exactly once"
+    assert not list(out.glob(f"{TEMPORARY}/*")), "no temporaries left"
+    return table
+
+
+def test_every_row_once_with_in_process_labels(ray_local, demo):
+    model, input, out = demo
+    result = run_job(spec_for(model, input, out))
+    assert result.ok and result.done == 4 and result.rows == 240
+    table = assert_exactly_once(out, input)
+    reference = ClassificationPipeline(model, dtype="float32")(
+        pa.concat_tables([pq.read_table(p) for p in sorted(input.glob("*.parquet"))])).sort_by("id")
+    assert table.column("label").to_pylist() == reference.column("label").to_pylist()
+    np.testing.assert_allclose(np.array(table.column("probs").to_pylist()),
+                               np.array(reference.column("probs").to_pylist()), atol=1e-5)
+    assert table.column("text").to_pylist() == reference.column("text").to_pylist()  # passed through
+    manifest = Manifest.load(*resolve(str(out))).data
+    assert manifest["summary"]["done"] == 4 and (out / SUCCESS).exists()
+    for entry in manifest["shards"].values():
+        assert entry["state"] == "done" and entry["rows"] == 60 and entry["node"]
+
+    before = file_digests(out)
+    again = run_job(spec_for(model, input, out))  # a rerun does nothing and changes nothing
+    assert again.ok and again.skipped == 4 and again.rows == 0
+    assert file_digests(out) == before
+
+
+def test_sliced_shards_and_adoption_of_unrecorded_commits(ray_local, demo):
+    model, input, out = demo
+    result = run_job(spec_for(model, input, out, rows_per_unit=25, batch_rows=10))  # row groups of 100 -> slices
+    table = assert_exactly_once(out, input)
+    reference = pq.read_table(input / "part-00000.parquet").column("id").to_pylist()
+    assert table.column("id").to_pylist()[:60] == reference and result.ok
+    # a commit the driver never recorded (it died in between) is adopted, not recomputed
+    fs, base = resolve(str(out))
+    manifest = Manifest.load(fs, base)
+    del manifest.shards["part-00002.parquet"]
+    manifest.save()
+    again = run_job(spec_for(model, input, out))
+    assert again.skipped == 4 and Manifest.load(fs, base).shards["part-00002.parquet"]["adopted"]
+
+
+def test_bad_shards_fail_with_reasons_others_finish(ray_local, demo):
+    model, input, out = demo
+    (input / "part-00009.parquet").write_bytes(b"PAR1 this is not parquet at all")
+    pq.write_table(pa.table({"id": [1000], "body": ["wrong column"]}), input / "part-00010.parquet")
+    result = run_job(spec_for(model, input, out, max_attempts=2))
+    assert not result.ok and result.done == 4 and result.failed == 2
+    shards = Manifest.load(*resolve(str(out))).shards
+    assert shards["part-00009.parquet"]["state"] == "failed" and "Parquet" in shards["part-00009.parquet"]["error"]
+    assert "has no column 'text'" in shards["part-00010.parquet"]["error"]
+    assert not (out / SUCCESS).exists() and not (out / "part-00009.parquet").exists()
+    assert len(output_table(out)) == 240
+
+
+def test_changed_options_refused_unless_overwrite(ray_local, demo):
+    model, input, out = demo
+    run_job(spec_for(model, input, out))
+    changed = spec_for(model, input, out)
+    changed.options["max_length"] = 16
+    with pytest.raises(JobConflict, match="another model or options"):
+        run_job(changed)
+    changed.overwrite = True
+    result = run_job(changed)
+    assert result.ok and result.skipped == 0 and result.truncated > 0
+
+
+def test_actor_killed_mid_shard_is_redone(ray_local, demo):
+    model, input, out = demo
+    # more, slower work: 8 shards, one actor, small batches
+    for i in range(4, 8):
+        table = pq.read_table(input / f"part-0000{i - 4}.parquet")
+        pq.write_table(table.set_column(0, "id", pa.array([x + 1000 * i for x in table.column("id").to_pylist()])),
+                       input / f"part-0000{i}.parquet")
+    killed = []
+
+    def kill_worker_soon(_shard):
+        if killed:
+            return
+
+        def kill():
+            time.sleep(0.3)  # the actor is inside its next shard by now
+            pids = subprocess.run(["pgrep", "-f", "ray::ShardWorker"], capture_output=True, text=True).stdout.split()
+            for pid in pids:
+                os.kill(int(pid), signal.SIGKILL)
+            killed.extend(pids)
+
+        killed.append("scheduled")
+        threading.Thread(target=kill).start()
+
+    result = run_job(spec_for(model, input, out, actors=1, batch_rows=8), on_commit=kill_worker_soon)
+    assert len(killed) > 1, "a worker process was killed"
+    assert result.ok and result.done == 8
+    assert_exactly_once(out, input)
+    attempts = [e.get("attempts", 1) for e in Manifest.load(*resolve(str(out))).shards.values()]
+    assert max(attempts) == 2  # the unit in flight was redone once
+
+
+def test_manifest_of_unreadable_json_is_reported(ray_local, demo):
+    model, input, out = demo
+    out.mkdir()
+    (out / MANIFEST).write_text("{broken")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        run_job(spec_for(model, input, out))
