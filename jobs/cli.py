@@ -11,6 +11,7 @@ from typing import Annotated, Optional
 import pyarrow.parquet as pq
 import typer
 
+from .cluster_auth import use_token_auth
 from .shards import Manifest, discover, join, resolve
 from .spec import JobSpec, RunnerSettings
 
@@ -71,6 +72,7 @@ def _check_input(spec: JobSpec) -> None:
 
 
 def _run(spec: JobSpec) -> None:
+    use_token_auth(spec.runner.address)  # before Ray is imported: it reads RAY_AUTH_MODE then
     from .runner import JobConflict, run_job  # imports Ray: only once arguments are known to be good
 
     try:

@@ -11,7 +11,6 @@ finish. The driver only moves file names and counts, never a shard's rows.
 from __future__ import annotations
 
 import collections
-import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -21,6 +20,7 @@ import ray
 
 from persimmon import __version__
 
+from .cluster_auth import token_available, use_token_auth
 from .shards import (
     Manifest,
     WorkUnit,
@@ -136,24 +136,21 @@ def connect(address: str | None) -> bool:
     if address is None:
         ray.init(address="local", include_dashboard=False, logging_level="WARNING", log_to_driver=True)
         return True
+    if use_token_auth(address):
+        try:  # Ray read its config when imported: have it read the environment again
+            from ray._raylet import Config
+
+            Config.initialize("")
+        except (ImportError, AttributeError):
+            pass
     try:
         ray.init(address=address, logging_level="WARNING")
-        return False
     except ConnectionError as exc:
-        first = exc
-    # Clusters started with `ray start` (Ray >= 2.60) require token authentication from their clients.
-    has_token = bool(os.environ.get("RAY_AUTH_TOKEN")) or os.path.exists(os.path.expanduser("~/.ray/auth_token"))
-    if "RAY_AUTH_MODE" not in os.environ and has_token:
-        os.environ["RAY_AUTH_MODE"] = "token"
-        try:
-            ray.init(address=address, logging_level="WARNING")
-            return False
-        except ConnectionError as exc:
-            first = exc
-    hint = "" if has_token else (
-        " (clusters started with `ray start` use token authentication: set RAY_AUTH_TOKEN to the head node's "
-        "token, or copy its ~/.ray/auth_token here)")
-    raise ConnectionError(f"cannot join the Ray cluster at {address}: {first}{hint}") from first
+        hint = "" if token_available() else (
+            " (clusters started with `ray start` use token authentication: set RAY_AUTH_TOKEN to the head "
+            "node's token, or copy its ~/.ray/auth_token here)")
+        raise ConnectionError(f"cannot join the Ray cluster at {address}: {exc}{hint}") from exc
+    return False
 
 
 def actor_layout(spec: JobSpec) -> tuple[int, dict[str, Any], str, int | None]:

@@ -1,0 +1,23 @@
+"""Token authentication for joining Ray clusters (Ray >= 2.60).
+
+Clusters started with `ray start` require a token from their clients by default; a client without one
+retries for minutes before failing. Ray reads RAY_AUTH_MODE when it is imported, so this runs first.
+"""
+
+from __future__ import annotations
+
+import os
+
+
+def token_available() -> bool:
+    return bool(os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH")) or os.path.exists(
+        os.path.expanduser("~/.ray/auth_token"))
+
+
+def use_token_auth(address: str | None) -> bool:
+    """Turn on token mode for joining `address` when a token is at hand and the user has not chosen a mode.
+    Returns whether it changed anything."""
+    if address is None or "RAY_AUTH_MODE" in os.environ or not token_available():
+        return False
+    os.environ["RAY_AUTH_MODE"] = "token"
+    return True

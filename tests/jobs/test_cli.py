@@ -1,0 +1,146 @@
+"""persimmon-batch end to end: argument checks before Ray, a killed driver, and a two-node Ray cluster."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from typer.testing import CliRunner
+
+from jobs.cli import app
+from jobs.shards import MANIFEST, SUCCESS, TEMPORARY
+
+BIN = Path(sys.executable).parent
+runner = CliRunner()
+
+
+def cli(*args: str, env: dict | None = None, **kwargs) -> subprocess.Popen:
+    return subprocess.Popen([str(BIN / "persimmon-batch"), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env={**os.environ, **(env or {})}, **kwargs)
+
+
+def ids_in(out: Path) -> list[int]:
+    files = sorted(p for p in out.glob("*.parquet"))
+    return sorted(i for f in files for i in pq.read_table(f, columns=["id"]).column("id").to_pylist())
+
+
+def input_ids(input: Path) -> list[int]:
+    return sorted(i for f in input.glob("*.parquet") for i in pq.read_table(f, columns=["id"]).column("id").to_pylist())
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--model", "{missing}"], "does not exist"),
+    (["--model", "{notokenizer}"], "has no tokenizer.model"),
+    (["--text-column", "body"], "text column 'body' not in part-00000.parquet; its columns are ['id', 'text']"),
+    (["--input", "{missing}"], "input {missing} does not exist"),
+    (["--input", "{empty}"], "no Parquet files in input"),
+    (["--candidate-labels", "onlyone"], "needs at least two non-empty labels"),
+    (["--prompt-template", "x {{text}}"], "--prompt-template applies to zero-shot"),
+    (["--actors", "0"], "--actors': Input should be greater than or equal to 1"),
+])
+def test_bad_arguments_fail_before_anything_starts(demo, tmp_path, args, message):
+    model, input, out = demo
+    notokenizer = tmp_path / "notok"
+    notokenizer.mkdir()
+    shutil.copy(model / "config.json", notokenizer)
+    (tmp_path / "empty").mkdir()
+    values = {"missing": str(tmp_path / "missing"), "notokenizer": str(notokenizer), "empty": str(tmp_path / "empty")}
+    base = {"--model": str(model), "--input": str(input), "--output": str(out)}
+    for i in range(0, len(args), 2):
+        base[args[i]] = args[i + 1].format(**values)
+    result = runner.invoke(app, ["classify", *[x for kv in base.items() for x in kv]])
+    assert result.exit_code == 2
+    # typer draws usage errors in a box that wraps long paths: compare the words only
+    flat = "".join(result.output.replace("│", " ").split())
+    assert "".join(message.format(**values).split()) in flat
+    assert "Traceback" not in result.output and not out.exists()
+
+
+def test_status_and_generate_argument_checks(demo):
+    model, input, out = demo
+    result = runner.invoke(app, ["status", str(out)])
+    assert result.exit_code == 2 and "no manifest" in result.output
+    result = runner.invoke(app, ["generate", "--model", str(model), "--input", str(input), "--output", str(out),
+                                 "--prompt-template", "no placeholder"])
+    assert result.exit_code == 2 and "must contain {text} exactly once" in result.output
+
+
+def test_driver_killed_then_rerun_completes_exactly_once(demo):
+    model, input, out = demo
+    for i in range(4, 10):  # more shards, so the kill lands mid-run
+        table = pq.read_table(input / f"part-0000{i % 4}.parquet")
+        pq.write_table(table.set_column(0, "id", pa.array([x + 1000 * i for x in table.column("id").to_pylist()])),
+                       input / f"part-{i:05d}.parquet")
+    args = ["classify", "--model", str(model), "--input", str(input), "--output", str(out), "--batch-rows", "8"]
+    proc = cli(*args, start_new_session=True)
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        manifest = out / MANIFEST
+        if manifest.exists():
+            try:
+                states = [s["state"] for s in json.loads(manifest.read_text())["shards"].values()]
+            except (json.JSONDecodeError, KeyError):
+                states = []
+            if 0 < states.count("done") < len(states):
+                break
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray processes it started
+    proc.wait()
+    assert not (out / SUCCESS).exists()
+    rerun = cli(*args)
+    stdout, stderr = rerun.communicate(timeout=300)
+    assert rerun.returncode == 0, stderr
+    assert "already committed" in stdout
+    assert ids_in(out) == input_ids(input)
+    assert (out / SUCCESS).exists() and not (out / TEMPORARY).exists()
+    assert not [p for p in out.rglob("*") if p.name.endswith(".tmp") or TEMPORARY in p.parts]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_node_cluster_runs_across_both_nodes(demo, tmp_path):
+    model, input, out = demo
+    ray = str(BIN / "ray")
+    port = free_port()
+    env = {**os.environ, "RAY_AUTH_MODE": "token"}
+    head = ["--node-ip-address=127.0.0.1", "--num-cpus=1", "--disable-usage-stats"]
+    try:
+        subprocess.run([ray, "start", "--head", f"--port={port}", "--include-dashboard=false", *head], env=env,
+                       check=True, capture_output=True, timeout=120)
+        subprocess.run([ray, "start", f"--address=127.0.0.1:{port}", *head], env=env, check=True,
+                       capture_output=True, timeout=120)
+        # the client is not told about token auth: the runner finds the token and uses it
+        client_env = {k: v for k, v in os.environ.items() if k != "RAY_AUTH_MODE"}
+        proc = subprocess.run([str(BIN / "persimmon-batch"), "classify", "--model", str(model), "--input", str(input),
+                               "--output", str(out), "--address", f"127.0.0.1:{port}", "--actors", "2"],
+                              capture_output=True, text=True, timeout=300, env=client_env)
+        assert proc.returncode == 0, proc.stderr
+    finally:
+        subprocess.run([ray, "stop", "--force"], capture_output=True, timeout=120)
+    manifest = json.loads((out / MANIFEST).read_text())
+    nodes = {entry["node"] for entry in manifest["shards"].values()}
+    assert len(nodes) == 2, f"shards ran on {nodes}"
+    assert ids_in(out) == input_ids(input)
+    # the same output as an embedded run
+    embedded = tmp_path / "embedded"
+    proc = subprocess.run([str(BIN / "persimmon-batch"), "classify", "--model", str(model), "--input", str(input),
+                           "--output", str(embedded)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    for name in ("part-00000.parquet", "part-00003.parquet"):
+        a, b = pq.read_table(out / name), pq.read_table(embedded / name)
+        assert a.column("label").to_pylist() == b.column("label").to_pylist()
+        assert a.column("id").to_pylist() == b.column("id").to_pylist()
