@@ -5,6 +5,7 @@ window at a time, and reports failures of a unit as results (the runner decides 
 from __future__ import annotations
 
 import os
+import resource
 import socket
 import time
 from typing import Any
@@ -73,8 +74,10 @@ class ShardWorker:
         after = self.pipeline.stats.as_dict()
         delta = {k: after[k] - before[k] for k in ("errors", "truncated", "real_tokens", "padded_tokens",
                                                    "generated_tokens")}
+        peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
         return {"ok": True, "temp": temp, "rows": rows, "seconds": time.perf_counter() - start,
-                "node": self.node, "host": socket.gethostname(), "pid": os.getpid(), **delta}
+                "node": self.node, "host": socket.gethostname(), "pid": os.getpid(), "peak_rss_mb": round(peak_mb, 1),
+                **delta}
 
     def _run(self, unit: WorkUnit, temp: str) -> int:
         path = join(self.in_base, unit.shard)

@@ -1,0 +1,103 @@
+"""The runner's costs, measured against the in-process pipeline in one run.
+
+    .venv/bin/python bench/bench_runner.py overhead [--rows 2000]
+    .venv/bin/python bench/bench_runner.py memory [--rows 2000]
+
+overhead: end-to-end rows/s of `persimmon-batch classify` with one actor (embedded Ray; startup, i.e. Ray and
+model loading, excluded and reported apart) against ClassificationPipeline called in this process on the
+same record batches; the bench classification model (hidden 512, 6 layers) and real-text rows.
+memory: peak resident memory of the driver and of the actor for a run over N rows and over 10x N rows
+(same shard count, 10x longer shards): streaming keeps both flat.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from common import build, machine
+
+from jobs.corpus import paragraphs
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def write_shards(folder: Path, rows: int, shards: int = 4) -> None:
+    texts = list(paragraphs())
+    folder.mkdir(parents=True)
+    per = rows // shards
+    for s in range(shards):
+        ids = range(s * per, (s + 1) * per)
+        pq.write_table(pa.table({"id": list(ids), "text": [texts[i % len(texts)] for i in ids]}),
+                       folder / f"part-{s:05d}.parquet", row_group_size=1000)
+
+
+def run_job_here(model: Path, input: Path, output: Path, actors: int = 1) -> dict:
+    """A job run in a child process (its own driver), reporting its JobResult and the driver's peak RSS."""
+    code = f"""
+import json, resource
+from jobs.runner import run_job
+from jobs.spec import JobSpec, RunnerSettings
+r = run_job(JobSpec("classify", {str(model)!r}, {str(input)!r}, {str(output)!r}, options={{"dtype": "float32"}},
+                    runner=RunnerSettings(actors={actors})), tty=False)
+print(json.dumps({{"rows": r.rows, "seconds": r.seconds, "startup": r.startup_seconds, "ok": r.ok,
+                  "driver_peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}}))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    manifest = json.loads((output / "_manifest.json").read_text())
+    result["actor_peak_mb"] = max(s.get("peak_rss_mb", 0) for s in manifest["shards"].values())
+    return result
+
+
+def overhead(args, work: Path, model: Path) -> None:
+    from pipelines import ClassificationPipeline
+
+    write_shards(work / "input", args.rows)
+    pipe = ClassificationPipeline(model, dtype="float32")
+    batches = [b for f in sorted((work / "input").glob("*.parquet")) for b in pq.ParquetFile(f).iter_batches(1024)]
+    pipe(batches[0].slice(0, 32))  # warm-up
+    start = time.perf_counter()
+    for b in batches:
+        pipe(b)
+    inproc = args.rows / (time.perf_counter() - start)
+    job = run_job_here(model, work / "input", work / "out")
+    e2e = job["rows"] / job["seconds"]
+    print(f"{args.rows} rows, {machine()}")
+    print(f"in-process pipeline: {inproc:.1f} rows/s")
+    print(f"persimmon-batch, 1 actor: {e2e:.1f} rows/s (startup {job['startup']:.1f} s excluded)")
+    print(f"ratio end-to-end / in-process: {e2e / inproc:.1%}")
+
+
+def memory(args, work: Path, model: Path) -> None:
+    runs = {}
+    for scale in (1, 10):
+        write_shards(work / f"input{scale}", args.rows * scale)
+        runs[scale] = run_job_here(model, work / f"input{scale}", work / f"out{scale}")
+    small, large = runs[1], runs[10]
+    print(f"{args.rows} vs {10 * args.rows} rows in 4 shards, {machine()}")
+    for who in ("driver", "actor"):
+        a, b = small[f"{who}_peak_mb"], large[f"{who}_peak_mb"]
+        print(f"{who} peak RSS: {a:.0f} MB vs {b:.0f} MB at 10x rows ({b / a - 1:+.1%})")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("what", choices=["overhead", "memory"])
+    ap.add_argument("--rows", type=int, default=2000)
+    args = ap.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="persimmon-runner-bench-"))
+    _, model = build("seqcls", workdir=str(work / "model-build"), num_labels=4, pad_token_id=None)
+    (overhead if args.what == "overhead" else memory)(args, work, model)
+
+
+if __name__ == "__main__":
+    main()
