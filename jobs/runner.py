@@ -323,9 +323,7 @@ def _dispatch(spec, fingerprint, manifest, units, in_fs, in_base, out_fs, out_ba
                     queue.appendleft((shard, temps))
     except KeyboardInterrupt:
         result.interrupted = True
-        for ref in inflight:
-            ray.cancel(ref, force=True)
-        for actor in actors:
+        for actor in actors:  # stops their units mid-way; the temporaries are removed below
             ray.kill(actor)
     finally:
         progress.close()

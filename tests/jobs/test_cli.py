@@ -144,3 +144,28 @@ def test_two_node_cluster_runs_across_both_nodes(demo, tmp_path):
         a, b = pq.read_table(out / name), pq.read_table(embedded / name)
         assert a.column("label").to_pylist() == b.column("label").to_pylist()
         assert a.column("id").to_pylist() == b.column("id").to_pylist()
+
+
+def test_ctrl_c_stops_cleanly_and_rerun_resumes(demo):
+    model, input, out = demo
+    for i in range(4, 8):
+        table = pq.read_table(input / f"part-0000{i % 4}.parquet")
+        pq.write_table(table.set_column(0, "id", pa.array([x + 1000 * i for x in table.column("id").to_pylist()])),
+                       input / f"part-{i:05d}.parquet")
+    args = ["classify", "--model", str(model), "--input", str(input), "--output", str(out), "--batch-rows", "8"]
+    proc = cli(*args)
+    deadline = time.time() + 240
+    while time.time() < deadline and not any(out.glob("part-*.parquet")):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr
+    assert "interrupted: rerun the same command to resume" in stdout
+    assert not (out / SUCCESS).exists()
+    status = runner.invoke(app, ["status", str(out)])
+    assert "incomplete: rerun the job to finish it" in status.output
+    rerun = cli(*args)
+    _, stderr = rerun.communicate(timeout=300)
+    assert rerun.returncode == 0, stderr
+    assert ids_in(out) == input_ids(input) and (out / SUCCESS).exists()
+    assert "complete" in runner.invoke(app, ["status", str(out)]).output

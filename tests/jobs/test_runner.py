@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import signal
 import subprocess
 import threading
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute  # noqa: F401  (pa.compute)
 import pyarrow.parquet as pq
 import pytest
 
@@ -145,3 +147,45 @@ def test_manifest_of_unreadable_json_is_reported(ray_local, demo):
     (out / MANIFEST).write_text("{broken")
     with pytest.raises(ValueError, match="not valid JSON"):
         run_job(spec_for(model, input, out))
+
+
+def test_generate_job_matches_pipeline(ray_local, demo, tmp_path):
+    import torch
+
+    from persimmon import PersimmonConfig, PersimmonForCausalLM, SamplingParams
+    from pipelines import GenerationPipeline
+
+    model, input, out = demo
+    causal = tmp_path / "causal"
+    config = PersimmonConfig.from_pretrained(model)
+    config.id2label = config.label2id = None
+    config.num_labels = 2
+    config.__post_init__()
+    torch.manual_seed(1)
+    PersimmonForCausalLM(config).save_pretrained(causal)
+    shutil.copy(model / "tokenizer.model", causal)
+    options = {"dtype": "float32", "max_new_tokens": 6, "prompt_template": "human: {text}\n\nadept:",
+               "temperature": 0.7, "seed": 5}
+    result = run_job(JobSpec("generate", str(causal), str(input), str(out), options=options))
+    assert result.ok and result.generated_tokens > 0
+    table = output_table(out)
+    assert table.schema.field("completion_tokens").type == pa.int32()
+    pipe = GenerationPipeline(causal, max_new_tokens=6, prompt_template="human: {text}\n\nadept:", dtype="float32",
+                              sampling=SamplingParams(temperature=0.7, seed=5))
+    expected = pipe(pq.read_table(input / "part-00001.parquet"))
+    got = table.filter(pa.compute.is_in(table.column("id"), expected.column("id")))
+    assert got.column("completion").to_pylist() == expected.column("completion").to_pylist()
+
+
+def test_progress_bar_on_a_terminal():
+    import io
+
+    from jobs.runner import Progress
+
+    stream = io.StringIO()
+    progress = Progress(total_rows=100, total_shards=2, stream=stream, tty=True)
+    progress.unit_done(50)
+    progress.shard_done("a.parquet", {"rows": 50, "errors": 0, "seconds": 1.0, "node": "n" * 20})
+    progress.close()
+    text = stream.getvalue()
+    assert "\r[" in text and "50/100 rows" in text and "shards 1/2 done, 0 failed" in text and "ETA" in text
