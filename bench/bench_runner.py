@@ -7,14 +7,14 @@ overhead: end-to-end rows/s of `persimmon-batch classify` with one actor (embedd
 model loading, excluded and reported apart) against ClassificationPipeline called in this process on the
 same record batches; the bench classification model (hidden 512, 6 layers) and real-text rows.
 memory: peak resident memory of the driver and of the actor for a run over N rows and over 10x N rows
-(same shard count, 10x longer shards): streaming keeps both flat.
+(same shard count, 10x longer shards, same text distribution, full record batch windows in both): streaming
+keeps both flat.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import tempfile
@@ -30,8 +30,10 @@ from jobs.corpus import paragraphs
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def write_shards(folder: Path, rows: int, shards: int = 4) -> None:
-    texts = list(paragraphs())
+def write_shards(folder: Path, rows: int, shards: int = 4, pool: int | None = None) -> None:
+    """Shards of real-text rows; with `pool`, texts cycle through the first `pool` paragraphs (so datasets of
+    different sizes have the same length distribution)."""
+    texts = list(paragraphs())[:pool]
     folder.mkdir(parents=True)
     per = rows // shards
     for s in range(shards):
@@ -40,14 +42,14 @@ def write_shards(folder: Path, rows: int, shards: int = 4) -> None:
                        folder / f"part-{s:05d}.parquet", row_group_size=1000)
 
 
-def run_job_here(model: Path, input: Path, output: Path, actors: int = 1) -> dict:
+def run_job_here(model: Path, input: Path, output: Path, actors: int = 1, batch_rows: int = 1024) -> dict:
     """A job run in a child process (its own driver), reporting its JobResult and the driver's peak RSS."""
     code = f"""
 import json, resource
 from jobs.runner import run_job
 from jobs.spec import JobSpec, RunnerSettings
 r = run_job(JobSpec("classify", {str(model)!r}, {str(input)!r}, {str(output)!r}, options={{"dtype": "float32"}},
-                    runner=RunnerSettings(actors={actors})), tty=False)
+                    runner=RunnerSettings(actors={actors}, batch_rows={batch_rows})), tty=False)
 print(json.dumps({{"rows": r.rows, "seconds": r.seconds, "startup": r.startup_seconds, "ok": r.ok,
                   "driver_peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}}))
 """
@@ -79,11 +81,13 @@ def overhead(args, work: Path, model: Path) -> None:
 
 def memory(args, work: Path, model: Path) -> None:
     runs = {}
+    window = 125  # rows per record batch: both runs fill their windows
     for scale in (1, 10):
-        write_shards(work / f"input{scale}", args.rows * scale)
-        runs[scale] = run_job_here(model, work / f"input{scale}", work / f"out{scale}")
+        write_shards(work / f"input{scale}", args.rows * scale, shards=2, pool=args.rows)
+        runs[scale] = run_job_here(model, work / f"input{scale}", work / f"out{scale}", batch_rows=window)
     small, large = runs[1], runs[10]
-    print(f"{args.rows} vs {10 * args.rows} rows in 4 shards, {machine()}")
+    print(f"{args.rows} vs {10 * args.rows} rows in 2 shards, {window}-row windows, texts from the same "
+          f"{args.rows} paragraphs; {machine()}")
     for who in ("driver", "actor"):
         a, b = small[f"{who}_peak_mb"], large[f"{who}_peak_mb"]
         print(f"{who} peak RSS: {a:.0f} MB vs {b:.0f} MB at 10x rows ({b / a - 1:+.1%})")

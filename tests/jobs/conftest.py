@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from jobs.demo import build_demo
@@ -28,3 +31,11 @@ def ray_local():
     ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING", log_to_driver=False)
     yield ray
     ray.shutdown()
+
+
+def add_shards(input: Path, upto: int) -> None:
+    """Copies of the four demo shards as part-00004 .. part-{upto - 1}, with ids of their own (1000 x shard)."""
+    for i in range(4, upto):
+        table = pq.read_table(input / f"part-{i % 4:05d}.parquet")
+        ids = pa.array([x + 1000 * i for x in table.column("id").to_pylist()])
+        pq.write_table(table.set_column(0, "id", ids), input / f"part-{i:05d}.parquet")

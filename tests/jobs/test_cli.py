@@ -12,12 +12,12 @@ import sys
 import time
 from pathlib import Path
 
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
 from jobs.cli import app
+from tests.jobs.conftest import add_shards
 from jobs.shards import MANIFEST, SUCCESS, TEMPORARY
 
 BIN = Path(sys.executable).parent
@@ -77,10 +77,7 @@ def test_status_and_generate_argument_checks(demo):
 
 def test_driver_killed_then_rerun_completes_exactly_once(demo):
     model, input, out = demo
-    for i in range(4, 10):  # more shards, so the kill lands mid-run
-        table = pq.read_table(input / f"part-0000{i % 4}.parquet")
-        pq.write_table(table.set_column(0, "id", pa.array([x + 1000 * i for x in table.column("id").to_pylist()])),
-                       input / f"part-{i:05d}.parquet")
+    add_shards(input, 10)
     args = ["classify", "--model", str(model), "--input", str(input), "--output", str(out), "--batch-rows", "8"]
     proc = cli(*args, start_new_session=True)
     deadline = time.time() + 240
@@ -148,10 +145,7 @@ def test_two_node_cluster_runs_across_both_nodes(demo, tmp_path):
 
 def test_ctrl_c_stops_cleanly_and_rerun_resumes(demo):
     model, input, out = demo
-    for i in range(4, 8):
-        table = pq.read_table(input / f"part-0000{i % 4}.parquet")
-        pq.write_table(table.set_column(0, "id", pa.array([x + 1000 * i for x in table.column("id").to_pylist()])),
-                       input / f"part-{i:05d}.parquet")
+    add_shards(input, 8)
     args = ["classify", "--model", str(model), "--input", str(input), "--output", str(out), "--batch-rows", "8"]
     proc = cli(*args)
     deadline = time.time() + 240

@@ -18,6 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from jobs.runner import JobConflict, run_job
+from tests.jobs.conftest import add_shards
 from jobs.shards import MANIFEST, SUCCESS, TEMPORARY, Manifest, resolve
 from jobs.spec import JobSpec, RunnerSettings
 from pipelines import ClassificationPipeline
@@ -113,10 +114,7 @@ def test_changed_options_refused_unless_overwrite(ray_local, demo):
 def test_actor_killed_mid_shard_is_redone(ray_local, demo):
     model, input, out = demo
     # more, slower work: 8 shards, one actor, small batches
-    for i in range(4, 8):
-        table = pq.read_table(input / f"part-0000{i - 4}.parquet")
-        pq.write_table(table.set_column(0, "id", pa.array([x + 1000 * i for x in table.column("id").to_pylist()])),
-                       input / f"part-0000{i}.parquet")
+    add_shards(input, 8)
     killed = []
 
     def kill_worker_soon(_shard):
