@@ -71,7 +71,8 @@ def _check_input(spec: JobSpec) -> None:
         _fail(f"text column {spec.text_column!r} not in {shards[0]}; its columns are {names}")
 
 
-def _run(spec: JobSpec) -> None:
+def _run(spec: JobSpec, exit_at_end: bool = True) -> int:
+    """Run one job; returns its exit status (0, 1 failed shards, 130 interrupted) or exits with it."""
     use_token_auth(spec.runner.address)  # before Ray is imported: it reads RAY_AUTH_MODE then
     from .runner import JobConflict, run_job  # imports Ray: only once arguments are known to be good
 
@@ -85,10 +86,10 @@ def _run(spec: JobSpec) -> None:
     except (JobConflict, ConnectionError, FileNotFoundError, ValueError) as exc:
         _fail(str(exc))
     typer.echo(result.summary())
-    if result.interrupted:
-        raise typer.Exit(130)
-    if not result.ok:
-        raise typer.Exit(1)
+    code = 130 if result.interrupted else 0 if result.ok else 1
+    if exit_at_end and code:
+        raise typer.Exit(code)
+    return code
 
 
 def _runner(actors, gpus_per_actor, address, batch_rows) -> RunnerSettings:
@@ -166,6 +167,73 @@ def generate(
                "truncation_side": truncation_side.value, "compile": compile}
     _run(JobSpec("generate", str(model), input, output, text_column, options,
                  _runner(actors, gpus_per_actor, address, batch_rows), overwrite=overwrite))
+
+
+JobFile = Annotated[Path, typer.Argument(help="A job file (TOML).", exists=True, dir_okay=False, resolve_path=True)]
+
+
+def _read(job: Path) -> dict:
+    from .jobfile import JobFileError, read_job_file
+
+    try:
+        return read_job_file(job)
+    except JobFileError as exc:
+        _fail(str(exc))
+
+
+@app.command()
+def run(
+    job: JobFile,
+    date: Annotated[Optional[str], typer.Option(help="The run's date, YYYY-MM-DD / today / yesterday "
+                                                     "(default: the file's date, else today in UTC).")] = None,
+    start: Annotated[Optional[str], typer.Option("--from", help="Backfill: first date (with --to).")] = None,
+    end: Annotated[Optional[str], typer.Option("--to", help="Backfill: last date, inclusive.")] = None,
+    overwrite: Overwrite = False,
+) -> None:
+    """Run a job file for a date (or each date of --from/--to); dates already done are no-ops."""
+    from .jobfile import job_spec, run_dates
+
+    raw = _read(job)
+    try:
+        dates = run_dates(raw, date, start, end)
+    except ValueError as exc:
+        _fail(str(exc))
+    worst = 0
+    for day in dates:
+        typer.echo(f"== {raw['name']} for {day}")
+        worst = max(worst, _run(job_spec(raw, day, overwrite), exit_at_end=False))
+    if worst:
+        raise typer.Exit(worst)
+
+
+@app.command()
+def validate(job: JobFile) -> None:
+    """Check a job file (keys, types, values, model directory) without running anything."""
+    raw = _read(job)
+    typer.echo(f"{job}: valid {raw['task']} job {raw['name']!r}")
+
+
+class ScheduleFormat(str, enum.Enum):
+    cron = "cron"
+    systemd = "systemd"
+    k8s = "k8s"
+
+
+@app.command()
+def schedule(
+    job: JobFile,
+    format: Annotated[ScheduleFormat, typer.Option(help="cron line, systemd service + timer, or Kubernetes CronJob.")] = ScheduleFormat.cron,
+    at: Annotated[str, typer.Option(help="Time of day, HH:MM UTC.")] = "02:00",
+    image: Annotated[str, typer.Option(help="Container image (k8s).")] = "persimmon-batch:latest",
+) -> None:
+    """Print a daily schedule for a job file."""
+    from .schedule import render
+
+    raw = _read(job)
+    try:
+        typer.echo(render(job, raw["name"], format.value, at=at, image=image), nl=False)
+    except ValueError as exc:
+        _fail(str(exc))
 
 
 @app.command()

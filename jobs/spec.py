@@ -42,6 +42,7 @@ class JobSpec:
     runner: RunnerSettings = field(default_factory=RunnerSettings)
     name: str | None = None
     overwrite: bool = False
+    date: str | None = None  # the run's date, for jobs from a job file
 
     def validate(self) -> None:
         """Raise ValueError listing every problem found, before anything starts."""

@@ -1,0 +1,172 @@
+"""Job files: a scheduled job as TOML (shared/CONTRACT.md), validated whole before anything runs.
+
+Every problem is reported at once, each with its key (`options.max_length: expected an integer, got "2k"`).
+Paths may carry `{date}` / `{ds}` (YYYY-MM-DD) and `{ds_nodash}` (YYYYMMDD): the run's date, from --date,
+else the file's `date` ("today", "yesterday" or YYYY-MM-DD), else today in UTC.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+from pathlib import Path
+from typing import Any
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
+
+from .spec import CLASSIFY_OPTIONS, DTYPES, GENERATE_OPTIONS, TASKS, JobSpec, RunnerSettings
+
+TOP = {"name": str, "task": str, "model": str, "input": str, "output": str, "text_column": str, "date": str,
+       "options": dict, "runner": dict}
+REQUIRED = ("name", "task", "model", "input", "output")
+OPTION_TYPES: dict[str, type | tuple[type, ...]] = {
+    "dtype": str, "max_length": int, "batch_tokens": int, "candidate_labels": list, "truncation_side": str,
+    "threshold": (int, float), "prompt_template": str, "max_new_tokens": int, "temperature": (int, float),
+    "top_k": int, "top_p": (int, float), "seed": int, "stop": list, "compile": bool,
+}
+RUNNER_TYPES: dict[str, type | tuple[type, ...]] = {
+    "actors": int, "gpus_per_actor": (int, float), "address": str, "max_attempts": int, "rows_per_unit": int,
+    "batch_rows": int,
+}
+PLACEHOLDERS = re.compile(r"\{([^{}]*)\}")
+KNOWN_PLACEHOLDERS = {"date", "ds", "ds_nodash"}
+
+
+class JobFileError(ValueError):
+    """A job file with problems; `problems` lists each, prefixed by its key."""
+
+    def __init__(self, path: str, problems: list[str]) -> None:
+        self.problems = problems
+        super().__init__(f"{path}: {len(problems)} problem(s):\n" + "\n".join(f"  {p}" for p in problems))
+
+
+def _type_name(kind) -> str:
+    names = {str: "a string", int: "an integer", float: "a number", bool: "true or false", dict: "a table",
+             list: "a list"}
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    return " or ".join(names[k] for k in kinds if not (k is int and float in kinds))
+
+
+def _check_type(key: str, value: Any, kind, problems: list[str]) -> bool:
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    ok = isinstance(value, kinds) and not (isinstance(value, bool) and bool not in kinds)
+    if not ok:
+        problems.append(f"{key}: expected {_type_name(kind)}, got {value!r}")
+    return ok
+
+
+def parse_date(value: str, key: str = "date") -> dt.date:
+    today = dt.datetime.now(dt.timezone.utc).date()
+    if value == "today":
+        return today
+    if value == "yesterday":
+        return today - dt.timedelta(days=1)
+    try:
+        return dt.date.fromisoformat(value)
+    except ValueError:
+        raise ValueError(f"{key}: expected YYYY-MM-DD, 'today' or 'yesterday', got {value!r}") from None
+
+
+def read_job_file(path: str | Path) -> dict[str, Any]:
+    """The TOML as a dict, with every problem (syntax, keys, types, values, model directory) reported at once."""
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise JobFileError(str(path), ["file does not exist"]) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise JobFileError(str(path), [f"not valid TOML: {exc}"]) from None
+    problems: list[str] = []
+    for key in sorted(set(raw) - set(TOP)):
+        problems.append(f"{key}: unknown key; known keys are {sorted(TOP)}")
+    for key in REQUIRED:
+        if key not in raw:
+            problems.append(f"{key}: missing")
+    for key, kind in TOP.items():
+        if key in raw:
+            _check_type(key, raw[key], kind, problems)
+    task = raw.get("task")
+    if isinstance(task, str) and task not in TASKS:
+        problems.append(f"task: expected one of {list(TASKS)}, got {task!r}")
+    allowed = GENERATE_OPTIONS if task == "generate" else CLASSIFY_OPTIONS
+    options = raw.get("options", {}) if isinstance(raw.get("options", {}), dict) else {}
+    for key, value in options.items():
+        if key not in allowed:
+            problems.append(f"options.{key}: unknown option for task {task!r}; known: {sorted(allowed)}")
+        elif _check_type(f"options.{key}", value, OPTION_TYPES[key], problems):
+            if key == "dtype" and value not in DTYPES:
+                problems.append(f"options.dtype: expected one of {list(DTYPES)}, got {value!r}")
+            if key in ("truncation_side",) and value not in ("left", "right"):
+                problems.append(f"options.{key}: expected 'left' or 'right', got {value!r}")
+            if key in ("max_length", "batch_tokens", "max_new_tokens") and value < 1:
+                problems.append(f"options.{key}: must be at least 1, got {value}")
+            if key in ("candidate_labels", "stop") and not all(isinstance(v, str) for v in value):
+                problems.append(f"options.{key}: expected a list of strings, got {value!r}")
+    runner = raw.get("runner", {}) if isinstance(raw.get("runner", {}), dict) else {}
+    for key, value in runner.items():
+        if key not in RUNNER_TYPES:
+            problems.append(f"runner.{key}: unknown key; known: {sorted(RUNNER_TYPES)}")
+        elif _check_type(f"runner.{key}", value, RUNNER_TYPES[key], problems) and key != "address" and value < 1 \
+                and key != "gpus_per_actor":
+            problems.append(f"runner.{key}: must be at least 1, got {value}")
+    for key in ("input", "output", "model"):
+        value = raw.get(key)
+        if isinstance(value, str):
+            unknown = set(PLACEHOLDERS.findall(value)) - KNOWN_PLACEHOLDERS
+            if unknown:
+                problems.append(f"{key}: unknown placeholder(s) {sorted(unknown)}; known: {sorted(KNOWN_PLACEHOLDERS)}")
+    if isinstance(raw.get("date"), str):
+        try:
+            parse_date(raw["date"])
+        except ValueError as exc:
+            problems.append(str(exc))
+    model = raw.get("model")
+    if isinstance(model, str) and "://" not in model and "{" not in model:
+        folder = Path(model)
+        if not folder.is_dir():
+            problems.append(f"model: directory {model} does not exist")
+        elif not (folder / "config.json").is_file():
+            problems.append(f"model: {model} has no config.json")
+        elif not any((folder / n).is_file() for n in ("tokenizer.model", "adept_vocab.model")):
+            problems.append(f"model: {model} has no tokenizer.model")
+    if problems:
+        raise JobFileError(str(path), problems)
+    return raw
+
+
+def render(value: str, date: dt.date) -> str:
+    iso = date.isoformat()
+    return value.replace("{date}", iso).replace("{ds}", iso).replace("{ds_nodash}", iso.replace("-", ""))
+
+
+def job_spec(raw: dict[str, Any], date: dt.date, overwrite: bool = False) -> JobSpec:
+    """The JobSpec for one date of a validated job file."""
+    options = dict(raw.get("options", {}))
+    if raw["task"] == "generate":
+        options.setdefault("prompt_template", "human: {text}\n\nadept:")
+    return JobSpec(
+        task=raw["task"], model=render(raw["model"], date), input=render(raw["input"], date),
+        output=render(raw["output"], date), text_column=raw.get("text_column", "text"), options=options,
+        runner=RunnerSettings(**raw.get("runner", {})), name=raw["name"], overwrite=overwrite,
+        date=date.isoformat(),
+    )
+
+
+def run_dates(raw: dict[str, Any], date: str | None = None, start: str | None = None,
+              end: str | None = None) -> list[dt.date]:
+    """The dates to run: a --from/--to range (inclusive), else --date, else the file's date, else today (UTC)."""
+    if (start is None) != (end is None):
+        raise ValueError("--from and --to go together")
+    if start is not None:
+        if date is not None:
+            raise ValueError("give either --date or --from/--to, not both")
+        first, last = parse_date(start, "--from"), parse_date(end, "--to")
+        if last < first:
+            raise ValueError(f"--to {last} is before --from {first}")
+        return [first + dt.timedelta(days=i) for i in range((last - first).days + 1)]
+    if date is not None:
+        return [parse_date(date, "--date")]
+    return [parse_date(raw.get("date", "today"))]

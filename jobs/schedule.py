@@ -1,0 +1,60 @@
+"""Scheduling recipes for a job file: a crontab line, a systemd service + timer, a Kubernetes CronJob.
+
+Each runs `persimmon-batch run JOB.toml` once a day; the run's date defaults to the file's `date` (e.g.
+"yesterday" for a nightly job over the day that just ended), and reruns of a date are no-ops.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+import shutil
+import sys
+from pathlib import Path
+
+FORMATS = ("cron", "systemd", "k8s")
+
+
+def _command(job: Path) -> list[str]:
+    exe = shutil.which("persimmon-batch") or str(Path(sys.executable).parent / "persimmon-batch")
+    return [exe, "run", str(job.resolve())]
+
+
+def _unit_name(name: str) -> str:
+    return "persimmon-batch-" + re.sub(r"[^A-Za-z0-9_.-]+", "-", name)
+
+
+def render(job: Path, name: str, fmt: str, at: str = "02:00", image: str = "persimmon-batch:latest",
+           log: str | None = None) -> str:
+    match = re.fullmatch(r"([01]?\d|2[0-3]):([0-5]\d)", at)
+    if not match:
+        raise ValueError(f"--at must be HH:MM (UTC), got {at!r}")
+    hour, minute = int(match.group(1)), int(match.group(2))
+    command = _command(job)
+    if fmt == "cron":
+        log = log or f"/var/log/{_unit_name(name)}.log"
+        return (f"# {name}: daily at {at} UTC (set CRON_TZ=UTC or adjust to the machine's zone)\n"
+                f"{minute} {hour} * * * {shlex.join(command)} >> {shlex.quote(log)} 2>&1\n")
+    if fmt == "systemd":
+        unit = _unit_name(name)
+        return (f"# /etc/systemd/system/{unit}.service\n"
+                f"[Unit]\nDescription=persimmon-batch job {name}\n\n"
+                f"[Service]\nType=oneshot\nExecStart={shlex.join(command)}\n\n"
+                f"# /etc/systemd/system/{unit}.timer  (then: systemctl enable --now {unit}.timer)\n"
+                f"[Unit]\nDescription=Daily persimmon-batch job {name}\n\n"
+                f"[Timer]\nOnCalendar=*-*-* {hour:02d}:{minute:02d}:00 UTC\nPersistent=true\n\n"
+                f"[Install]\nWantedBy=timers.target\n")
+    if fmt == "k8s":
+        unit = _unit_name(name).lower()[:52]
+        args = ", ".join(f'"{a}"' for a in ["persimmon-batch", "run", f"/jobs/{job.name}"])
+        return (f"# A daily Kubernetes CronJob; the container joins the Ray cluster named in the job file's\n"
+                f"# runner.address (e.g. a KubeRay RayCluster's head service) and mounts the job file at /jobs.\n"
+                f"apiVersion: batch/v1\nkind: CronJob\nmetadata:\n  name: {unit}\n"
+                f"spec:\n  schedule: \"{minute} {hour} * * *\"\n  timeZone: \"Etc/UTC\"\n"
+                f"  concurrencyPolicy: Forbid\n  jobTemplate:\n    spec:\n      backoffLimit: 2\n"
+                f"      template:\n        spec:\n          restartPolicy: Never\n          containers:\n"
+                f"            - name: persimmon-batch\n              image: {image}\n"
+                f"              command: [{args}]\n              volumeMounts:\n"
+                f"                - {{name: job, mountPath: /jobs}}\n          volumes:\n"
+                f"            - name: job\n              configMap: {{name: {unit}-job}}\n")
+    raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
