@@ -172,11 +172,11 @@ def generate(
 JobFile = Annotated[Path, typer.Argument(help="A job file (TOML).", exists=True, dir_okay=False, resolve_path=True)]
 
 
-def _read(job: Path) -> dict:
+def _read(job: Path, check_model: bool = True) -> dict:
     from .jobfile import JobFileError, read_job_file
 
     try:
-        return read_job_file(job)
+        return read_job_file(job, check_model)
     except JobFileError as exc:
         _fail(str(exc))
 
@@ -188,6 +188,7 @@ def run(
                                                      "(default: the file's date, else today in UTC).")] = None,
     start: Annotated[Optional[str], typer.Option("--from", help="Backfill: first date (with --to).")] = None,
     end: Annotated[Optional[str], typer.Option("--to", help="Backfill: last date, inclusive.")] = None,
+    address: Annotated[Optional[str], typer.Option(help="Override the file's runner.address.")] = None,
     overwrite: Overwrite = False,
 ) -> None:
     """Run a job file for a date (or each date of --from/--to); dates already done are no-ops."""
@@ -201,7 +202,10 @@ def run(
     worst = 0
     for day in dates:
         typer.echo(f"== {raw['name']} for {day}")
-        worst = max(worst, _run(job_spec(raw, day, overwrite), exit_at_end=False))
+        spec = job_spec(raw, day, overwrite)
+        if address is not None:
+            spec.runner.address = address
+        worst = max(worst, _run(spec, exit_at_end=False))
     if worst:
         raise typer.Exit(worst)
 
@@ -211,6 +215,36 @@ def validate(job: JobFile) -> None:
     """Check a job file (keys, types, values, model directory) without running anything."""
     raw = _read(job)
     typer.echo(f"{job}: valid {raw['task']} job {raw['name']!r}")
+
+
+@app.command()
+def submit(
+    job: JobFile,
+    address: Annotated[str, typer.Option(help="The cluster's Ray dashboard, e.g. http://HEAD:8265.")],
+    date: Annotated[Optional[str], typer.Option(help="The run's date (default: the file's date, else today).")] = None,
+    wait: Annotated[bool, typer.Option(help="Follow the job's logs until it ends; exit 1 if it failed.")] = False,
+) -> None:
+    """Send a job file's run for a date to a Ray cluster (Ray Jobs API). The submission id is the job's name
+    and date, so a duplicate trigger for the same date is refused by Ray instead of running twice."""
+    from .jobfile import run_dates
+
+    raw = _read(job, check_model=False)  # the model lives on the cluster
+    try:
+        day = run_dates(raw, date)[0].isoformat()
+    except ValueError as exc:
+        _fail(str(exc))
+    use_token_auth(address)
+    from .runner import AlreadySubmitted, follow_job, submit_job
+
+    try:
+        sid = submit_job(job.read_text(), raw["name"], day, address)
+    except AlreadySubmitted as exc:
+        _fail(str(exc), code=1)
+    except (ConnectionError, RuntimeError) as exc:
+        _fail(f"cannot submit to {address}: {exc}")
+    typer.echo(f"submitted {sid}")
+    if wait and not follow_job(sid, address):
+        raise typer.Exit(1)
 
 
 class ScheduleFormat(str, enum.Enum):

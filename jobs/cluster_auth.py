@@ -14,7 +14,7 @@ def token_available() -> bool:
         os.path.expanduser("~/.ray/auth_token"))
 
 
-def use_token_auth(address: str | None) -> bool:
+def use_token_auth(address: str | None) -> bool:  # also for dashboard addresses (Jobs API)
     """Turn on token mode for joining `address` when a token is at hand and the user has not chosen a mode.
     Returns whether it changed anything."""
     if address is None or "RAY_AUTH_MODE" in os.environ or not token_available():

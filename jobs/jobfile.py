@@ -70,8 +70,9 @@ def parse_date(value: str, key: str = "date") -> dt.date:
         raise ValueError(f"{key}: expected YYYY-MM-DD, 'today' or 'yesterday', got {value!r}") from None
 
 
-def read_job_file(path: str | Path) -> dict[str, Any]:
-    """The TOML as a dict, with every problem (syntax, keys, types, values, model directory) reported at once."""
+def read_job_file(path: str | Path, check_model: bool = True) -> dict[str, Any]:
+    """The TOML as a dict, with every problem (syntax, keys, types, values, model directory) reported at once.
+    check_model False skips the model directory, for files run elsewhere (a cluster's own disks)."""
     path = Path(path)
     try:
         raw = tomllib.loads(path.read_text())
@@ -124,7 +125,7 @@ def read_job_file(path: str | Path) -> dict[str, Any]:
         except ValueError as exc:
             problems.append(str(exc))
     model = raw.get("model")
-    if isinstance(model, str) and "://" not in model and "{" not in model:
+    if check_model and isinstance(model, str) and "://" not in model and "{" not in model:
         folder = Path(model)
         if not folder.is_dir():
             problems.append(f"model: directory {model} does not exist")
