@@ -24,8 +24,10 @@ def demo(demo_root, tmp_path):
     return demo_root / "model", tmp_path / "input", tmp_path / "out"
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def ray_local():
+    """Ray for one test module: other modules start clusters of their own with `ray start`, and `ray stop`
+    ends every Ray process on the machine."""
     import ray
 
     ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING", log_to_driver=False)
@@ -39,3 +41,11 @@ def add_shards(input: Path, upto: int) -> None:
         table = pq.read_table(input / f"part-{i % 4:05d}.parquet")
         ids = pa.array([x + 1000 * i for x in table.column("id").to_pylist()])
         pq.write_table(table.set_column(0, "id", ids), input / f"part-{i:05d}.parquet")
+
+
+def node_ports() -> list[str]:
+    """`ray start` flags giving a node agent ports of its own, so two nodes on one machine never clash."""
+    from tests.jobs.test_cli import free_port
+
+    return [f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+            f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}"]

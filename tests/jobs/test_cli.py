@@ -17,7 +17,7 @@ import pytest
 from typer.testing import CliRunner
 
 from jobs.cli import app
-from tests.jobs.conftest import add_shards
+from tests.jobs.conftest import add_shards, node_ports
 from jobs.shards import MANIFEST, SUCCESS, TEMPORARY
 
 BIN = Path(sys.executable).parent
@@ -116,9 +116,9 @@ def test_two_node_cluster_runs_across_both_nodes(demo, tmp_path):
     env = {**os.environ, "RAY_AUTH_MODE": "token"}
     head = ["--node-ip-address=127.0.0.1", "--num-cpus=1", "--disable-usage-stats"]
     try:
-        subprocess.run([ray, "start", "--head", f"--port={port}", "--include-dashboard=false", *head], env=env,
-                       check=True, capture_output=True, timeout=120)
-        subprocess.run([ray, "start", f"--address=127.0.0.1:{port}", *head], env=env, check=True,
+        subprocess.run([ray, "start", "--head", f"--port={port}", "--include-dashboard=false", *head, *node_ports()],
+                       env=env, check=True, capture_output=True, timeout=120)
+        subprocess.run([ray, "start", f"--address=127.0.0.1:{port}", *head, *node_ports()], env=env, check=True,
                        capture_output=True, timeout=120)
         # the client is not told about token auth: the runner finds the token and uses it
         client_env = {k: v for k, v in os.environ.items() if k != "RAY_AUTH_MODE"}

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
+from tests.jobs.conftest import node_ports
 from tests.jobs.test_cli import free_port
 from tests.jobs.test_jobfile import good, partition
 
@@ -30,7 +31,8 @@ def test_submit_runs_once_per_date(demo_root, tmp_path):
     try:
         subprocess.run([str(BIN / "ray"), "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1",
                         "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
-                        "--num-cpus=2", "--disable-usage-stats"], env=cluster_env, check=True, capture_output=True,
+                        "--num-cpus=2", "--disable-usage-stats", *node_ports()], env=cluster_env, check=True,
+                       capture_output=True,
                        timeout=180)
         deadline = time.time() + 90
         while True:  # the job service comes up shortly after `ray start` returns
