@@ -85,6 +85,8 @@ def _run(spec: JobSpec, exit_at_end: bool = True) -> int:
         result = run_job(spec)
     except (JobConflict, ConnectionError, FileNotFoundError, ValueError) as exc:
         _fail(str(exc))
+    except RuntimeError as exc:  # the job could not start on the cluster
+        _fail(str(exc), code=1)
     typer.echo(result.summary())
     code = 130 if result.interrupted else 0 if result.ok else 1
     if exit_at_end and code:

@@ -239,7 +239,12 @@ def _dispatch(spec, fingerprint, manifest, units, in_fs, in_base, out_fs, out_ba
 
     for _ in range(count):
         new_actor()
-    ray.get([a.pid.remote() for a in actors])  # models loaded: what follows is processing time
+    try:
+        ray.get([a.pid.remote() for a in actors])  # models loaded: what follows is processing time
+    except ray.exceptions.RayActorError as exc:
+        cause = getattr(exc, "cause", None) or getattr(exc, "error_msg", None) or exc
+        last = str(cause).strip().splitlines()[-1] if str(cause).strip() else repr(cause)
+        raise RuntimeError(f"the workers could not load the model: {last}") from None
     result.startup_seconds = time.perf_counter() - started
     processing = time.perf_counter()
 

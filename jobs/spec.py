@@ -60,10 +60,14 @@ class JobSpec:
             if not model.is_dir():
                 problems.append(f"model directory {self.model} does not exist")
             else:
-                if not (model / "config.json").is_file():
+                has_config = (model / "config.json").is_file()
+                has_tokenizer = any((model / n).is_file() for n in ("tokenizer.model", "adept_vocab.model"))
+                if not has_config:
                     problems.append(f"model directory {self.model} has no config.json")
-                if not any((model / n).is_file() for n in ("tokenizer.model", "adept_vocab.model")):
+                if not has_tokenizer:
                     problems.append(f"model directory {self.model} has no tokenizer.model")
+                if has_config and has_tokenizer:
+                    problems += self._head_problems(model)
         r = self.runner
         if r.actors is not None and r.actors < 1:
             problems.append(f"actors must be at least 1, got {r.actors}")
@@ -74,6 +78,27 @@ class JobSpec:
                 problems.append(f"{name} must be at least 1, got {getattr(r, name)}")
         if problems:
             raise ValueError("; ".join(problems))
+
+    def _head_problems(self, model: Path) -> list[str]:
+        """Generation and zero-shot need a causal LM's head, classification a classifier's: say so before
+        any actor tries to load the wrong one."""
+        from persimmon.checkpoint import CheckpointError, checkpoint_heads
+        from persimmon.config import PersimmonConfig
+
+        try:
+            heads = checkpoint_heads(model)
+            tied = PersimmonConfig.from_pretrained(model).tie_word_embeddings
+        except (CheckpointError, ValueError, OSError) as exc:
+            return [str(exc)]
+        wants_lm = self.task == "generate" or bool(self.options.get("candidate_labels"))
+        if wants_lm and "lm_head" not in heads and not tied:
+            use = "generate" if self.task == "generate" else "zero-shot classification (--candidate-labels)"
+            return [f"{use} needs a causal LM, but {model} is a sequence classifier (it has score.weight, "
+                    "no lm_head.weight)"]
+        if not wants_lm and "score" not in heads:
+            return [f"classification needs a PersimmonForSequenceClassification checkpoint, but {model} has no "
+                    "score.weight; for a causal LM give --candidate-labels (zero-shot)"]
+        return []
 
     def fingerprint(self, model_checksum: str) -> str:
         """What determines the output: task, model content, text column, options (not the runner settings)."""

@@ -237,3 +237,10 @@ def _atomic_write_text(file: Path, text: str) -> None:
         f.write(text)
     os.replace(tmp, file)
 
+
+
+def checkpoint_heads(path: Path, allow_pickle: bool = False) -> set[str]:
+    """Which heads a checkpoint carries ("lm_head", "score"), from tensor names only (no weights are read)."""
+    files, pickled = weight_files(Path(path), allow_pickle)
+    keys = _all_keys(files, pickled)
+    return {head for head in ("lm_head", "score") if f"{head}.weight" in keys}

@@ -47,6 +47,7 @@ def input_ids(input: Path) -> list[int]:
     (["--candidate-labels", "onlyone"], "needs at least two non-empty labels"),
     (["--prompt-template", "x {{text}}"], "--prompt-template applies to zero-shot"),
     (["--actors", "0"], "--actors': Input should be greater than or equal to 1"),
+    (["--candidate-labels", "a,b"], "zero-shot classification (--candidate-labels) needs a causal LM, but"),
 ])
 def test_bad_arguments_fail_before_anything_starts(demo, tmp_path, args, message):
     model, input, out = demo
@@ -66,8 +67,21 @@ def test_bad_arguments_fail_before_anything_starts(demo, tmp_path, args, message
     assert "Traceback" not in result.output and not out.exists()
 
 
-def test_status_and_generate_argument_checks(demo):
+def test_status_and_generate_argument_checks(demo, tmp_path):
     model, input, out = demo
+    result = runner.invoke(app, ["generate", "--model", str(model), "--input", str(input), "--output", str(out)])
+    assert result.exit_code == 2 and "generate needs a causal LM" in result.output
+    causal = tmp_path / "causal"  # the same files without the classifier's head
+    causal.mkdir()
+    shutil.copy(model / "config.json", causal)
+    shutil.copy(model / "tokenizer.model", causal)
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(model / "model.safetensors")
+    weights["lm_head.weight"] = weights.pop("score.weight").new_zeros(weights["model.embed_tokens.weight"].shape)
+    save_file(weights, causal / "model.safetensors", metadata={"format": "pt"})
+    result = runner.invoke(app, ["classify", "--model", str(causal), "--input", str(input), "--output", str(out)])
+    assert result.exit_code == 2 and "has no score.weight; for a causal LM give --candidate-labels" in result.output
     result = runner.invoke(app, ["status", str(out)])
     assert result.exit_code == 2 and "no manifest" in result.output
     result = runner.invoke(app, ["generate", "--model", str(model), "--input", str(input), "--output", str(out),
