@@ -93,8 +93,9 @@ class Progress:
         self.start = time.perf_counter()
         self.last_draw = 0.0
 
-    def unit_done(self, rows: int) -> None:
-        self.rows += rows
+    def update(self, rows: int) -> None:
+        """Rows processed so far, all units together."""
+        self.rows = rows
         self.draw()
 
     def shard_done(self, shard: str, entry: dict[str, Any]) -> None:
@@ -130,6 +131,29 @@ class Progress:
         if self.tty:
             self.draw(force=True)
             self.stream.write("\n")
+
+
+class RowCounter:
+    """Rows processed so far per work unit, reported by the workers after each record batch (a Ray actor)."""
+
+    def __init__(self) -> None:
+        self.rows: dict[str, int] = {}
+
+    def add(self, key: str, rows: int) -> None:
+        self.rows[key] = self.rows.get(key, 0) + rows
+
+    def reset(self, key: str) -> None:
+        self.rows.pop(key, None)  # a failed attempt's rows will be processed again
+
+    def total(self) -> int:
+        return sum(self.rows.values())
+
+
+def reporter(counter):
+    """A picklable report(key, rows) for the workers that feeds the counter actor without waiting."""
+    def report(key: str, rows: int) -> None:
+        counter.add.remote(key, rows)
+    return report
 
 
 def connect(address: str | None) -> bool:
@@ -231,9 +255,11 @@ def _dispatch(spec, fingerprint, manifest, units, in_fs, in_base, out_fs, out_ba
     remote = ray.remote(ShardWorker).options(max_restarts=0, scheduling_strategy="SPREAD", **resources)
 
     actors: list[Any] = []
+    counter = ray.remote(RowCounter).options(num_cpus=0).remote()
+    report = reporter(counter)
 
     def new_actor():
-        actor = remote.remote(spec, fingerprint, in_fs, in_base, out_fs, out_base, device, threads)
+        actor = remote.remote(spec, fingerprint, in_fs, in_base, out_fs, out_base, device, threads, report)
         actors.append(actor)
         return actor
 
@@ -290,7 +316,7 @@ def _dispatch(spec, fingerprint, manifest, units, in_fs, in_base, out_fs, out_ba
             if not inflight:
                 break
             ready, _ = ray.wait(list(inflight), num_returns=1, timeout=0.5)
-            progress.draw()
+            progress.update(ray.get(counter.total.remote()))  # rows through the pipeline so far, live
             for ref in ready:
                 actor, task = inflight.pop(ref)
                 try:
@@ -304,6 +330,7 @@ def _dispatch(spec, fingerprint, manifest, units, in_fs, in_base, out_fs, out_ba
                 shard = task[0] if isinstance(task, tuple) else task.shard
                 key = shard if isinstance(task, tuple) else task.key
                 if not out["ok"]:
+                    counter.reset.remote(key)
                     attempts[key] += 1
                     if attempts[key] < spec.runner.max_attempts:
                         queue.append(task)
@@ -313,7 +340,6 @@ def _dispatch(spec, fingerprint, manifest, units, in_fs, in_base, out_fs, out_ba
                 if isinstance(task, tuple):  # a merged sliced shard
                     record_done(shard, out["temp"], parts.pop(shard)["stats"])
                     continue
-                progress.unit_done(out["rows"])
                 stats = {k: v for k, v in out.items() if k not in ("ok", "temp")}
                 if task.parts == 1:
                     record_done(shard, out["temp"], stats)

@@ -8,7 +8,7 @@ import os
 import resource
 import socket
 import time
-from typing import Any
+from typing import Any, Callable
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -50,12 +50,15 @@ def current_node() -> str:
 
 class ShardWorker:
     def __init__(self, spec: JobSpec, fingerprint: str, in_fs: pafs.FileSystem, in_base: str,
-                 out_fs: pafs.FileSystem, out_base: str, device: str, threads: int | None) -> None:
+                 out_fs: pafs.FileSystem, out_base: str, device: str, threads: int | None,
+                 report: Callable[[str, int], None] | None = None) -> None:
+        """report(unit key, rows): called after each record batch, for live progress."""
         if threads:
             torch.set_num_threads(threads)
         self.spec, self.fingerprint = spec, fingerprint
         self.in_fs, self.in_base, self.out_fs, self.out_base = in_fs, in_base, out_fs, out_base
         self.node = current_node()
+        self.report = report
         self.pipeline = build_pipeline(spec, device)
 
     def pid(self) -> int:
@@ -99,6 +102,8 @@ class ShardWorker:
                         writer = self._writer(temp, out.schema)
                     writer.write_table(out)
                     rows += out.num_rows
+                    if self.report is not None:
+                        self.report(unit.key, out.num_rows)
                 if writer is None:  # an empty shard still gets its (empty) output file
                     out = self.pipeline(parquet.schema_arrow.empty_table()).replace_schema_metadata(metadata)
                     writer = self._writer(temp, out.schema)

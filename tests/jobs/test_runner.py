@@ -182,7 +182,7 @@ def test_progress_bar_on_a_terminal():
 
     stream = io.StringIO()
     progress = Progress(total_rows=100, total_shards=2, stream=stream, tty=True)
-    progress.unit_done(50)
+    progress.update(50)
     progress.shard_done("a.parquet", {"rows": 50, "errors": 0, "seconds": 1.0, "node": "n" * 20})
     progress.close()
     text = stream.getvalue()
