@@ -67,14 +67,20 @@ def overhead(args, work: Path, model: Path) -> None:
     pipe = ClassificationPipeline(model, dtype="float32")
     batches = [b for f in sorted((work / "input").glob("*.parquet")) for b in pq.ParquetFile(f).iter_batches(1024)]
     pipe(batches[0].slice(0, 32))  # warm-up
-    start = time.perf_counter()
-    for b in batches:
-        pipe(b)
-    inproc = args.rows / (time.perf_counter() - start)
+
+    def in_process() -> float:
+        start = time.perf_counter()
+        for b in batches:
+            pipe(b)
+        return args.rows / (time.perf_counter() - start)
+
+    before = in_process()
     job = run_job_here(model, work / "input", work / "out")
+    after = in_process()  # measured on both sides of the job: drift of the machine's speed falls on both
+    inproc = (before + after) / 2
     e2e = job["rows"] / job["seconds"]
     print(f"{args.rows} rows, {machine()}")
-    print(f"in-process pipeline: {inproc:.1f} rows/s")
+    print(f"in-process pipeline: {inproc:.1f} rows/s (before the job {before:.1f}, after {after:.1f})")
     print(f"persimmon-batch, 1 actor: {e2e:.1f} rows/s (startup {job['startup']:.1f} s excluded)")
     print(f"ratio end-to-end / in-process: {e2e / inproc:.1%}")
 
