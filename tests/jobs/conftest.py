@@ -17,6 +17,22 @@ def demo_root(tmp_path_factory):
     return build_demo(tmp_path_factory.mktemp("demo"), shards=4, rows_per_shard=60, vocab_size=800)
 
 
+@pytest.fixture(scope="session")
+def causal_model(demo_root, tmp_path_factory) -> Path:
+    """A causal LM with the demo's tokenizer and shapes (random weights), for generate and zero-shot jobs."""
+    import torch
+
+    from persimmon import PersimmonConfig, PersimmonForCausalLM
+
+    path = tmp_path_factory.mktemp("causal")
+    config = PersimmonConfig.from_pretrained(demo_root / "model")
+    config = PersimmonConfig(**{**config.__dict__, "id2label": None, "label2id": None, "num_labels": 2})
+    torch.manual_seed(1)
+    PersimmonForCausalLM(config).save_pretrained(path)
+    shutil.copy(demo_root / "model" / "tokenizer.model", path)
+    return path
+
+
 @pytest.fixture
 def demo(demo_root, tmp_path):
     """A private copy of the demo input (tests add bad shards to it) and the shared model."""

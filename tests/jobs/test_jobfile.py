@@ -97,11 +97,12 @@ def test_validate_starts_no_ray(demo_root, tmp_path):
     assert out.startswith("2 False") and "options.dtype: expected one of" in out
 
 
-def test_examples_are_valid_with_a_real_model(demo_root, tmp_path):
+def test_examples_are_valid_with_a_real_model(demo_root, causal_model, tmp_path):
     for example in sorted(EXAMPLES.glob("*.toml")):
         text = example.read_text()
         model = text.split('model = "')[1].split('"')[0]
-        job = write_job(tmp_path, text.replace(model, str(demo_root / "model")))
+        real = causal_model if 'task = "generate"' in text else demo_root / "model"
+        job = write_job(tmp_path, text.replace(model, str(real)))
         raw = read_job_file(job)
         spec = job_spec(raw, run_dates(raw, "2026-11-23")[0])
         assert "dt=2026-11-23" in spec.input and "dt=2026-11-23" in spec.output

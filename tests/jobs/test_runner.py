@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
 import signal
 import subprocess
 import threading
@@ -147,21 +146,12 @@ def test_manifest_of_unreadable_json_is_reported(ray_local, demo):
         run_job(spec_for(model, input, out))
 
 
-def test_generate_job_matches_pipeline(ray_local, demo, tmp_path):
-    import torch
-
-    from persimmon import PersimmonConfig, PersimmonForCausalLM, SamplingParams
+def test_generate_job_matches_pipeline(ray_local, demo, causal_model):
+    from persimmon import SamplingParams
     from pipelines import GenerationPipeline
 
     model, input, out = demo
-    causal = tmp_path / "causal"
-    config = PersimmonConfig.from_pretrained(model)
-    config.id2label = config.label2id = None
-    config.num_labels = 2
-    config.__post_init__()
-    torch.manual_seed(1)
-    PersimmonForCausalLM(config).save_pretrained(causal)
-    shutil.copy(model / "tokenizer.model", causal)
+    causal = causal_model
     options = {"dtype": "float32", "max_new_tokens": 6, "prompt_template": "human: {text}\n\nadept:",
                "temperature": 0.7, "seed": 5}
     result = run_job(JobSpec("generate", str(causal), str(input), str(out), options=options))
