@@ -36,7 +36,7 @@ from .shards import (
     resolve,
 )
 from .spec import JobSpec, model_checksum
-from .worker import ShardWorker
+from .worker import UNIT_COUNTS, ShardWorker
 
 CPU_THREADS_PER_ACTOR = 4  # default CPU actor size when the number of actors is not given
 
@@ -276,7 +276,8 @@ def _dispatch(spec, fingerprint, manifest, units, in_fs, in_base, out_fs, out_ba
 
     queue = collections.deque(units)
     attempts: collections.Counter[str] = collections.Counter()
-    parts: dict[str, dict[int, dict]] = collections.defaultdict(dict)
+    parts: dict[str, dict[int, dict]] = collections.defaultdict(dict)  # shard -> finished slices' results
+    merged_stats: dict[str, dict] = {}  # shard -> summed counts, while its slices are being concatenated
     failed_shards: set[str] = set()
     inflight: dict[Any, tuple[Any, Any]] = {}
     idle = list(actors)
@@ -289,7 +290,7 @@ def _dispatch(spec, fingerprint, manifest, units, in_fs, in_base, out_fs, out_ba
         manifest.shards[shard] = entry
         manifest.save()
         result.done += 1
-        for key in ("rows", "errors", "truncated", "real_tokens", "padded_tokens", "generated_tokens"):
+        for key in UNIT_COUNTS:
             setattr(result, key, getattr(result, key) + stats.get(key, 0))
         progress.shard_done(shard, entry)
         if on_commit is not None:
@@ -338,7 +339,7 @@ def _dispatch(spec, fingerprint, manifest, units, in_fs, in_base, out_fs, out_ba
                         record_failed(shard, out["error"])
                     continue
                 if isinstance(task, tuple):  # a merged sliced shard
-                    record_done(shard, out["temp"], parts.pop(shard)["stats"])
+                    record_done(shard, out["temp"], merged_stats.pop(shard))
                     continue
                 stats = {k: v for k, v in out.items() if k not in ("ok", "temp")}
                 if task.parts == 1:
@@ -347,14 +348,11 @@ def _dispatch(spec, fingerprint, manifest, units, in_fs, in_base, out_fs, out_ba
                 done = parts[shard]
                 done[task.part] = out
                 if len(done) == task.parts:  # all slices in: one actor concatenates them, in order
-                    temps = [done[i]["temp"] for i in range(task.parts)]
-                    merged = {k: sum(done[i].get(k, 0) for i in range(task.parts))
-                              for k in ("rows", "errors", "truncated", "real_tokens", "padded_tokens",
-                                        "generated_tokens", "seconds")}
-                    merged.update(node=",".join(sorted({done[i]["node"] for i in range(task.parts)})),
-                                  parts=task.parts)
-                    parts[shard] = {"stats": merged}
-                    queue.appendleft((shard, temps))
+                    slices = [parts.pop(shard)[i] for i in range(task.parts)]
+                    merged = {k: sum(s.get(k, 0) for s in slices) for k in (*UNIT_COUNTS, "seconds")}
+                    merged.update(node=",".join(sorted({s["node"] for s in slices})), parts=task.parts)
+                    merged_stats[shard] = merged
+                    queue.appendleft((shard, [s["temp"] for s in slices]))
     except KeyboardInterrupt:
         result.interrupted = True
         for actor in actors:  # stops their units mid-way; the temporaries are removed below

@@ -22,6 +22,10 @@ from .shards import META_FINGERPRINT, META_INPUT, WorkUnit, join, temporary_name
 from .spec import JobSpec
 
 
+# the counters a work unit's result carries (summed over slices and over the job by the runner)
+UNIT_COUNTS = ("rows", "errors", "truncated", "real_tokens", "padded_tokens", "generated_tokens")
+
+
 def build_pipeline(spec: JobSpec, device: str):
     """The pipeline a job spec describes, with the spec's options mapped onto its arguments."""
     o = dict(spec.options)
@@ -75,8 +79,7 @@ class ShardWorker:
             self._discard(temp)
             return {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
         after = self.pipeline.stats.as_dict()
-        delta = {k: after[k] - before[k] for k in ("errors", "truncated", "real_tokens", "padded_tokens",
-                                                   "generated_tokens")}
+        delta = {k: after[k] - before[k] for k in UNIT_COUNTS if k != "rows"}  # rows: counted by _run
         peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
         return {"ok": True, "temp": temp, "rows": rows, "seconds": time.perf_counter() - start,
                 "node": self.node, "host": socket.gethostname(), "pid": os.getpid(), "peak_rss_mb": round(peak_mb, 1),

@@ -58,6 +58,7 @@ class ClassificationPipeline:
             self.schema = ZERO_SHOT
             self.kind = "zero_shot"
         else:
+            self.label_ids = []
             self.model = PersimmonForSequenceClassification.from_pretrained(model_dir, dtype=dtype, device=self.device)
             config = self.model.config
             self.kind = config.problem_type or ("regression" if config.num_labels == 1 else "single_label_classification")
@@ -65,7 +66,7 @@ class ClassificationPipeline:
                            "multi_label_classification": MULTI_LABEL}[self.kind]
         config = self.model.config
         check_vocabulary(self.tokenizer, config)
-        longest_label = max((len(ids) for ids in getattr(self, "label_ids", [])), default=0)
+        longest_label = max((len(ids) for ids in self.label_ids), default=0)
         self.max_length = min(max_length or config.max_position_embeddings, config.max_position_embeddings - longest_label)
         if self.max_length < 1:
             raise ValueError(f"max_length must be positive, got {max_length}")
