@@ -8,11 +8,10 @@ import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
-import pyarrow.parquet as pq
 import typer
 
 from .cluster_auth import use_token_auth
-from .shards import Manifest, discover, join, resolve
+from .shards import Manifest, resolve
 from .spec import JobSpec, RunnerSettings
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -56,21 +55,6 @@ def _fail(message: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
-def _check_input(spec: JobSpec) -> None:
-    """Fail before any work when the input names nothing or its first shard lacks the text column."""
-    try:
-        fs, base, shards = discover(spec.input)
-    except (FileNotFoundError, OSError, ValueError) as exc:
-        _fail(str(exc))
-    try:
-        with fs.open_input_file(join(base, shards[0])) as f:
-            names = pq.ParquetFile(f).schema_arrow.names
-    except Exception as exc:
-        _fail(f"cannot read {shards[0]} of the input: {exc}")
-    if spec.text_column not in names:
-        _fail(f"text column {spec.text_column!r} not in {shards[0]}; its columns are {names}")
-
-
 def _run(spec: JobSpec, exit_at_end: bool = True) -> int:
     """Run one job; returns its exit status (0, 1 failed shards, 130 interrupted) or exits with it."""
     use_token_auth(spec.runner.address)  # before Ray is imported: it reads RAY_AUTH_MODE then
@@ -80,7 +64,6 @@ def _run(spec: JobSpec, exit_at_end: bool = True) -> int:
         spec.validate()
     except ValueError as exc:
         _fail(str(exc))
-    _check_input(spec)
     try:
         result = run_job(spec)
     except (JobConflict, ConnectionError, FileNotFoundError, ValueError) as exc:

@@ -26,6 +26,7 @@ from persimmon import __version__
 from .cluster_auth import token_available, use_token_auth
 from .shards import (
     Manifest,
+    check_text_column,
     WorkUnit,
     clean_temporaries,
     commit,
@@ -200,6 +201,7 @@ def run_job(spec: JobSpec, stream=None, tty: bool | None = None,
     spec.validate()
     started = time.perf_counter()
     in_fs, in_base, shards = discover(spec.input)
+    check_text_column(in_fs, in_base, shards, spec.text_column)
     out_fs, out_base = resolve(spec.output)
     checksum = model_checksum(spec.model)
     fingerprint = spec.fingerprint(checksum)

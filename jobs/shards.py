@@ -201,3 +201,24 @@ class Manifest:
         path = join(self.out_base, SUCCESS)
         if self.fs.get_file_info(path).type != pafs.FileType.NotFound:
             self.fs.delete_file(path)
+
+
+def check_text_column(fs: pafs.FileSystem, base: str, shards: list[str], column: str, sample: int = 8) -> None:
+    """Refuse a job whose text column is in none of the first `sample` readable shards (a mistyped column
+    name), before any work. A single shard without it, or unreadable, fails on its own later, in the manifest."""
+    first: tuple[str, list[str]] | None = None
+    checked = 0
+    for shard in shards:
+        try:
+            with fs.open_input_file(join(base, shard)) as f:
+                names = pq.ParquetFile(f).schema_arrow.names
+        except Exception:
+            continue
+        if column in names:
+            return
+        first = first or (shard, names)
+        checked += 1
+        if checked == sample:
+            break
+    if first is not None:
+        raise ValueError(f"text column {column!r} not in {first[0]}; its columns are {first[1]}")

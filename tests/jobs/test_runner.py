@@ -87,15 +87,22 @@ def test_sliced_shards_and_adoption_of_unrecorded_commits(ray_local, demo):
 
 def test_bad_shards_fail_with_reasons_others_finish(ray_local, demo):
     model, input, out = demo
-    (input / "part-00009.parquet").write_bytes(b"PAR1 this is not parquet at all")
-    pq.write_table(pa.table({"id": [1000], "body": ["wrong column"]}), input / "part-00010.parquet")
+    # named to sort first: the job must not be refused because its first shard is the bad one
+    (input / "a-corrupt.parquet").write_bytes(b"PAR1 this is not parquet at all")
+    pq.write_table(pa.table({"id": [1000], "body": ["wrong column"]}), input / "b-no-text.parquet")
     result = run_job(spec_for(model, input, out, max_attempts=2))
     assert not result.ok and result.done == 4 and result.failed == 2
     shards = Manifest.load(*resolve(str(out))).shards
-    assert shards["part-00009.parquet"]["state"] == "failed" and "Parquet" in shards["part-00009.parquet"]["error"]
-    assert "has no column 'text'" in shards["part-00010.parquet"]["error"]
-    assert not (out / SUCCESS).exists() and not (out / "part-00009.parquet").exists()
+    assert shards["a-corrupt.parquet"]["state"] == "failed" and "Parquet" in shards["a-corrupt.parquet"]["error"]
+    assert "has no column 'text'" in shards["b-no-text.parquet"]["error"]
+    assert not (out / SUCCESS).exists() and not (out / "a-corrupt.parquet").exists()
     assert len(output_table(out)) == 240
+    # a text column that no shard has is a mistyped name: refused before any work
+    wrong = spec_for(model, input, tmp_out := out.parent / "wrong")
+    wrong.text_column = "body_text"
+    with pytest.raises(ValueError, match="text column 'body_text' not in b-no-text.parquet; its columns are"):
+        run_job(wrong)
+    assert not tmp_out.exists()
 
 
 def test_changed_options_refused_unless_overwrite(ray_local, demo):
