@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/bench_runner.py overhead [--rows 2000]
     .venv/bin/python bench/bench_runner.py memory [--rows 2000]
+    .venv/bin/python bench/bench_runner.py shards [--sizes 100,1000,10000]
 
 overhead: end-to-end rows/s of `persimmon-batch classify` with one actor (embedded Ray; startup, i.e. Ray and
 model loading, excluded and reported apart) against ClassificationPipeline called in this process on the
@@ -9,6 +10,9 @@ same record batches; the bench classification model (hidden 512, 6 layers) and r
 memory: peak resident memory of the driver and of the actor for a run over N rows and over 10x N rows
 (same shard count, 10x longer shards, same text distribution, full record batch windows in both): streaming
 keeps both flat.
+shards: the driver's bookkeeping as the shard count grows: jobs of 100 to 10,000 shards of 5 rows each on
+the small demo classifier (so the model costs little), one actor; processing time per shard (commit,
+manifest record, progress, dispatch) and planning time per shard (listing, footers) should stay flat.
 """
 
 from __future__ import annotations
@@ -99,12 +103,35 @@ def memory(args, work: Path, model: Path) -> None:
         print(f"{who} peak RSS: {a:.0f} MB vs {b:.0f} MB at 10x rows ({b / a - 1:+.1%})")
 
 
+def shards(args, work: Path) -> None:
+    from jobs.demo import build_demo
+
+    model = build_demo(work / "demo", shards=1, rows_per_shard=5, vocab_size=800) / "model"
+    texts = list(paragraphs())
+    print(f"5-row shards, demo classifier (hidden 256, 4 layers), 1 actor; {machine()}")
+    print(f"{'shards':>7} {'processing':>11} {'per shard':>10} {'startup':>8} {'manifest':>9}")
+    for n in [int(x) for x in args.sizes.split(",")]:
+        folder = work / f"in{n}"
+        folder.mkdir()
+        for s in range(n):
+            ids = range(5 * s, 5 * s + 5)
+            pq.write_table(pa.table({"id": list(ids), "text": [texts[i % len(texts)][:200] for i in ids]}),
+                           folder / f"part-{s:06d}.parquet")
+        job = run_job_here(model, folder, work / f"out{n}", batch_rows=64)
+        size = (work / f"out{n}" / "_manifest.json").stat().st_size
+        print(f"{n:>7} {job['seconds']:>10.1f}s {1000 * job['seconds'] / n:>8.1f}ms {job['startup']:>7.1f}s "
+              f"{size / 1024:>7.0f}KiB", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("what", choices=["overhead", "memory"])
+    ap.add_argument("what", choices=["overhead", "memory", "shards"])
     ap.add_argument("--rows", type=int, default=2000)
+    ap.add_argument("--sizes", default="100,1000,10000", help="shards: shard counts to run")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="persimmon-runner-bench-"))
+    if args.what == "shards":
+        return shards(args, work)
     _, model = build("seqcls", workdir=str(work / "model-build"), num_labels=4, pad_token_id=None)
     (overhead if args.what == "overhead" else memory)(args, work, model)
 

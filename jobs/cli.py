@@ -2,20 +2,29 @@
 
 from __future__ import annotations
 
+import dataclasses
 import enum
+import functools
+import inspect
 import json
 import sys
+import typing
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
+from pipelines.options import ClassifyOptions, GenerateOptions, Options, _value_type, default_of
+
 from .cluster_auth import use_token_auth
-from .shards import Manifest, resolve
+from .manifest import Manifest
+from .shards import resolve
 from .spec import JobSpec, RunnerSettings
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Run the Persimmon language model over Parquet datasets on Ray.")
+
+EXIT_BUSY = 75  # EX_TEMPFAIL: another run holds the output; try again later
 
 
 class DType(str, enum.Enum):
@@ -25,29 +34,80 @@ class DType(str, enum.Enum):
     float16 = "float16"
 
 
-class Side(str, enum.Enum):
-    left = "left"
-    right = "right"
-
-
 Model = Annotated[Path, typer.Option("--model", help="Checkpoint directory (config.json, safetensors, tokenizer.model).",
                                      exists=True, file_okay=False, resolve_path=True)]
 Input = Annotated[str, typer.Option("--input", help="Parquet file, directory or glob; local or a URI (s3://, gs://, hdfs://).")]
 Output = Annotated[str, typer.Option("--output", help="Output directory (local or URI): one file per input shard.")]
 TextColumn = Annotated[str, typer.Option(help="Column holding the text.")]
-Actors = Annotated[Optional[int], typer.Option(min=1, help="Actors (default: one per GPU, else one per 4 CPUs).")]
-GpusPerActor = Annotated[float, typer.Option(min=0, help="GPUs per actor where the cluster has GPUs.")]
-DTypeOpt = Annotated[DType, typer.Option(help="Model dtype; auto = the checkpoint's (bf16 for Persimmon-8B).")]
-MaxLength = Annotated[Optional[int], typer.Option(min=1, help="Tokens per text (default: the model's window).")]
-BatchTokens = Annotated[int, typer.Option(min=1, help="Padded tokens per forward pass.")]
-Address = Annotated[Optional[str], typer.Option(help="Ray cluster: auto, HOST:PORT or ray://...; none = start Ray here.")]
-Overwrite = Annotated[bool, typer.Option(help="Replace outputs of a different model or options.")]
-BatchRows = Annotated[int, typer.Option(min=1, help="Rows per record batch read from Parquet.")]
+Overwrite = Annotated[bool, typer.Option(help="Replace outputs of a different model or options, and remove the "
+                                              "outputs of shards gone from the input.")]
 
 
 def _unescape(text: str) -> str:
     """Shells pass "\\n" literally; templates and stop strings mean a newline."""
     return text.replace("\\n", "\n").replace("\\t", "\t")
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _cli_parameter(f: dataclasses.Field, hint) -> inspect.Parameter:
+    """A typer option for one options field: its type, default, choices, bounds and help from the field."""
+    meta = f.metadata
+    kind, optional = _value_type(hint)
+    default = default_of(f)
+    if meta.get("choices"):
+        kind = enum.Enum(f.name.title().replace("_", ""), {c: c for c in meta["choices"]}, type=str)
+        default = None if default is None else kind(default)
+    elif meta.get("cli") == "comma":
+        kind, optional, default = str, True, None
+    elif typing.get_origin(kind) is list:
+        kind, optional, default = list[str], True, None
+    info = typer.Option(_flag(f.name), help=meta.get("help"), min=meta.get("min"), max=meta.get("max"))
+    annotation = Optional[kind] if optional else kind
+    return inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=default,
+                             annotation=Annotated[annotation, info])
+
+
+def _from_cli(f: dataclasses.Field, value):
+    if isinstance(value, enum.Enum):
+        value = value.value
+    if f.metadata.get("cli") == "comma" and value is not None:
+        value = [part.strip() for part in value.split(",")]
+    elif value is None and isinstance(default_of(f), list):
+        value = default_of(f)
+    if f.metadata.get("escapes") and value is not None:
+        value = [_unescape(v) for v in value] if isinstance(value, list) else _unescape(value)
+    return value
+
+
+def with_options(**groups: type[Options]):
+    """Give a command one flag per field of each options dataclass (name -> class); the command receives
+    the built dataclasses under those names. Every problem (bounds, templates, labels) ends the command
+    with exit 2 before anything starts."""
+    def wrap(func):
+        base = inspect.signature(func, eval_str=True)
+        fixed = [p for p in base.parameters.values() if p.name not in groups]
+        extra = []
+        for cls in groups.values():
+            hints = typing.get_type_hints(cls)
+            extra += [_cli_parameter(f, hints[f.name]) for f in dataclasses.fields(cls)]
+
+        @functools.wraps(func)
+        def command(**kwargs):
+            built, problems = {}, []
+            for name, cls in groups.items():
+                values = {f.name: _from_cli(f, kwargs.pop(f.name)) for f in dataclasses.fields(cls)}
+                built[name] = cls(**values)
+                problems += [_flag(p.split(":", 1)[0]) + ":" + p.split(":", 1)[1] for p in built[name].problems()]
+            if problems:
+                _fail("; ".join(problems))
+            return func(**kwargs, **built)
+
+        command.__signature__ = base.replace(parameters=fixed + extra)
+        return command
+    return wrap
 
 
 def _fail(message: str, code: int = 2) -> None:
@@ -56,9 +116,10 @@ def _fail(message: str, code: int = 2) -> None:
 
 
 def _run(spec: JobSpec, exit_at_end: bool = True) -> int:
-    """Run one job; returns its exit status (0, 1 failed shards, 130 interrupted) or exits with it."""
+    """Run one job; returns its exit status (0, 1 failed shards, 75 output busy, 128 + signal when stopped)
+    or exits with it."""
     use_token_auth(spec.runner.address)  # before Ray is imported: it reads RAY_AUTH_MODE then
-    from .runner import JobConflict, run_job  # imports Ray: only once arguments are known to be good
+    from .runner import JobConflict, OutputBusy, run_job, signal_of  # imports Ray: only once arguments are good
 
     try:
         spec.validate()
@@ -66,92 +127,37 @@ def _run(spec: JobSpec, exit_at_end: bool = True) -> int:
         _fail(str(exc))
     try:
         result = run_job(spec)
+    except OutputBusy as exc:
+        _fail(str(exc), code=EXIT_BUSY)
     except (JobConflict, ConnectionError, FileNotFoundError, ValueError) as exc:
         _fail(str(exc))
-    except RuntimeError as exc:  # the job could not start on the cluster
+    except RuntimeError as exc:  # the job could not start on the cluster, or Ray failed under it
         _fail(str(exc), code=1)
+    except KeyboardInterrupt as exc:  # stopped before the work began
+        typer.echo("interrupted: rerun the same command to resume", err=True)
+        raise typer.Exit(128 + signal_of(exc))
     typer.echo(result.summary())
-    code = 130 if result.interrupted else 0 if result.ok else 1
-    if exit_at_end and code:
-        raise typer.Exit(code)
-    return code
-
-
-def _runner(actors, gpus_per_actor, address, batch_rows) -> RunnerSettings:
-    return RunnerSettings(actors=actors, gpus_per_actor=gpus_per_actor, address=address, batch_rows=batch_rows)
+    for warning in result.warnings():
+        typer.echo(warning, err=True)
+    if exit_at_end and result.exit_code:
+        raise typer.Exit(result.exit_code)
+    return result.exit_code
 
 
 @app.command()
-def classify(
-    model: Model,
-    input: Input,
-    output: Output,
-    text_column: TextColumn = "text",
-    actors: Actors = None,
-    gpus_per_actor: GpusPerActor = 1.0,
-    dtype: DTypeOpt = DType.auto,
-    max_length: MaxLength = None,
-    batch_tokens: BatchTokens = 16384,
-    address: Address = None,
-    candidate_labels: Annotated[Optional[str], typer.Option(help="a,b,c: zero-shot over these labels with a causal LM.")] = None,
-    prompt_template: Annotated[Optional[str], typer.Option(help="Zero-shot prompt with {text} and {labels}.")] = None,
-    truncation_side: Annotated[Side, typer.Option(help="Which end of a too-long text to drop.")] = Side.right,
-    threshold: Annotated[float, typer.Option(help="Multi-label: probability above which a label is given.")] = 0.5,
-    batch_rows: BatchRows = 1024,
-    overwrite: Overwrite = False,
-) -> None:
+@with_options(options=ClassifyOptions, runner=RunnerSettings)
+def classify(model: Model, input: Input, output: Output, text_column: TextColumn = "text",
+             overwrite: Overwrite = False, *, options: ClassifyOptions, runner: RunnerSettings) -> None:
     """Classify every row: label, score and probs (or labels / score for multi-label and regression models)."""
-    options: dict = {"dtype": dtype.value, "max_length": max_length, "batch_tokens": batch_tokens,
-                     "truncation_side": truncation_side.value, "threshold": threshold}
-    if candidate_labels is not None:
-        labels = [label.strip() for label in candidate_labels.split(",")]
-        if len(labels) < 2 or not all(labels):
-            _fail(f"--candidate-labels needs at least two non-empty labels, got {candidate_labels!r}")
-        options["candidate_labels"] = labels
-        if prompt_template is not None:
-            options["prompt_template"] = _unescape(prompt_template)
-    elif prompt_template is not None:
-        _fail("--prompt-template applies to zero-shot classification: give --candidate-labels too")
-    _run(JobSpec("classify", str(model), input, output, text_column, options,
-                 _runner(actors, gpus_per_actor, address, batch_rows), overwrite=overwrite))
+    _run(JobSpec("classify", str(model), input, output, text_column, options, runner, overwrite=overwrite))
 
 
 @app.command()
-def generate(
-    model: Model,
-    input: Input,
-    output: Output,
-    text_column: TextColumn = "text",
-    prompt_template: Annotated[str, typer.Option(help="Prompt around each text; {text} is replaced.")] = "human: {text}\\n\\nadept:",
-    max_new_tokens: Annotated[int, typer.Option(min=1, help="Tokens to generate at most per row.")] = 64,
-    temperature: Annotated[float, typer.Option(min=0, help="0 = greedy.")] = 0.0,
-    top_k: Annotated[int, typer.Option(min=0, help="Sample from the k likeliest tokens (0 = all).")] = 0,
-    top_p: Annotated[float, typer.Option(min=0, max=1, help="Nucleus sampling mass (1 = off).")] = 1.0,
-    seed: Annotated[int, typer.Option(help="Sampling seed: a row's completion depends on (seed, prompt) only.")] = 0,
-    stop: Annotated[Optional[list[str]], typer.Option(help="Stop string (repeatable); the completion ends before it.")] = None,
-    actors: Actors = None,
-    gpus_per_actor: GpusPerActor = 1.0,
-    dtype: DTypeOpt = DType.auto,
-    max_length: MaxLength = None,
-    batch_tokens: BatchTokens = 16384,
-    address: Address = None,
-    truncation_side: Annotated[Side, typer.Option(help="Which end of a too-long text to drop.")] = Side.left,
-    compile: Annotated[Optional[bool], typer.Option(help="Compiled decode step (default: on for CUDA).")] = None,
-    batch_rows: BatchRows = 1024,
-    overwrite: Overwrite = False,
-) -> None:
+@with_options(options=GenerateOptions, runner=RunnerSettings)
+def generate(model: Model, input: Input, output: Output, text_column: TextColumn = "text",
+             overwrite: Overwrite = False, *, options: GenerateOptions, runner: RunnerSettings) -> None:
     """Generate a completion for every row: completion, finish_reason, prompt_tokens, completion_tokens."""
-    template = _unescape(prompt_template)
-    if template.count("{text}") != 1:
-        _fail(f"--prompt-template must contain {{text}} exactly once, got {prompt_template!r}")
-    if top_p == 0:
-        _fail("--top-p must be in (0, 1]")
-    options = {"dtype": dtype.value, "max_length": max_length, "batch_tokens": batch_tokens,
-               "prompt_template": template, "max_new_tokens": max_new_tokens, "temperature": temperature,
-               "top_k": top_k, "top_p": top_p, "seed": seed, "stop": [_unescape(s) for s in stop or []],
-               "truncation_side": truncation_side.value, "compile": compile}
-    _run(JobSpec("generate", str(model), input, output, text_column, options,
-                 _runner(actors, gpus_per_actor, address, batch_rows), overwrite=overwrite))
+    _run(JobSpec("generate", str(model), input, output, text_column, options, runner, overwrite=overwrite))
 
 
 JobFile = Annotated[Path, typer.Argument(help="A job file (TOML).", exists=True, dir_okay=False, resolve_path=True)]
@@ -272,12 +278,15 @@ def status(output: Annotated[str, typer.Argument(help="A job's output directory.
     spec = manifest.data.get("spec", {})
     typer.echo(f"job: {spec.get('task')} with {manifest.data.get('model', {}).get('path')} "
                f"(fingerprint {manifest.data.get('fingerprint')})")
-    typer.echo(f"shards: {counts['done']} done, {counts['failed']} failed, {counts['pending']} left, of {len(shards)}")
+    total = len(shards) - counts["input_removed"]
+    typer.echo(f"shards: {counts['done']} done, {counts['failed']} failed, {counts['pending']} left, of {total}")
     typer.echo(f"rows: {rows} written, {errors} with errors")
     for name, entry in sorted(shards.items()):
         if entry.get("state") == "failed":
             typer.echo(f"failed: {name}: {entry.get('error')}")
-    typer.echo("complete" if counts["done"] == len(shards) else "incomplete: rerun the job to finish it")
+        elif entry.get("state") == "input_removed":
+            typer.echo(f"input removed: {name} (its output is kept; rerun with --overwrite to remove it)")
+    typer.echo("complete" if counts["done"] == total else "incomplete: rerun the job to finish it")
 
 
 @app.command()

@@ -1,4 +1,4 @@
-"""Job files: a scheduled job as TOML (shared/CONTRACT.md), validated whole before anything runs.
+"""Job files: a scheduled job as TOML, validated whole before anything runs.
 
 Every problem is reported at once, each with its key (`options.max_length: expected an integer, got "2k"`).
 Paths may carry `{date}` / `{ds}` (YYYY-MM-DD) and `{ds_nodash}` (YYYYMMDD): the run's date, from --date,
@@ -17,20 +17,13 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
-from .spec import CLASSIFY_OPTIONS, DTYPES, GENERATE_OPTIONS, TASKS, JobSpec, RunnerSettings
+from pipelines.options import TASK_OPTIONS, ClassifyOptions
+
+from .spec import TASKS, JobSpec, RunnerSettings
 
 TOP = {"name": str, "task": str, "model": str, "input": str, "output": str, "text_column": str, "date": str,
        "options": dict, "runner": dict}
 REQUIRED = ("name", "task", "model", "input", "output")
-OPTION_TYPES: dict[str, type | tuple[type, ...]] = {
-    "dtype": str, "max_length": int, "batch_tokens": int, "candidate_labels": list, "truncation_side": str,
-    "threshold": (int, float), "prompt_template": str, "max_new_tokens": int, "temperature": (int, float),
-    "top_k": int, "top_p": (int, float), "seed": int, "stop": list, "compile": bool,
-}
-RUNNER_TYPES: dict[str, type | tuple[type, ...]] = {
-    "actors": int, "gpus_per_actor": (int, float), "address": str, "max_attempts": int, "rows_per_unit": int,
-    "batch_rows": int,
-}
 PLACEHOLDERS = re.compile(r"\{([^{}]*)\}")
 KNOWN_PLACEHOLDERS = {"date", "ds", "ds_nodash"}
 
@@ -43,19 +36,12 @@ class JobFileError(ValueError):
         super().__init__(f"{path}: {len(problems)} problem(s):\n" + "\n".join(f"  {p}" for p in problems))
 
 
-def _type_name(kind) -> str:
-    names = {str: "a string", int: "an integer", float: "a number", bool: "true or false", dict: "a table",
-             list: "a list"}
-    kinds = kind if isinstance(kind, tuple) else (kind,)
-    return " or ".join(names[k] for k in kinds if not (k is int and float in kinds))
-
-
 def _check_type(key: str, value: Any, kind, problems: list[str]) -> bool:
-    kinds = kind if isinstance(kind, tuple) else (kind,)
-    ok = isinstance(value, kinds) and not (isinstance(value, bool) and bool not in kinds)
-    if not ok:
-        problems.append(f"{key}: expected {_type_name(kind)}, got {value!r}")
-    return ok
+    if not isinstance(value, kind):
+        names = {str: "a string", dict: "a table"}
+        problems.append(f"{key}: expected {names[kind]}, got {value!r}")
+        return False
+    return True
 
 
 def parse_date(value: str, key: str = "date") -> dt.date:
@@ -92,27 +78,11 @@ def read_job_file(path: str | Path, check_model: bool = True) -> dict[str, Any]:
     task = raw.get("task")
     if isinstance(task, str) and task not in TASKS:
         problems.append(f"task: expected one of {list(TASKS)}, got {task!r}")
-    allowed = GENERATE_OPTIONS if task == "generate" else CLASSIFY_OPTIONS
+    kind = TASK_OPTIONS.get(task, ClassifyOptions)
     options = raw.get("options", {}) if isinstance(raw.get("options", {}), dict) else {}
-    for key, value in options.items():
-        if key not in allowed:
-            problems.append(f"options.{key}: unknown option for task {task!r}; known: {sorted(allowed)}")
-        elif _check_type(f"options.{key}", value, OPTION_TYPES[key], problems):
-            if key == "dtype" and value not in DTYPES:
-                problems.append(f"options.dtype: expected one of {list(DTYPES)}, got {value!r}")
-            if key in ("truncation_side",) and value not in ("left", "right"):
-                problems.append(f"options.{key}: expected 'left' or 'right', got {value!r}")
-            if key in ("max_length", "batch_tokens", "max_new_tokens") and value < 1:
-                problems.append(f"options.{key}: must be at least 1, got {value}")
-            if key in ("candidate_labels", "stop") and not all(isinstance(v, str) for v in value):
-                problems.append(f"options.{key}: expected a list of strings, got {value!r}")
+    problems += kind.from_mapping(options, "options.", f"unknown option for task {task!r}")[1]
     runner = raw.get("runner", {}) if isinstance(raw.get("runner", {}), dict) else {}
-    for key, value in runner.items():
-        if key not in RUNNER_TYPES:
-            problems.append(f"runner.{key}: unknown key; known: {sorted(RUNNER_TYPES)}")
-        elif _check_type(f"runner.{key}", value, RUNNER_TYPES[key], problems) and key != "address" and value < 1 \
-                and key != "gpus_per_actor":
-            problems.append(f"runner.{key}: must be at least 1, got {value}")
+    problems += RunnerSettings.from_mapping(runner, "runner.")[1]
     for key in ("input", "output", "model"):
         value = raw.get(key)
         if isinstance(value, str):
@@ -145,13 +115,11 @@ def render(value: str, date: dt.date) -> str:
 
 def job_spec(raw: dict[str, Any], date: dt.date, overwrite: bool = False) -> JobSpec:
     """The JobSpec for one date of a validated job file."""
-    options = dict(raw.get("options", {}))
-    if raw["task"] == "generate":
-        options.setdefault("prompt_template", "human: {text}\n\nadept:")
     return JobSpec(
         task=raw["task"], model=render(raw["model"], date), input=render(raw["input"], date),
-        output=render(raw["output"], date), text_column=raw.get("text_column", "text"), options=options,
-        runner=RunnerSettings(**raw.get("runner", {})), name=raw["name"], overwrite=overwrite,
+        output=render(raw["output"], date), text_column=raw.get("text_column", "text"),
+        options=dict(raw.get("options", {})), runner=RunnerSettings.from_mapping(raw.get("runner", {}))[0],
+        name=raw["name"], overwrite=overwrite,
         date=date.isoformat(),
     )
 

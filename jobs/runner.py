@@ -1,19 +1,23 @@
 """The runner: the only module that drives Ray.
 
-It discovers the input shards, reads the output's manifest (skipping what is committed, refusing a changed
-model or options unless overwrite), starts Ray on this machine or joins a cluster, and keeps a pool of
-ShardWorker actors busy: each actor pulls the next work unit when it is free. A finished unit is committed
-(atomic rename) and recorded in the manifest; a unit whose actor died (killed, out of memory) is redone on
-a fresh actor; a unit that fails max_attempts times is marked failed with its reason while the others
-finish. The driver only moves file names and counts, never a shard's rows.
+run_job checks the input and output, takes the output's lease (one run per output directory), reads the
+manifest (refusing a changed model or options unless overwrite), plans the run (jobs/plan.py), starts Ray on
+this machine or joins a cluster, and keeps a pool of ShardWorker actors busy: each actor pulls the next work
+unit when it is free. A finished unit is committed (atomic rename) and recorded; a unit whose actor died
+(killed, out of memory) is redone on a fresh actor; a unit that cannot succeed (the input itself is wrong) is
+failed at once, and one that fails max_attempts times is failed with its reason while the others finish.
+Progress is best effort: losing the progress actor never decides a job's fate. The driver only moves
+file names and counts, never a shard's rows.
 """
 
 from __future__ import annotations
 
 import collections
 import re
+import signal
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,27 +27,35 @@ import ray
 
 from persimmon import __version__
 
+from .checksum import model_checksum
 from .cluster_auth import token_available, use_token_auth
-from .shards import (
-    Manifest,
-    check_text_column,
-    WorkUnit,
-    clean_temporaries,
-    commit,
-    committed_fingerprint,
-    discover,
-    output_name,
-    plan_units,
-    resolve,
-)
-from .spec import JobSpec, model_checksum
-from .worker import UNIT_COUNTS, ShardWorker
+from .lease import OutputBusy, OutputLease
+from .manifest import Manifest
+from .plan import Plan, check_text_column, plan_run
+from .shards import WorkUnit, commit, discover, output_name, output_overlap, remove_temporaries, resolve
+from .spec import JobSpec
+from .worker import UNIT_COUNTS, ShardWorker, UnitResult
 
 CPU_THREADS_PER_ACTOR = 4  # default CPU actor size when the number of actors is not given
+LISTED = 20  # shards named one by one in a summary section before "and N more"
+
+__all__ = ["JobConflict", "JobResult", "OutputBusy", "run_job", "signal_of", "submit_job", "follow_job"]
 
 
 class JobConflict(ValueError):
     """The output holds results of a different model or options; rerun with overwrite to replace them."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM (how schedulers and Kubernetes stop a job): stop, keep what is committed."""
+
+    def __init__(self, signum: int = signal.SIGINT) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+class LeaseLost(RuntimeError):
+    """Another run took the output over (this run's heartbeat stalled past its TTL)."""
 
 
 @dataclass
@@ -58,29 +70,55 @@ class JobResult:
     real_tokens: int = 0
     padded_tokens: int = 0
     generated_tokens: int = 0
+    nonfinite: int = 0
     seconds: float = 0.0
     startup_seconds: float = 0.0
-    interrupted: bool = False
+    interrupted: int = 0  # the signal that stopped the run (0: it was not stopped)
+    lost: str | None = None  # why this run lost the output to another one
     failures: dict[str, str] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)  # what the run found (changed / removed shards, takeovers)
 
     @property
     def ok(self) -> bool:
-        return self.failed == 0 and not self.interrupted
+        return self.failed == 0 and not self.interrupted and not self.lost
+
+    @property
+    def exit_code(self) -> int:
+        if self.interrupted:
+            return 128 + self.interrupted
+        if self.lost:
+            return 75
+        return 0 if self.ok else 1
 
     def summary(self) -> str:
         rate = self.rows / self.seconds if self.seconds else 0.0
         tokens = (self.real_tokens + self.generated_tokens) / self.seconds if self.seconds else 0.0
         waste = self.padded_tokens / self.real_tokens if self.real_tokens else 1.0
         lines = [
+            *self.notes,
             f"shards: {self.done} done ({self.skipped} already committed), {self.failed} failed, of {self.shards}",
             f"rows: {self.rows} processed, {self.errors} with errors, {self.truncated} truncated",
             f"throughput: {rate:.1f} rows/s, {tokens:.0f} tokens/s, padding waste {waste:.3f} "
             f"(startup {self.startup_seconds:.1f} s, processing {self.seconds:.1f} s)",
         ]
         lines += [f"failed: {shard}: {reason}" for shard, reason in self.failures.items()]
+        if self.lost:
+            lines.append(f"stopped: {self.lost}; what this run committed is kept")
         if self.interrupted:
             lines.append("interrupted: rerun the same command to resume")
         return "\n".join(lines)
+
+    def warnings(self) -> list[str]:
+        """What must not pass unnoticed in a run that otherwise succeeded."""
+        if self.nonfinite:
+            return [f"WARNING: {self.nonfinite} of {self.rows} rows got non-finite scores from the model (NaN or "
+                    "inf): their `error` says so. The checkpoint is likely corrupt or the dtype overflows."]
+        return []
+
+
+def _listed(names: list[str], line: Callable[[str], str]) -> list[str]:
+    shown = [line(n) for n in names[:LISTED]]
+    return shown + ([f"... and {len(names) - LISTED} more"] if len(names) > LISTED else [])
 
 
 class Progress:
@@ -96,7 +134,7 @@ class Progress:
 
     def update(self, rows: int) -> None:
         """Rows processed so far, all units together."""
-        self.rows = rows
+        self.rows = max(self.rows, rows)
         self.draw()
 
     def shard_done(self, shard: str, entry: dict[str, Any]) -> None:
@@ -122,7 +160,7 @@ class Progress:
         left = max(self.total_rows - self.rows, 0)
         eta = time.strftime("%H:%M:%S", time.gmtime(left / rate)) if rate else "--:--:--"
         width = 24
-        filled = int(width * self.rows / self.total_rows) if self.total_rows else width
+        filled = min(width, int(width * self.rows / self.total_rows)) if self.total_rows else width
         self.stream.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {self.rows}/{self.total_rows} rows "
                           f"{rate:.1f} rows/s | shards {self.done}/{self.total_shards} done, {self.failed} failed "
                           f"| ETA {eta} ")
@@ -139,21 +177,27 @@ class RowCounter:
 
     def __init__(self) -> None:
         self.rows: dict[str, int] = {}
+        self.sum = 0
 
     def add(self, key: str, rows: int) -> None:
         self.rows[key] = self.rows.get(key, 0) + rows
+        self.sum += rows
 
     def reset(self, key: str) -> None:
-        self.rows.pop(key, None)  # a failed attempt's rows will be processed again
+        self.sum -= self.rows.pop(key, 0)  # a failed attempt's rows will be processed again
 
     def total(self) -> int:
-        return sum(self.rows.values())
+        return self.sum
 
 
 def reporter(counter):
-    """A picklable report(key, rows) for the workers that feeds the counter actor without waiting."""
+    """A picklable report(key, rows) for the workers that feeds the counter actor without waiting; a dead
+    counter only costs the live row count."""
     def report(key: str, rows: int) -> None:
-        counter.add.remote(key, rows)
+        try:
+            counter.add.remote(key, rows)
+        except Exception:
+            pass
     return report
 
 
@@ -194,184 +238,305 @@ def actor_layout(spec: JobSpec) -> tuple[int, dict[str, Any], str, int | None]:
     return actors, {"num_cpus": threads}, "cpu", threads
 
 
+_received: list[int] = []  # the stopping signals received (Ray may re-raise ours as a plain KeyboardInterrupt)
+
+
+def signal_of(exc: BaseException) -> int:
+    return getattr(exc, "signum", None) or (_received[-1] if _received else signal.SIGINT)
+
+
+def _stop_on_sigterm() -> None:
+    """SIGTERM stops a run like Ctrl-C. Ray installs a handler of its own when it starts, so this is
+    (re)installed after it; only the main thread can."""
+    def handler(signum, frame):
+        _received.append(signum)
+        raise Interrupted(signum)
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, handler)
+
+
+def _output_columns(spec: JobSpec) -> list[str]:
+    from persimmon.config import PersimmonConfig
+    from pipelines.schema import added_columns, task_schema
+
+    config = PersimmonConfig.from_pretrained(spec.model)
+    return added_columns(task_schema(spec.task, config, spec.wants_lm and spec.task == "classify")).names
+
+
+def _check_output(spec: JobSpec, out_fs, out_base: str, overlap: str | None) -> None:
+    """An output that would overwrite the input, or that cannot be a directory we write to: say so now."""
+    import pyarrow.fs as pafs
+
+    if overlap:
+        raise ValueError(overlap)
+    if out_fs.get_file_info(out_base).type == pafs.FileType.File:
+        raise ValueError(f"output {spec.output} is a file, not a directory")
+    try:
+        out_fs.create_dir(out_base, recursive=True)
+    except OSError as exc:
+        raise ValueError(f"cannot write to output {spec.output}: {exc}") from None
+
+
 def run_job(spec: JobSpec, stream=None, tty: bool | None = None,
             on_commit: Callable[[str], None] | None = None) -> JobResult:
-    """Run a job to the end (or Ctrl-C); returns its counts. Raises ValueError / FileNotFoundError /
-    JobConflict / ConnectionError before any work when the spec, input, output or cluster are wrong."""
+    """Run a job to the end (or Ctrl-C / SIGTERM); returns its counts. Raises ValueError /
+    FileNotFoundError / JobConflict / OutputBusy / ConnectionError before any work when the spec, input,
+    output or cluster are wrong, or another run holds the output."""
     spec.validate()
+    _stop_on_sigterm()
     started = time.perf_counter()
-    in_fs, in_base, shards = discover(spec.input)
-    check_text_column(in_fs, in_base, shards, spec.text_column)
+    from persimmon.checkpoint import load_dtype
+
     out_fs, out_base = resolve(spec.output)
+    discovery = discover(spec.input, exclude=out_base)
+    check_text_column(spec, discovery)
+    _check_output(spec, out_fs, out_base, output_overlap(discovery, out_fs, out_base))
     checksum = model_checksum(spec.model)
-    fingerprint = spec.fingerprint(checksum)
-    manifest = Manifest.load(out_fs, out_base)
-    if manifest is not None and manifest.data.get("fingerprint") != fingerprint and not spec.overwrite:
-        raise JobConflict(
-            f"{spec.output} holds results of another model or options (fingerprint {manifest.data.get('fingerprint')}, "
-            f"this job {fingerprint}); use --overwrite to replace them, or another output directory"
+    fingerprint = spec.fingerprint(checksum, load_dtype(spec.model, spec.options.dtype))
+    lease = OutputLease(out_fs, out_base, spec.output, ttl=spec.runner.lease_ttl)
+    try:
+        takeover = lease.acquire()
+    except OSError as exc:
+        raise ValueError(f"cannot write to output {spec.output}: {exc}") from None
+    try:
+        lease.start_heartbeat()
+        manifest = Manifest.load(out_fs, out_base)
+        if manifest is not None and manifest.data.get("fingerprint") != fingerprint and not spec.overwrite:
+            raise JobConflict(
+                f"{spec.output} holds results of another model or options (fingerprint "
+                f"{manifest.data.get('fingerprint')}, this job {fingerprint}); use --overwrite to replace them, "
+                "or another output directory")
+        if manifest is None:
+            manifest = Manifest(out_fs, out_base, {"shards": {}})
+        elif manifest.data.get("fingerprint") != fingerprint:  # overwrite: the old results are replaced
+            manifest.data["shards"] = {s: {**e, "state": "pending"} for s, e in manifest.shards.items()}
+        manifest.data.update(
+            fingerprint=fingerprint, model={"path": str(Path(spec.model).resolve()), "checksum": checksum},
+            spec=spec.to_dict(), package_version=__version__, input=spec.input, output=spec.output,
+            started_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), lease=lease.holder.describe(),
         )
-    if manifest is None or manifest.data.get("fingerprint") != fingerprint:
-        manifest = Manifest(out_fs, out_base, {"shards": {}})
-    manifest.data.update(
-        fingerprint=fingerprint, model={"path": spec.model, "checksum": checksum}, spec=spec.to_dict(),
-        package_version=__version__, input=spec.input, output=spec.output,
-        started_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    )
-    manifest.clear_success()
-    clean_temporaries(out_fs, out_base)
-
-    result = JobResult(shards=len(shards))
-    todo: list[str] = []
-    for shard in shards:
-        entry = manifest.shards.get(shard, {})
-        final = output_name(shard)
-        if committed_fingerprint(out_fs, out_base, final) == fingerprint:
-            if entry.get("state") != "done":  # committed by a run that died before recording it
-                manifest.shards[shard] = {**entry, "state": "done", "output": final, "adopted": True}
-            result.skipped += 1
-            result.done += 1
-            continue
-        manifest.shards[shard] = {"state": "pending", "output": final}
-        todo.append(shard)
-    manifest.save()
-    if not todo:
-        manifest.mark_success()
-        result.startup_seconds = time.perf_counter() - started
-        return result
-
-    units = [u for shard in todo for u in plan_units(in_fs, in_base, shard, spec.runner.rows_per_unit)]
-    started_ray = connect(spec.runner.address)
-    try:
-        return _dispatch(spec, fingerprint, manifest, units, in_fs, in_base, out_fs, out_base, result,
-                         started, stream, tty, on_commit)
+        plan = plan_run(spec, discovery, manifest, out_fs, out_base, fingerprint, _output_columns(spec))
+        remove_temporaries(out_fs, out_base)  # every earlier run's: this run owns the output now
+        manifest.clear_success()
+        manifest.save()
+        result = _result_of(plan, len(discovery.shards), discovery.skipped, takeover)
+        if not plan.units:
+            result.startup_seconds = time.perf_counter() - started
+            _finish(manifest, result, len(discovery.shards))
+            return result
+        started_ray = connect(spec.runner.address)
+        _stop_on_sigterm()
+        try:
+            return JobRun(spec, fingerprint, manifest, lease, discovery, out_fs, out_base, result, started,
+                          stream, tty, on_commit).run(plan.units)
+        finally:
+            if started_ray:
+                ray.shutdown()
     finally:
-        if started_ray:
-            ray.shutdown()
+        lease.release()
+        remove_temporaries(out_fs, out_base, lease.holder.run_id)
 
 
-def _dispatch(spec, fingerprint, manifest, units, in_fs, in_base, out_fs, out_base, result, started, stream,
-              tty, on_commit) -> JobResult:
-    count, resources, device, threads = actor_layout(spec)
-    count = min(count, len(units))
-    remote = ray.remote(ShardWorker).options(max_restarts=0, scheduling_strategy="SPREAD", **resources)
-
-    actors: list[Any] = []
-    counter = ray.remote(RowCounter).options(num_cpus=0).remote()
-    report = reporter(counter)
-
-    def new_actor():
-        actor = remote.remote(spec, fingerprint, in_fs, in_base, out_fs, out_base, device, threads, report)
-        actors.append(actor)
-        return actor
-
-    for _ in range(count):
-        new_actor()
-    try:
-        ray.get([a.pid.remote() for a in actors])  # models loaded: what follows is processing time
-    except ray.exceptions.RayActorError as exc:
-        cause = getattr(exc, "cause", None) or getattr(exc, "error_msg", None) or exc
-        last = str(cause).strip().splitlines()[-1] if str(cause).strip() else repr(cause)
-        raise RuntimeError(f"the workers could not load the model: {last}") from None
-    result.startup_seconds = time.perf_counter() - started
-    processing = time.perf_counter()
-
-    queue = collections.deque(units)
-    attempts: collections.Counter[str] = collections.Counter()
-    parts: dict[str, dict[int, dict]] = collections.defaultdict(dict)  # shard -> finished slices' results
-    merged_stats: dict[str, dict] = {}  # shard -> summed counts, while its slices are being concatenated
-    failed_shards: set[str] = set()
-    inflight: dict[Any, tuple[Any, Any]] = {}
-    idle = list(actors)
-    progress = Progress(sum(u.rows for u in units), result.shards - result.skipped, stream, tty)
-
-    def record_done(shard: str, temp: str, stats: dict) -> None:
-        final = output_name(shard)
-        commit(out_fs, out_base, temp, final)
-        entry = {"state": "done", "output": final, "attempts": attempts[shard] + 1, **stats}
-        manifest.shards[shard] = entry
-        manifest.save()
-        result.done += 1
-        for key in UNIT_COUNTS:
-            setattr(result, key, getattr(result, key) + stats.get(key, 0))
-        progress.shard_done(shard, entry)
-        if on_commit is not None:
-            on_commit(shard)
-
-    def record_failed(shard: str, reason: str) -> None:
-        failed_shards.add(shard)
-        manifest.shards[shard] = {"state": "failed", "output": output_name(shard), "error": reason,
-                                  "attempts": spec.runner.max_attempts}
-        manifest.save()
+def _result_of(plan: Plan, shards: int, skipped_files: int, takeover: str | None) -> JobResult:
+    result = JobResult(shards=shards, skipped=len(plan.done) + len(plan.adopted))
+    result.done = result.skipped
+    result.notes = [takeover] if takeover else []
+    if skipped_files:
+        result.notes.append(f"input: {skipped_files} files skipped (hidden, _-prefixed or not .parquet)")
+    result.notes += _listed(plan.changed, lambda s: f"{s} changed since its output was committed: reprocessed")
+    result.notes += _listed(plan.removed, lambda s: f"{s} is no longer in the input; its output is kept "
+                                                    "(--overwrite removes it)")
+    result.notes += _listed(plan.deleted, lambda s: f"removed the output of {s} (its input is gone)")
+    for shard, reason in plan.rejected.items():
         result.failed += 1
         result.failures[shard] = reason
-        progress.shard_failed(shard, reason)
+    return result
 
-    try:
-        while queue or inflight:
-            while idle and queue:
-                task = queue.popleft()
-                if isinstance(task, WorkUnit) and task.shard in failed_shards:
+
+def _finish(manifest: Manifest, result: JobResult, shards: int) -> None:
+    """Write the manifest whole (with the journal folded in) and `_SUCCESS` when every shard is committed."""
+    counts = manifest.counts()
+    manifest.data["summary"] = {**counts, "rows": result.rows, "errors": result.errors,
+                                "truncated": result.truncated, "nonfinite": result.nonfinite,
+                                "seconds": round(result.seconds, 3),
+                                "startup_seconds": round(result.startup_seconds, 3)}
+    manifest.data["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    manifest.save()
+    if result.done == shards and not result.failed:
+        manifest.mark_success()
+
+
+@dataclass
+class MergeTask:
+    """Concatenate a sliced shard's finished parts into its one output file."""
+
+    shard: str
+    temps: list[str]
+    stats: dict[str, Any]
+
+
+class JobRun:
+    """The dispatch loop of one run: a state machine over work units, merges and actors."""
+
+    def __init__(self, spec: JobSpec, fingerprint: str, manifest: Manifest, lease: OutputLease, discovery,
+                 out_fs, out_base: str, result: JobResult, started: float, stream, tty, on_commit) -> None:
+        self.spec, self.fingerprint, self.manifest, self.lease = spec, fingerprint, manifest, lease
+        self.discovery, self.out_fs, self.out_base = discovery, out_fs, out_base
+        self.result, self.started, self.on_commit = result, started, on_commit
+        self.stream, self.tty = stream, tty
+        self.attempts: collections.Counter[str] = collections.Counter()
+        self.parts: dict[str, dict[int, UnitResult]] = collections.defaultdict(dict)
+        self.failed_shards: set[str] = set()
+        self.queue: collections.deque[WorkUnit | MergeTask] = collections.deque()
+        self.inflight: dict[Any, tuple[Any, WorkUnit | MergeTask]] = {}
+        self.actors: list[Any] = []
+        self.counter = None
+        self.counted = 0.0  # when the counter was last asked
+
+    def run(self, units: list[WorkUnit]) -> JobResult:
+        count, resources, device, threads = actor_layout(self.spec)
+        self.remote = ray.remote(ShardWorker).options(max_restarts=0, scheduling_strategy="SPREAD", **resources)
+        self.worker_args = (self.spec, self.fingerprint, self.lease.holder.run_id, self.discovery.fs,
+                            self.discovery.base, self.out_fs, self.out_base, device, threads)
+        try:
+            self.counter = ray.remote(RowCounter).options(num_cpus=0).remote()
+        except Exception:
+            self.counter = None
+        idle = [self._new_actor() for _ in range(min(count, len(units)))]
+        try:
+            ray.get([a.pid.remote() for a in idle])  # models loaded: what follows is processing time
+        except ray.exceptions.RayActorError as exc:
+            cause = getattr(exc, "cause", None) or getattr(exc, "error_msg", None) or exc
+            last = str(cause).strip().splitlines()[-1] if str(cause).strip() else repr(cause)
+            raise RuntimeError(f"the workers could not load the model: {last}") from None
+        self.result.startup_seconds = time.perf_counter() - self.started
+        processing = time.perf_counter()
+        self.queue.extend(units)
+        self.progress = Progress(sum(u.rows for u in units), self.result.shards - self.result.skipped,
+                                 self.stream, self.tty)
+        try:
+            self._loop(idle)
+        except KeyboardInterrupt as exc:
+            self.result.interrupted = signal_of(exc)
+            self._kill_actors()  # stops their units mid-way; the temporaries are removed by run_job
+        except LeaseLost as exc:
+            self.result.lost = str(exc)
+            self._kill_actors()
+        except ray.exceptions.RayError as exc:
+            self._kill_actors()
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise RuntimeError(f"Ray failed during the job ({type(exc).__name__}: {first}); what is committed "
+                               "is kept: rerun the same command to resume") from None
+        finally:
+            self.progress.close()
+            self.result.seconds = time.perf_counter() - processing
+            _finish(self.manifest, self.result, self.result.shards)
+        return self.result
+
+    def _new_actor(self):
+        actor = self.remote.remote(*self.worker_args, reporter(self.counter) if self.counter else None)
+        self.actors.append(actor)
+        return actor
+
+    def _kill_actors(self) -> None:
+        for actor in self.actors:
+            try:
+                ray.kill(actor)
+            except Exception:
+                pass
+
+    def _loop(self, idle: list[Any]) -> None:
+        while self.queue or self.inflight:
+            while idle and self.queue:
+                task = self.queue.popleft()
+                if task.shard in self.failed_shards:
                     continue
                 actor = idle.pop()
-                ref = actor.merge.remote(*task) if isinstance(task, tuple) else actor.process.remote(task)
-                inflight[ref] = (actor, task)
-            if not inflight:
+                if isinstance(task, MergeTask):
+                    ref = actor.merge.remote(task.shard, task.temps)
+                else:
+                    ref = actor.process.remote(task)
+                self.inflight[ref] = (actor, task)
+            if not self.inflight:
                 break
-            ready, _ = ray.wait(list(inflight), num_returns=1, timeout=0.5)
-            progress.update(ray.get(counter.total.remote()))  # rows through the pipeline so far, live
+            ready, _ = ray.wait(list(self.inflight), num_returns=1, timeout=0.5)
+            self._show_progress()
             for ref in ready:
-                actor, task = inflight.pop(ref)
+                actor, task = self.inflight.pop(ref)
                 try:
-                    out = ray.get(ref)
+                    outcome = ray.get(ref)
                 except ray.exceptions.RayActorError as exc:  # killed, out of memory: a fresh actor redoes it
-                    out = {"ok": False, "error": f"actor died: {exc.__class__.__name__}: {str(exc)[:300]}"}
-                    actor = new_actor()
-                except ray.exceptions.RayError as exc:
-                    out = {"ok": False, "error": f"{exc.__class__.__name__}: {str(exc)[:300]}"}
+                    outcome = UnitResult(False, error=f"actor died: {type(exc).__name__}: {str(exc)[:300]}")
+                    actor = self._new_actor()
+                except ray.exceptions.RayTaskError as exc:
+                    outcome = UnitResult(False, error=f"{type(exc).__name__}: {str(exc)[:300]}")
                 idle.append(actor)
-                shard = task[0] if isinstance(task, tuple) else task.shard
-                key = shard if isinstance(task, tuple) else task.key
-                if not out["ok"]:
-                    counter.reset.remote(key)
-                    attempts[key] += 1
-                    if attempts[key] < spec.runner.max_attempts:
-                        queue.append(task)
-                    elif shard not in failed_shards:
-                        record_failed(shard, out["error"])
-                    continue
-                if isinstance(task, tuple):  # a merged sliced shard
-                    record_done(shard, out["temp"], merged_stats.pop(shard))
-                    continue
-                stats = {k: v for k, v in out.items() if k not in ("ok", "temp")}
-                if task.parts == 1:
-                    record_done(shard, out["temp"], stats)
-                    continue
-                done = parts[shard]
-                done[task.part] = out
-                if len(done) == task.parts:  # all slices in: one actor concatenates them, in order
-                    slices = [parts.pop(shard)[i] for i in range(task.parts)]
-                    merged = {k: sum(s.get(k, 0) for s in slices) for k in (*UNIT_COUNTS, "seconds")}
-                    merged.update(node=",".join(sorted({s["node"] for s in slices})), parts=task.parts)
-                    merged_stats[shard] = merged
-                    queue.appendleft((shard, [s["temp"] for s in slices]))
-    except KeyboardInterrupt:
-        result.interrupted = True
-        for actor in actors:  # stops their units mid-way; the temporaries are removed below
-            ray.kill(actor)
-    finally:
-        progress.close()
-        result.seconds = time.perf_counter() - processing
-        counts = manifest.counts()
-        manifest.data["summary"] = {**counts, "rows": result.rows, "errors": result.errors,
-                                    "truncated": result.truncated, "seconds": round(result.seconds, 3),
-                                    "startup_seconds": round(result.startup_seconds, 3)}
-        manifest.data["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-        manifest.save()
-        if counts["done"] == result.shards:
-            manifest.mark_success()
-        clean_temporaries(out_fs, out_base)
-    return result
+                self._handle(task, outcome)
+
+    def _show_progress(self) -> None:
+        """Live rows from the counter actor, at most twice a second; without it, rows of committed shards."""
+        now = time.perf_counter()
+        if self.counter is not None and now - self.counted > 0.5:
+            self.counted = now
+            try:
+                self.progress.update(ray.get(self.counter.total.remote(), timeout=2))
+            except (ray.exceptions.RayError, TimeoutError):
+                self.counter = None
+        self.progress.update(self.result.rows)
+
+    def _handle(self, task: WorkUnit | MergeTask, outcome: UnitResult) -> None:
+        key = task.shard if isinstance(task, MergeTask) else task.key
+        if not outcome.ok:
+            if self.counter is not None and isinstance(task, WorkUnit):
+                try:
+                    self.counter.reset.remote(key)
+                except Exception:
+                    pass
+            self.attempts[key] += 1
+            if not outcome.permanent and self.attempts[key] < self.spec.runner.max_attempts:
+                self.queue.append(task)
+            elif task.shard not in self.failed_shards:
+                self._failed(task.shard, outcome.error or "failed", self.attempts[key])
+            return
+        if isinstance(task, MergeTask):
+            self._done(task.shard, outcome.temp, task.stats)
+            return
+        if task.parts == 1:
+            self._done(task.shard, outcome.temp, outcome.stats, task.identity)
+            return
+        finished = self.parts[task.shard]
+        finished[task.part] = outcome
+        if len(finished) == task.parts:  # all slices in: one actor concatenates them, in order
+            slices = [finished[i] for i in range(task.parts)]
+            del self.parts[task.shard]
+            merged = {k: sum(s.stats.get(k, 0) for s in slices) for k in (*UNIT_COUNTS, "seconds")}
+            merged.update(node=",".join(sorted({s.stats["node"] for s in slices})), parts=task.parts,
+                          input_identity=task.identity)
+            self.queue.appendleft(MergeTask(task.shard, [s.temp for s in slices], merged))
+
+    def _done(self, shard: str, temp: str, stats: dict[str, Any], identity: dict | None = None) -> None:
+        if self.lease.lost:  # another run owns the output now: commit nothing more
+            raise LeaseLost(self.lease.lost)
+        final = output_name(shard)
+        commit(self.out_fs, self.out_base, temp, final)
+        entry = {"output": final, "attempts": self.attempts[shard] + 1, **stats}
+        if identity is not None:
+            entry["input_identity"] = identity
+        self.manifest.mark_done(shard, entry)
+        self.result.done += 1
+        for key in UNIT_COUNTS:
+            setattr(self.result, key, getattr(self.result, key) + stats.get(key, 0))
+        self.progress.shard_done(shard, {**entry, "errors": stats.get("errors", 0)})
+        if self.on_commit is not None:
+            self.on_commit(shard)
+
+    def _failed(self, shard: str, reason: str, attempts: int) -> None:
+        self.failed_shards.add(shard)
+        self.manifest.mark_failed(shard, output_name(shard), reason, attempts)
+        self.result.failed += 1
+        self.result.failures[shard] = reason
+        self.progress.shard_failed(shard, reason)
 
 
 def submission_id(name: str, date: str) -> str:

@@ -1,34 +1,36 @@
-"""Input shards, work units, atomic output commits and the job manifest.
+"""Input shards (discovery, identity, work units) and output files (temporaries, atomic commit).
 
 Input is a Parquet file, a directory of them or a glob, on any filesystem pyarrow knows (local, s3://,
-gs://, hdfs://). Each input shard gets one output file of the same relative name. An attempt writes to a
-unique temporary name under `_temporary/` and is committed by an atomic rename (object stores, where a
-rename is a copy, write the final name directly: an object appears only once its upload completes). The
-commit is then recorded in `_manifest.json`, itself replaced atomically; `_SUCCESS` appears when every
-shard is committed. A shard committed but not yet recorded (the driver died in between) is recognised on
-the next run by the fingerprint in its Parquet metadata and adopted without being recomputed.
+gs://, hdfs://). A path that exists is taken literally, glob characters and all; otherwise `*`, `?` and
+`[...]` match within one path segment and `**` across segments. Hidden and `_`-prefixed files and folders,
+and files without the .parquet suffix, are skipped (and counted); the job's output tree never counts as input.
+
+Each input shard gets one output file of the same relative name. An attempt writes to a unique name under
+`_temporary/<run id>/` and is committed by moving it to its final name: an atomic rename on local and HDFS
+filesystems; on object stores a server-side copy, whose object appears whole or not at all. Each committed
+file carries in its Parquet metadata the job's fingerprint and the identity of the input it was computed
+from (size, modification time, rows, row-group layout), so a rerun recognises what is done and what changed.
 """
 
 from __future__ import annotations
 
-import fnmatch
+import hashlib
 import json
 import os
-import time
+import re
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 from typing import Any
 
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-MANIFEST = "_manifest.json"
-SUCCESS = "_SUCCESS"
 TEMPORARY = "_temporary"
 META_FINGERPRINT = b"persimmon_batch.fingerprint"
 META_INPUT = b"persimmon_batch.input"
-RENAME_ATOMIC = ("local", "hdfs")  # filesystems whose rename is atomic
+META_IDENTITY = b"persimmon_batch.input_identity"
+GLOB_CHARS = "*?["
 
 
 def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
@@ -38,35 +40,138 @@ def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
     return pafs.LocalFileSystem(), os.path.abspath(uri)
 
 
+def join(base: str, rel: str) -> str:
+    return f"{base.rstrip('/')}/{rel}" if base else rel
+
+
+def inside(path: str, folder: str) -> bool:
+    """Whether `path` is `folder` or below it (plain path comparison)."""
+    path, folder = path.rstrip("/"), folder.rstrip("/")
+    return path == folder or path.startswith(folder + "/")
+
+
 def _hidden(name: str) -> bool:
     return name.startswith(("_", "."))
 
 
-def discover(uri: str) -> tuple[pafs.FileSystem, str, list[str]]:
-    """(filesystem, base directory, shard paths relative to it), sorted; raises FileNotFoundError when the
-    input names nothing or holds no Parquet files."""
-    fs, path = resolve(uri)
-    if any(ch in path for ch in "*?["):
-        base = path
-        while any(ch in base for ch in "*?["):
-            base = base.rsplit("/", 1)[0]
-        infos = fs.get_file_info(pafs.FileSelector(base, recursive=True, allow_not_found=True))
-        files = [i.path for i in infos if i.type == pafs.FileType.File and fnmatch.fnmatch(i.path, path)]
-    else:
-        info = fs.get_file_info(path)
-        if info.type == pafs.FileType.NotFound:
-            raise FileNotFoundError(f"input {uri} does not exist")
-        if info.type == pafs.FileType.File:
-            base, files = path.rsplit("/", 1)[0] if "/" in path else "", [path]
+def _glob_regex(pattern: str) -> re.Pattern:
+    """`*`, `?` and `[...]` match within one path segment, `**` across any number of segments."""
+    out, i = [], 0
+    while i < len(pattern):
+        if pattern.startswith("**/", i):
+            out.append("(?:[^/]*/)*")
+            i += 3
+            continue
+        if pattern.startswith("**", i):
+            out.append(".*")
+            i += 2
+            continue
+        c = pattern[i]
+        end = pattern.find("]", i + 2) if c == "[" else -1
+        if c == "*":
+            out.append("[^/]*")
+        elif c == "?":
+            out.append("[^/]")
+        elif end != -1:
+            body = pattern[i + 1:end]
+            out.append("[" + ("^" + body[1:] if body.startswith("!") else body).replace("\\", "\\\\") + "]")
+            i = end + 1
+            continue
         else:
-            base = path
-            infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
-            files = [i.path for i in infos if i.type == pafs.FileType.File and i.path.endswith(".parquet")]
-    rel = sorted(str(PurePosixPath(f).relative_to(base)) if base else f for f in files)
-    rel = [r for r in rel if not any(_hidden(part) for part in PurePosixPath(r).parts)]
-    if not rel:
+            out.append(re.escape(c))
+        i += 1
+    return re.compile("".join(out) + r"\Z", re.S)
+
+
+@dataclass
+class Discovery:
+    fs: pafs.FileSystem
+    base: str  # the folder shard names are relative to
+    shards: list[str]
+    skipped: int = 0  # files left out: hidden, _-prefixed, or not .parquet
+    kind: str = "directory"  # "file", "directory" or "glob"
+    files: dict[str, pafs.FileInfo] = field(default_factory=dict)  # shard -> its file info
+
+
+def discover(uri: str, exclude: str | None = None) -> Discovery:
+    """The input's shards, sorted, relative to its base folder; `exclude` (the output) is never input.
+    Raises FileNotFoundError when the input names nothing or holds no Parquet files."""
+    fs, path = resolve(uri)
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.File:
+        base = path.rsplit("/", 1)[0] if "/" in path else ""
+        found = Discovery(fs, base, [], kind="file")
+        candidates = [info]
+    elif info.type == pafs.FileType.Directory:
+        found = Discovery(fs, path, [], kind="directory")
+        candidates = fs.get_file_info(pafs.FileSelector(path, recursive=True))
+    elif any(ch in path for ch in GLOB_CHARS):
+        base = path
+        while any(ch in base for ch in GLOB_CHARS):
+            base = base.rsplit("/", 1)[0]
+        regex = _glob_regex(path)
+        found = Discovery(fs, base, [], kind="glob")
+        listing = fs.get_file_info(pafs.FileSelector(base, recursive=True, allow_not_found=True))
+        candidates = [i for i in listing if regex.match(i.path)]
+    else:
+        raise FileNotFoundError(f"input {uri} does not exist")
+    if exclude is not None and inside(found.base, exclude):
+        exclude = None  # the input lies inside the output folder: the output files are beside it, not in it
+    for item in candidates:
+        if item.type != pafs.FileType.File or (exclude is not None and inside(item.path, exclude)):
+            continue
+        rel = str(PurePosixPath(item.path).relative_to(found.base)) if found.base else item.path
+        if any(_hidden(part) for part in PurePosixPath(rel).parts) or \
+                (found.kind == "directory" and not rel.endswith(".parquet")):
+            found.skipped += 1
+            continue
+        found.shards.append(rel)
+        found.files[rel] = item
+    found.shards.sort()
+    if not found.shards:
         raise FileNotFoundError(f"no Parquet files in input {uri}")
-    return fs, base, rel
+    return found
+
+
+def output_overlap(discovery: Discovery, out_fs: pafs.FileSystem, out_base: str) -> str | None:
+    """Why writing to out_base would overwrite the input (or feed outputs back into it), or None."""
+    if out_fs.type_name != discovery.fs.type_name:
+        return None
+    if inside(out_base, discovery.base) and (discovery.kind == "directory" or out_base.rstrip("/") == discovery.base.rstrip("/")):
+        return f"output {out_base} overlaps the input {discovery.base}: its files would replace or join the input"
+    targets = {join(out_base, output_name(s)) for s in discovery.shards}
+    clash = sorted(targets & {info.path for info in discovery.files.values()})
+    if clash:
+        return f"output {out_base} overlaps the input: {clash[0]} would be overwritten"
+    return None
+
+
+@dataclass
+class ShardInfo:
+    """What the driver learns of a shard from its footer, before any work: identity, layout, schema."""
+
+    identity: dict[str, Any]
+    row_groups: list[int]  # rows per row group
+    columns: list[str]
+    error: str | None = None  # not readable as Parquet
+
+
+def inspect_shard(fs: pafs.FileSystem, base: str, shard: str, info: pafs.FileInfo | None = None) -> ShardInfo:
+    """Read a shard's footer: its identity (size, modification time, rows, a digest of the row-group
+    layout), row-group sizes and column names. A shard that is not Parquet gets `error`."""
+    path = join(base, shard)
+    info = info or fs.get_file_info(path)
+    identity: dict[str, Any] = {"size": info.size, "mtime_ns": info.mtime_ns}
+    try:
+        with fs.open_input_file(path) as f:
+            meta = pq.ParquetFile(f).metadata
+            columns = meta.schema.to_arrow_schema().names
+    except Exception as exc:  # pyarrow raises ArrowInvalid, OSError, ... for what is not Parquet
+        return ShardInfo(identity, [], [], f"not a Parquet file ({type(exc).__name__}: {exc})")
+    groups = [meta.row_group(g).num_rows for g in range(meta.num_row_groups)]
+    layout = json.dumps([[meta.row_group(g).num_rows, meta.row_group(g).total_byte_size] for g in range(len(groups))])
+    identity.update(rows=meta.num_rows, footer=hashlib.sha256(layout.encode()).hexdigest()[:16])
+    return ShardInfo(identity, groups, columns)
 
 
 @dataclass
@@ -78,147 +183,68 @@ class WorkUnit:
     part: int = 0
     parts: int = 1
     rows: int = 0
+    identity: dict[str, Any] = field(default_factory=dict)  # of the input, when the unit was planned
 
     @property
     def key(self) -> str:
         return self.shard if self.parts == 1 else f"{self.shard}#{self.part}"
 
 
-def plan_units(fs: pafs.FileSystem, base: str, shard: str, rows_per_unit: int) -> list[WorkUnit]:
-    """Whole shards, or for a shard with more than rows_per_unit rows, slices of its row groups.
-    Only the Parquet footer is read; a shard whose footer cannot be read gets one unit (it fails there)."""
-    try:
-        with fs.open_input_file(join(base, shard)) as f:
-            meta = pq.ParquetFile(f).metadata
-    except Exception:
-        return [WorkUnit(shard)]
-    if meta.num_rows <= rows_per_unit or meta.num_row_groups < 2:
-        return [WorkUnit(shard, rows=meta.num_rows)]
-    slices, current, count = [], [], 0
-    for g in range(meta.num_row_groups):
-        current.append(g)
-        count += meta.row_group(g).num_rows
-        if count >= rows_per_unit:
-            slices.append((current, count))
-            current, count = [], 0
-    if current:
-        slices.append((current, count))
-    return [WorkUnit(shard, groups, i, len(slices), n) for i, (groups, n) in enumerate(slices)]
-
-
-def join(base: str, rel: str) -> str:
-    return f"{base.rstrip('/')}/{rel}" if base else rel
+def plan_units(shard: str, info: ShardInfo, rows_per_unit: int) -> list[WorkUnit]:
+    """The whole shard, or for one over rows_per_unit rows with several row groups, slices of consecutive
+    row groups of up to rows_per_unit rows each (a single larger row group is a slice of its own)."""
+    rows = info.identity.get("rows", 0)
+    if rows <= rows_per_unit or len(info.row_groups) < 2:
+        return [WorkUnit(shard, rows=rows, identity=info.identity)]
+    slices: list[tuple[list[int], int]] = []
+    for g, n in enumerate(info.row_groups):
+        if slices and slices[-1][1] + n <= rows_per_unit:
+            slices[-1][0].append(g)
+            slices[-1] = (slices[-1][0], slices[-1][1] + n)
+        else:
+            slices.append(([g], n))
+    return [WorkUnit(shard, groups, i, len(slices), n, info.identity) for i, (groups, n) in enumerate(slices)]
 
 
 def output_name(shard: str) -> str:
     return shard if shard.endswith(".parquet") else shard + ".parquet"
 
 
-def temporary_name(unit: WorkUnit) -> str:
-    """An attempt-unique name under _temporary/: two attempts at one unit never write the same file."""
+def temporary_name(unit: WorkUnit, run_id: str) -> str:
+    """An attempt-unique name under this run's _temporary/ folder: no two attempts write the same file."""
     flat = unit.key.replace("/", "__").replace("#", ".part")
-    return f"{TEMPORARY}/{flat}.{uuid.uuid4().hex[:12]}.parquet"
+    return f"{TEMPORARY}/{run_id}/{flat}.{uuid.uuid4().hex[:12]}.parquet"
 
 
 def commit(fs: pafs.FileSystem, out_base: str, temp: str, final: str) -> None:
-    """Move a finished temporary file to its final name atomically (a reader never sees a partial file)."""
+    """Move a finished temporary file to its final name (a reader never sees a partial file)."""
     target = join(out_base, final)
     parent = target.rsplit("/", 1)[0]
     fs.create_dir(parent, recursive=True)
     fs.move(join(out_base, temp), target)
 
 
-def clean_temporaries(fs: pafs.FileSystem, out_base: str) -> int:
-    """Delete what crashed attempts left in _temporary/; returns how many files."""
-    selector = pafs.FileSelector(join(out_base, TEMPORARY), recursive=True, allow_not_found=True)
-    files = [i.path for i in fs.get_file_info(selector) if i.type == pafs.FileType.File]
-    for path in files:
-        fs.delete_file(path)
+def remove_temporaries(fs: pafs.FileSystem, out_base: str, run_id: str | None = None) -> None:
+    """Delete one run's temporaries (run_id), or every run's (None: only the lease holder may, when every
+    other run is gone); the _temporary/ folder goes once empty."""
+    top = join(out_base, TEMPORARY)
+    target = join(top, run_id) if run_id else top
     try:
-        fs.delete_dir(join(out_base, TEMPORARY))
+        fs.delete_dir(target)
     except (FileNotFoundError, OSError):
         pass
-    return len(files)
+    if run_id:
+        try:
+            if not fs.get_file_info(pafs.FileSelector(top, allow_not_found=True)):
+                fs.delete_dir(top)
+        except (FileNotFoundError, OSError):
+            pass
 
 
-def committed_fingerprint(fs: pafs.FileSystem, out_base: str, final: str) -> str | None:
-    """The fingerprint recorded in a committed output file's metadata, or None when there is none."""
+def committed_metadata(fs: pafs.FileSystem, out_base: str, final: str) -> dict[bytes, bytes]:
+    """The persimmon-batch metadata of a committed output file ({} when unreadable)."""
     try:
         with fs.open_input_file(join(out_base, final)) as f:
-            meta = pq.ParquetFile(f).schema_arrow.metadata or {}
+            return pq.ParquetFile(f).schema_arrow.metadata or {}
     except Exception:
-        return None
-    value = meta.get(META_FINGERPRINT)
-    return value.decode() if value else None
-
-
-class Manifest:
-    """`_manifest.json`: per-shard state ("done" / "failed" / "pending"), counts, timings, node, and the
-    job's spec and fingerprint. Written atomically after every change."""
-
-    def __init__(self, fs: pafs.FileSystem, out_base: str, data: dict[str, Any]) -> None:
-        self.fs, self.out_base, self.data = fs, out_base, data
-
-    @classmethod
-    def load(cls, fs: pafs.FileSystem, out_base: str) -> "Manifest | None":
-        path = join(out_base, MANIFEST)
-        if fs.get_file_info(path).type == pafs.FileType.NotFound:
-            return None
-        with fs.open_input_stream(path) as f:
-            try:
-                return cls(fs, out_base, json.loads(f.read().decode()))
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path} is not valid JSON ({exc}); move it away to start over") from exc
-
-    @property
-    def shards(self) -> dict[str, dict[str, Any]]:
-        return self.data.setdefault("shards", {})
-
-    def counts(self) -> dict[str, int]:
-        states = [s.get("state", "pending") for s in self.shards.values()]
-        return {k: states.count(k) for k in ("done", "failed", "pending")}
-
-    def save(self) -> None:
-        self.data["updated_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-        text = json.dumps(self.data, indent=2, sort_keys=True, default=str)
-        path = join(self.out_base, MANIFEST)
-        self.fs.create_dir(self.out_base, recursive=True)
-        if self.fs.type_name in RENAME_ATOMIC:
-            temp = join(self.out_base, f"{TEMPORARY}/{MANIFEST}.{uuid.uuid4().hex[:8]}")
-            self.fs.create_dir(join(self.out_base, TEMPORARY), recursive=True)
-            with self.fs.open_output_stream(temp) as f:
-                f.write(text.encode())
-            self.fs.move(temp, path)
-        else:
-            with self.fs.open_output_stream(path) as f:
-                f.write(text.encode())
-
-    def mark_success(self) -> None:
-        with self.fs.open_output_stream(join(self.out_base, SUCCESS)) as f:
-            f.write(b"")
-
-    def clear_success(self) -> None:
-        path = join(self.out_base, SUCCESS)
-        if self.fs.get_file_info(path).type != pafs.FileType.NotFound:
-            self.fs.delete_file(path)
-
-
-def check_text_column(fs: pafs.FileSystem, base: str, shards: list[str], column: str, sample: int = 8) -> None:
-    """Refuse a job whose text column is in none of the first `sample` readable shards (a mistyped column
-    name), before any work. A single shard without it, or unreadable, fails on its own later, in the manifest."""
-    first: tuple[str, list[str]] | None = None
-    checked = 0
-    for shard in shards:
-        try:
-            with fs.open_input_file(join(base, shard)) as f:
-                names = pq.ParquetFile(f).schema_arrow.names
-        except Exception:
-            continue
-        if column in names:
-            return
-        first = first or (shard, names)
-        checked += 1
-        if checked == sample:
-            break
-    if first is not None:
-        raise ValueError(f"text column {column!r} not in {first[0]}; its columns are {first[1]}")
+        return {}

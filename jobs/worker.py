@@ -1,13 +1,15 @@
 """ShardWorker: what one Ray actor does. It loads the pipeline once, then streams each work unit's record
 batches from Parquet through it into an attempt-unique temporary output file. It holds one record batch
-window at a time, and reports failures of a unit as results (the runner decides about retries)."""
+window at a time, and reports the outcome of a unit as a UnitResult (the runner decides about retries)."""
 
 from __future__ import annotations
 
+import json
 import os
 import resource
 import socket
 import time
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import pyarrow as pa
@@ -15,29 +17,39 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import torch
 
-from persimmon import SamplingParams
 from pipelines import ClassificationPipeline, GenerationPipeline
 
-from .shards import META_FINGERPRINT, META_INPUT, WorkUnit, join, temporary_name
+from .shards import META_FINGERPRINT, META_IDENTITY, META_INPUT, WorkUnit, join, temporary_name
 from .spec import JobSpec
 
-
 # the counters a work unit's result carries (summed over slices and over the job by the runner)
-UNIT_COUNTS = ("rows", "errors", "truncated", "real_tokens", "padded_tokens", "generated_tokens")
+UNIT_COUNTS = ("rows", "errors", "truncated", "real_tokens", "padded_tokens", "generated_tokens", "nonfinite")
+PIPELINES = {"classify": ClassificationPipeline, "generate": GenerationPipeline}
+
+
+class InputProblem(ValueError):
+    """The input itself is wrong for this job (not Parquet, a missing or clashing column, changed while the
+    job ran): another attempt would fail the same way."""
+
+
+@dataclass
+class UnitResult:
+    ok: bool
+    temp: str | None = None  # the finished temporary file, relative to the output
+    stats: dict[str, Any] = field(default_factory=dict)  # UNIT_COUNTS, seconds, node, host, pid, peak memory
+    error: str | None = None
+    permanent: bool = False  # retrying cannot help
+
+    @classmethod
+    def failed(cls, exc: BaseException, context: str = "") -> "UnitResult":
+        # pyarrow's ArrowInvalid (not Parquet, corrupt pages) is a ValueError, like the pipelines' column errors
+        permanent = isinstance(exc, ValueError)
+        return cls(False, error=f"{context}{type(exc).__name__}: {exc}", permanent=permanent)
 
 
 def build_pipeline(spec: JobSpec, device: str):
-    """The pipeline a job spec describes, with the spec's options mapped onto its arguments."""
-    o = dict(spec.options)
-    common = dict(dtype=o.pop("dtype", "auto"), device=device, max_length=o.pop("max_length", None),
-                  text_column=spec.text_column)
-    if "batch_tokens" in o:
-        common["batch_tokens"] = o.pop("batch_tokens")
-    if spec.task == "classify":
-        return ClassificationPipeline(spec.model, **common, **o)
-    sampling = SamplingParams(temperature=o.pop("temperature", 0.0), top_k=o.pop("top_k", 0),
-                              top_p=o.pop("top_p", 1.0), seed=o.pop("seed", 0))
-    return GenerationPipeline(spec.model, sampling=sampling, **common, **o)
+    """The pipeline a job spec describes."""
+    return PIPELINES[spec.task](spec.model, spec.options, device=device, text_column=spec.text_column)
 
 
 def current_node() -> str:
@@ -53,13 +65,13 @@ def current_node() -> str:
 
 
 class ShardWorker:
-    def __init__(self, spec: JobSpec, fingerprint: str, in_fs: pafs.FileSystem, in_base: str,
+    def __init__(self, spec: JobSpec, fingerprint: str, run_id: str, in_fs: pafs.FileSystem, in_base: str,
                  out_fs: pafs.FileSystem, out_base: str, device: str, threads: int | None,
                  report: Callable[[str, int], None] | None = None) -> None:
         """report(unit key, rows): called after each record batch, for live progress."""
         if threads:
             torch.set_num_threads(threads)
-        self.spec, self.fingerprint = spec, fingerprint
+        self.spec, self.fingerprint, self.run_id = spec, fingerprint, run_id
         self.in_fs, self.in_base, self.out_fs, self.out_base = in_fs, in_base, out_fs, out_base
         self.node = current_node()
         self.report = report
@@ -68,32 +80,42 @@ class ShardWorker:
     def pid(self) -> int:
         return os.getpid()
 
-    def process(self, unit: WorkUnit) -> dict[str, Any]:
-        """Run one unit into a temporary file; returns its counts, or ok=False with the reason."""
+    def process(self, unit: WorkUnit) -> UnitResult:
+        """Run one unit into a temporary file."""
         start = time.perf_counter()
         before = self.pipeline.stats.as_dict()
-        temp = temporary_name(unit)
+        temp = temporary_name(unit, self.run_id)
         try:
             rows = self._run(unit, temp)
         except Exception as exc:  # a bad shard is a result to report, not a crash of the actor
             self._discard(temp)
-            return {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+            return UnitResult.failed(exc)
         after = self.pipeline.stats.as_dict()
         delta = {k: after[k] - before[k] for k in UNIT_COUNTS if k != "rows"}  # rows: counted by _run
         peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
-        return {"ok": True, "temp": temp, "rows": rows, "seconds": time.perf_counter() - start,
-                "node": self.node, "host": socket.gethostname(), "pid": os.getpid(), "peak_rss_mb": round(peak_mb, 1),
-                **delta}
+        return UnitResult(True, temp, {"rows": rows, "seconds": time.perf_counter() - start, "node": self.node,
+                                       "host": socket.gethostname(), "pid": os.getpid(),
+                                       "peak_rss_mb": round(peak_mb, 1), **delta})
+
+    def _open(self, unit: WorkUnit):
+        """The shard as it was planned: a file that changed since is not read (its identity would lie)."""
+        path = join(self.in_base, unit.shard)
+        info = self.in_fs.get_file_info(path)
+        if unit.identity and (info.size, info.mtime_ns) != (unit.identity.get("size"), unit.identity.get("mtime_ns")):
+            raise InputProblem(f"{unit.shard} changed while the job ran; rerun to process its new content")
+        return self.in_fs.open_input_file(path)
 
     def _run(self, unit: WorkUnit, temp: str) -> int:
-        path = join(self.in_base, unit.shard)
-        with self.in_fs.open_input_file(path) as source:
-            parquet = pq.ParquetFile(source)
+        with self._open(unit) as source:
+            try:
+                parquet = pq.ParquetFile(source)
+            except pa.ArrowInvalid as exc:
+                raise InputProblem(f"not a Parquet file ({exc})") from None
             columns = parquet.schema_arrow.names
             if self.spec.text_column not in columns:
-                raise ValueError(f"shard {unit.shard} has no column {self.spec.text_column!r}; its columns are {columns}")
+                raise InputProblem(f"shard {unit.shard} has no column {self.spec.text_column!r}; its columns are {columns}")
             metadata = {**(parquet.schema_arrow.metadata or {}), META_FINGERPRINT: self.fingerprint.encode(),
-                        META_INPUT: unit.shard.encode()}
+                        META_INPUT: unit.shard.encode(), META_IDENTITY: json.dumps(unit.identity).encode()}
             metadata.pop(b"pandas", None)  # describes the input's columns, not ours
             writer = None
             rows = 0
@@ -116,9 +138,9 @@ class ShardWorker:
                     writer.close()
         return rows
 
-    def merge(self, shard: str, temps: list[str]) -> dict[str, Any]:
+    def merge(self, shard: str, temps: list[str]) -> UnitResult:
         """Concatenate a sliced shard's part files, in order, into one temporary file (streamed by row group)."""
-        temp = temporary_name(WorkUnit(shard))
+        temp = temporary_name(WorkUnit(shard), self.run_id)
         try:
             writer, rows = None, 0
             for part in temps:
@@ -136,8 +158,10 @@ class ShardWorker:
                 self._discard(part)
         except Exception as exc:
             self._discard(temp)
-            return {"ok": False, "error": f"merging parts of {shard}: {type(exc).__name__}: {exc}"}
-        return {"ok": True, "temp": temp, "rows": rows}
+            result = UnitResult.failed(exc, f"merging parts of {shard}: ")
+            result.permanent = False  # the parts are ours: a storage hiccup, worth another try
+            return result
+        return UnitResult(True, temp, {"rows": rows})
 
     def _writer(self, temp: str, schema: pa.Schema) -> pq.ParquetWriter:
         self.out_fs.create_dir(join(self.out_base, temp).rsplit("/", 1)[0], recursive=True)

@@ -85,6 +85,21 @@ def _stored_dtype(files: list[Path], pickled: bool) -> torch.dtype:
     return torch.float32
 
 
+def _target_dtype(config: PersimmonConfig, files: list[Path], pickled: bool, dtype) -> torch.dtype:
+    """The dtype a load gives: "auto" = config.json's torch_dtype, else the stored one; None = float32."""
+    if dtype == "auto":
+        return resolve_dtype(config.torch_dtype) if config.torch_dtype else _stored_dtype(files, pickled)
+    return resolve_dtype(dtype) or torch.float32
+
+
+def load_dtype(path: str | Path, dtype: str | torch.dtype | None = "auto", allow_pickle: bool = False) -> str:
+    """The name of the dtype `from_pretrained(path, dtype=dtype)` would give ("auto" resolved), without
+    loading weights: a job asking for "auto" and one naming the checkpoint's own dtype are the same job."""
+    path = Path(path)
+    files, pickled = weight_files(path, allow_pickle)
+    return dtype_name(_target_dtype(PersimmonConfig.from_pretrained(path), files, pickled, dtype))
+
+
 def _key_mapper(expected: set[str], found: set[str]):
     """Map checkpoint key -> model key, bridging a base model and a checkpoint with heads (`model.` prefix)."""
     model_prefixed = any(k.startswith("model.") for k in expected)
@@ -106,10 +121,7 @@ def load_checkpoint(
 ):
     config = config if config is not None else PersimmonConfig.from_pretrained(path)
     files, pickled = weight_files(path, allow_pickle)
-    if dtype == "auto":
-        target = resolve_dtype(config.torch_dtype) if config.torch_dtype else _stored_dtype(files, pickled)
-    else:
-        target = resolve_dtype(dtype) or torch.float32
+    target = _target_dtype(config, files, pickled, dtype)
     device = torch.device(device)
     with torch.device("meta"):
         model = cls(config)

@@ -23,6 +23,7 @@ import torch
 from .cache import KVCache
 
 FINISH_EOS, FINISH_STOP, FINISH_LENGTH = "eos", "stop", "length"
+FINISH_NONFINITE = "nonfinite"  # the model's logits for the row were NaN or infinite
 STATIC_CAPACITY_STEP = 256  # the compiled decode step's cache capacity is a multiple of this
 
 
@@ -52,7 +53,7 @@ class SamplingParams:
 class GenerationOutput:
     sequences: torch.Tensor  # (B, T + generated): left-padded prompts, new tokens, pad after a row's last token
     tokens: list[list[int]]  # each row's new tokens, up to and including its EOS / stop-completing token
-    finish_reasons: list[str]  # "eos" | "stop" | "length"
+    finish_reasons: list[str]  # "eos" | "stop" | "length" | "nonfinite"
     texts: list[str] | None = None  # completions without EOS, cut before any stop string (needs a decoder)
     prompt_lengths: list[int] | None = None  # real (unpadded) prompt tokens per row
 
@@ -266,9 +267,14 @@ def generate(
             cache.read_windows = read_windows([prompt_lengths[r] for r in present], T)
         for step in range(max_new_tokens):
             next_tokens = sample(logits, sampling, None if uniforms is None else uniforms[:, step])
+            # a row whose logits are not finite (a corrupt weight) ends flagged instead of emitting noise
+            next_tokens = torch.where(torch.isfinite(logits).all(dim=-1), next_tokens, -1)
             for j, tok in enumerate(next_tokens.tolist()):
                 row = present[j]
                 if finish[row] is not None:  # a finished row kept in a static batch
+                    continue
+                if tok < 0:
+                    finish[row] = FINISH_NONFINITE
                     continue
                 tokens[row].append(tok)
                 if tok in eos_ids:
@@ -280,6 +286,7 @@ def generate(
             keep = [j for j, row in enumerate(present) if finish[row] is None]
             if not keep:
                 break
+            next_tokens = next_tokens.clamp(min=0)
             if static:
                 key_mask[:, 0, 0, T + step] = True
                 cache.write_index.fill_(T + step)

@@ -56,6 +56,7 @@ class PipelineStats:
     seconds: float = 0.0
     padding: PaddingStats = field(default_factory=PaddingStats)
     generated_tokens: int = 0
+    nonfinite: int = 0  # rows whose scores or logits were NaN or infinite (error rows)
 
     def record(self, errors: list[str | None], rows: list[EncodedRow], seconds: float) -> None:
         """Count one processed record batch: its rows, the errors among them, the truncated ones, the time."""
@@ -70,6 +71,7 @@ class PipelineStats:
             "seconds": round(self.seconds, 3), "real_tokens": self.padding.real_tokens,
             "padded_tokens": self.padding.padded_tokens, "padding_waste": round(self.padding.waste, 4),
             "batches": self.padding.batches, "generated_tokens": self.generated_tokens,
+            "nonfinite": self.nonfinite,
         }
 
 
@@ -175,6 +177,24 @@ def plan_batches(rows: list[EncodedRow], batch_tokens: int, extra_per_row: int =
         batches.append([row])
         real = size
     return batches
+
+
+NONFINITE = "model produced non-finite scores"
+
+
+def drop_nonfinite(group: list[EncodedRow], scores: torch.Tensor, errors: list[str | None],
+                   stats: PipelineStats) -> tuple[list[EncodedRow], torch.Tensor]:
+    """The rows whose scores are all finite, and their scores; the others become error rows. A NaN weight
+    (a corrupt checkpoint) must not turn into confident-looking output."""
+    finite = torch.isfinite(scores).all(dim=-1)
+    if bool(finite.all()):
+        return group, scores
+    keep = finite.tolist()
+    for row, ok in zip(group, keep):
+        if not ok:
+            errors[row.index] = NONFINITE
+            stats.nonfinite += 1
+    return [row for row, ok in zip(group, keep) if ok], scores[finite]
 
 
 def pad_batch(tok: PersimmonTokenizer, group: list[EncodedRow], side: str, stats: PaddingStats,

@@ -8,6 +8,7 @@ prefill of the prompt (its KV cache is repeated across candidates, not recompute
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 
@@ -16,60 +17,56 @@ import torch
 
 from persimmon import KVCache, PersimmonForCausalLM, PersimmonForSequenceClassification, PersimmonTokenizer
 
-from .batching import EncodedRow, PipelineStats, check_vocabulary, encode_rows, pad_batch, plan_batches, text_column
+from .batching import (EncodedRow, PipelineStats, check_vocabulary, drop_nonfinite, encode_rows, pad_batch,
+                       plan_batches, text_column)
+from .options import ZERO_SHOT_TEMPLATE, ClassifyOptions
 from .prompts import PromptTemplate
-from .schema import MULTI_LABEL, REGRESSION, SINGLE_LABEL, ZERO_SHOT, append_columns
-
-ZERO_SHOT_TEMPLATE = "human: Which of these labels fits the text best: {labels}?\n\nText: {text}\n\nadept:"
-
+from .schema import ZERO_SHOT, append_columns, classification_kind, task_schema
 
 class ClassificationPipeline:
     def __init__(
         self,
         model_dir: str | Path,
-        dtype: str | torch.dtype | None = "auto",
+        options: ClassifyOptions | None = None,
+        *,
         device: str | torch.device = "cpu",
-        max_length: int | None = None,
-        batch_tokens: int = 16384,
         text_column: str = "text",
-        truncation_side: str = "right",
         padding_side: str = "right",
-        threshold: float = 0.5,
-        candidate_labels: list[str] | None = None,
-        prompt_template: str = ZERO_SHOT_TEMPLATE,
+        **overrides,
     ) -> None:
-        """max_length: tokens per text (default: the model's max_position_embeddings); longer texts are cut on
+        """options (or the same names as keywords, e.g. dtype="bfloat16", max_length=2048): see ClassifyOptions.
+        max_length: tokens per text (default: the model's max_position_embeddings); longer texts are cut on
         truncation_side. batch_tokens: padded tokens per forward pass. threshold: multi-label cut-off."""
-        if truncation_side not in ("left", "right") or padding_side not in ("left", "right"):
-            raise ValueError(f"sides must be 'left' or 'right', got truncation {truncation_side!r}, padding {padding_side!r}")
+        o = dataclasses.replace(options or ClassifyOptions(), **overrides)
+        o.check()
+        if padding_side not in ("left", "right"):
+            raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+        self.options = o
         self.text_column = text_column
-        self.truncation_side, self.padding_side = truncation_side, padding_side
-        self.batch_tokens, self.threshold = batch_tokens, threshold
+        self.truncation_side, self.padding_side = o.truncation_side, padding_side
+        self.batch_tokens, self.threshold = o.batch_tokens, o.threshold
         self.device = torch.device(device)
         self.tokenizer = PersimmonTokenizer.from_pretrained(model_dir)
         self.stats = PipelineStats()
-        self.candidate_labels = list(candidate_labels) if candidate_labels else None
+        self.candidate_labels = list(o.candidate_labels) if o.candidate_labels else None
         if self.candidate_labels is not None:
-            if len(set(self.candidate_labels)) != len(self.candidate_labels) or not all(l.strip() for l in self.candidate_labels):
-                raise ValueError(f"candidate labels must be distinct and non-empty, got {self.candidate_labels}")
-            self.model = PersimmonForCausalLM.from_pretrained(model_dir, dtype=dtype, device=self.device)
-            self.template = PromptTemplate(prompt_template, labels=", ".join(self.candidate_labels))
+            self.model = PersimmonForCausalLM.from_pretrained(model_dir, dtype=o.dtype, device=self.device)
+            template = o.prompt_template or ZERO_SHOT_TEMPLATE
+            self.template = PromptTemplate(template, labels=", ".join(self.candidate_labels))
             self.label_ids = [self.tokenizer.encode_continuation(label) for label in self.candidate_labels]
             self.schema = ZERO_SHOT
             self.kind = "zero_shot"
         else:
             self.label_ids = []
-            self.model = PersimmonForSequenceClassification.from_pretrained(model_dir, dtype=dtype, device=self.device)
-            config = self.model.config
-            self.kind = config.problem_type or ("regression" if config.num_labels == 1 else "single_label_classification")
-            self.schema = {"regression": REGRESSION, "single_label_classification": SINGLE_LABEL,
-                           "multi_label_classification": MULTI_LABEL}[self.kind]
+            self.model = PersimmonForSequenceClassification.from_pretrained(model_dir, dtype=o.dtype, device=self.device)
+            self.kind = classification_kind(self.model.config)
+            self.schema = task_schema("classify", self.model.config)
         config = self.model.config
         check_vocabulary(self.tokenizer, config)
         longest_label = max((len(ids) for ids in self.label_ids), default=0)
-        self.max_length = min(max_length or config.max_position_embeddings, config.max_position_embeddings - longest_label)
+        self.max_length = min(o.max_length or config.max_position_embeddings, config.max_position_embeddings - longest_label)
         if self.max_length < 1:
-            raise ValueError(f"max_length must be positive, got {max_length}")
+            raise ValueError(f"max_length must be positive, got {o.max_length}")
         if self.candidate_labels is not None:
             self.template.check_fits(self.tokenizer, self.max_length)
 
@@ -88,20 +85,25 @@ class ClassificationPipeline:
         columns: dict[str, list] = {name: [None] * n for name in self.schema.names}
         for group in plan_batches(rows, self.batch_tokens):
             if self.candidate_labels is not None:
-                self._fill_probs(columns, group, self._zero_shot_probs(group))
+                scores = self._zero_shot_probs(group)
             else:
-                logits = self._logits(group)
-                if self.kind == "regression":
-                    for row, value in zip(group, logits[:, 0].tolist()):
-                        columns["score"][row.index] = value
-                elif self.kind == "multi_label_classification":
-                    probs = torch.sigmoid(logits)
-                    names = self.model.config.id2label
-                    for row, p in zip(group, probs.tolist()):
-                        columns["probs"][row.index] = p
-                        columns["labels"][row.index] = [names[i] for i, v in enumerate(p) if v > self.threshold]
-                else:
-                    self._fill_probs(columns, group, torch.softmax(logits, dim=-1))
+                scores = self._logits(group)
+            group, scores = drop_nonfinite(group, scores, errors, self.stats)
+            if not group:
+                continue
+            if self.candidate_labels is not None:
+                self._fill_probs(columns, group, scores)
+            elif self.kind == "regression":
+                for row, value in zip(group, scores[:, 0].tolist()):
+                    columns["score"][row.index] = value
+            elif self.kind == "multi_label_classification":
+                probs = torch.sigmoid(scores)
+                names = self.model.config.id2label
+                for row, p in zip(group, probs.tolist()):
+                    columns["probs"][row.index] = p
+                    columns["labels"][row.index] = [names[i] for i, v in enumerate(p) if v > self.threshold]
+            else:
+                self._fill_probs(columns, group, torch.softmax(scores, dim=-1))
         self.stats.record(errors, rows, time.perf_counter() - start)
         return append_columns(batch, self.schema, columns, errors)
 

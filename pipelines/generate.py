@@ -7,17 +7,18 @@ seeded per row by its prompt, so a rerun reproduces every completion whatever th
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
-from typing import Sequence
 
 import pyarrow as pa
 import torch
 
 from persimmon import PersimmonForCausalLM, PersimmonTokenizer, SamplingParams
-from persimmon.generate import generate
+from persimmon.generate import FINISH_NONFINITE, generate
 
-from .batching import PipelineStats, check_vocabulary, encode_rows, pad_batch, plan_batches, text_column
+from .batching import NONFINITE, PipelineStats, check_vocabulary, encode_rows, pad_batch, plan_batches, text_column
+from .options import GenerateOptions
 from .prompts import PromptTemplate
 from .schema import GENERATION, append_columns
 
@@ -26,40 +27,39 @@ class GenerationPipeline:
     def __init__(
         self,
         model_dir: str | Path,
-        prompt_template: str = "{text}",
-        max_new_tokens: int = 64,
-        sampling: SamplingParams | None = None,
-        stop: Sequence[str] = (),
-        dtype: str | torch.dtype | None = "auto",
+        options: GenerateOptions | None = None,
+        *,
         device: str | torch.device = "cpu",
-        max_length: int | None = None,
-        batch_tokens: int = 16384,
         text_column: str = "text",
-        truncation_side: str = "left",
-        compile: bool | None = None,
+        sampling: SamplingParams | None = None,
+        **overrides,
     ) -> None:
-        """max_length: prompt tokens per row (default and cap: the model window minus max_new_tokens); longer
-        prompts lose text on truncation_side (left keeps the end of the text, next to the answer)."""
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
-        if truncation_side not in ("left", "right"):
-            raise ValueError(f"truncation_side must be 'left' or 'right', got {truncation_side!r}")
-        self.template = PromptTemplate(prompt_template)
-        self.max_new_tokens = max_new_tokens
-        self.sampling = sampling or SamplingParams()
-        self.stop = [s for s in stop if s]
-        self.text_column, self.truncation_side = text_column, truncation_side
-        self.batch_tokens, self.compile = batch_tokens, compile
+        """options (or the same names as keywords, e.g. max_new_tokens=64, stop=["\\n"]): see GenerateOptions;
+        `sampling` replaces its temperature / top_k / top_p / seed. max_length: prompt tokens per row (default
+        and cap: the model window minus max_new_tokens); longer prompts lose text on truncation_side (left
+        keeps the end of the text, next to the answer)."""
+        if sampling is not None:
+            overrides.update(temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p,
+                             seed=sampling.seed)
+        o = dataclasses.replace(options or GenerateOptions(), **overrides)
+        o.check()
+        self.options = o
+        self.template = PromptTemplate(o.prompt_template)
+        self.max_new_tokens = max_new_tokens = o.max_new_tokens
+        self.sampling = o.sampling
+        self.stop = [s for s in o.stop if s]
+        self.text_column, self.truncation_side = text_column, o.truncation_side
+        self.batch_tokens, self.compile = o.batch_tokens, o.compile
         self.device = torch.device(device)
         self.tokenizer = PersimmonTokenizer.from_pretrained(model_dir)
-        self.model = PersimmonForCausalLM.from_pretrained(model_dir, dtype=dtype, device=self.device)
+        self.model = PersimmonForCausalLM.from_pretrained(model_dir, dtype=o.dtype, device=self.device)
         config = self.model.config
         check_vocabulary(self.tokenizer, config)
         window = config.max_position_embeddings - max_new_tokens
         if window < 1:
             raise ValueError(f"max_new_tokens ({max_new_tokens}) leaves no room for a prompt in the model's "
                              f"window of {config.max_position_embeddings} positions")
-        self.max_length = min(max_length or window, window)
+        self.max_length = min(o.max_length or window, window)
         self.template.check_fits(self.tokenizer, self.max_length)
         self.stats = PipelineStats()
 
@@ -78,6 +78,10 @@ class GenerationPipeline:
             out = generate(self.model, ids, mask, max_new_tokens=self.max_new_tokens, sampling=self.sampling,
                            stop=self.stop, decode=self.tokenizer.decode, compile=self.compile)
             for j, row in enumerate(group):
+                if out.finish_reasons[j] == FINISH_NONFINITE:
+                    errors[row.index] = NONFINITE
+                    self.stats.nonfinite += 1
+                    continue
                 columns["completion"][row.index] = out.texts[j]
                 columns["finish_reason"][row.index] = out.finish_reasons[j]
                 columns["prompt_tokens"][row.index] = len(row.ids)

@@ -1,4 +1,4 @@
-"""The columns each task adds to its output (shared/CONTRACT.md), and how they are appended to the input."""
+"""The columns each task adds to its output, and how they are appended to the input."""
 
 from __future__ import annotations
 
@@ -17,6 +17,21 @@ GENERATION = pa.schema([
     ("completion_tokens", pa.int32()),
 ])
 ERROR = pa.field("error", pa.string())
+
+
+def classification_kind(config) -> str:
+    """"regression", "single_label_classification" or "multi_label_classification", from a classifier's config."""
+    return config.problem_type or ("regression" if config.num_labels == 1 else "single_label_classification")
+
+
+def task_schema(task: str, config, zero_shot: bool = False) -> pa.Schema:
+    """The columns a task adds (before `error`), for a model with this config."""
+    if task == "generate":
+        return GENERATION
+    if zero_shot:
+        return ZERO_SHOT
+    return {"regression": REGRESSION, "single_label_classification": SINGLE_LABEL,
+            "multi_label_classification": MULTI_LABEL}[classification_kind(config)]
 
 
 def added_columns(task_schema: pa.Schema) -> pa.Schema:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,8 @@ TINY = dict(
 )
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
+# model checksums are cached per user; the suite (and the CLI processes it starts) keeps its own cache
+os.environ["PERSIMMON_BATCH_CACHE"] = tempfile.mkdtemp(prefix="persimmon-batch-test-cache-")
 
 
 def hf_config(rope_theta: float = 25000.0, partial_rotary_factor: float = 0.5, rope_scaling: dict | None = None,

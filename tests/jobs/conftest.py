@@ -1,8 +1,14 @@
-"""Fixtures for the job tests: a demo checkpoint and Parquet shards built from real text, and real Ray."""
+"""Fixtures for the job tests (a demo checkpoint and Parquet shards built from real text, real Ray) and helpers
+that run the real CLI in a child process."""
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pyarrow as pa
@@ -10,6 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from jobs.demo import build_demo
+from jobs.manifest import MANIFEST
 
 
 @pytest.fixture(scope="session")
@@ -65,3 +72,83 @@ def node_ports() -> list[str]:
 
     return [f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
             f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}"]
+
+
+@pytest.fixture(scope="session")
+def tiny_classifier(demo_root, tmp_path_factory) -> Path:
+    """A one-layer classifier with the demo's tokenizer: fast enough for 250,000 rows in a test."""
+    import torch
+
+    from persimmon import PersimmonConfig, PersimmonForSequenceClassification
+
+    path = tmp_path_factory.mktemp("tiny")
+    config = PersimmonConfig.from_pretrained(demo_root / "model")
+    config = PersimmonConfig(**{**config.__dict__, "hidden_size": 32, "intermediate_size": 64,
+                                "num_hidden_layers": 1, "num_attention_heads": 2})
+    torch.manual_seed(2)
+    PersimmonForSequenceClassification(config).save_pretrained(path)
+    shutil.copy(demo_root / "model" / "tokenizer.model", path)
+    return path
+
+
+def descendants(pid: int) -> list[int]:
+    """Processes below `pid` (children, grandchildren...), read from /proc: only what this test started."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def process_title(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+BIN = Path(sys.executable).parent
+
+
+def cli(*args, env: dict | None = None, **kwargs) -> subprocess.Popen:
+    return subprocess.Popen([str(BIN / "persimmon-batch"), *map(str, args)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})}, **kwargs)
+
+
+def run(*args, timeout: int = 300) -> subprocess.CompletedProcess:
+    proc = cli(*args)
+    stdout, stderr = proc.communicate(timeout=timeout)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+
+
+def classify(model, input, out, *extra) -> list[str]:
+    return ["classify", "--model", model, "--input", input, "--output", out, *extra]
+
+
+def ids_of(folder: Path, pattern: str = "*.parquet") -> list[int]:
+    return sorted(i for f in folder.glob(pattern) if not f.name.startswith(("_", "."))
+                  for i in pq.read_table(f, columns=["id"]).column("id").to_pylist())
+
+
+def manifest_of(out: Path) -> dict:
+    return json.loads((out / MANIFEST).read_text())
+
+
+def wait_for_commits(out: Path, proc: subprocess.Popen, at_least: int = 1, timeout: float = 240) -> None:
+    """Until the run has committed some shards (it is mid-run: model loaded, work under way)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        assert proc.poll() is None, proc.communicate()
+        if len([p for p in out.glob("part-*.parquet")]) >= at_least:
+            return
+        time.sleep(0.1)
+    raise AssertionError("the run committed nothing in time")

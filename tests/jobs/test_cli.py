@@ -17,8 +17,9 @@ import pytest
 from typer.testing import CliRunner
 
 from jobs.cli import app
-from tests.jobs.conftest import add_shards, node_ports
-from jobs.shards import MANIFEST, SUCCESS, TEMPORARY
+from tests.jobs.conftest import add_shards, node_ports, wait_for_commits
+from jobs.manifest import MANIFEST, SUCCESS
+from jobs.shards import TEMPORARY
 
 BIN = Path(sys.executable).parent
 runner = CliRunner()
@@ -44,8 +45,8 @@ def input_ids(input: Path) -> list[int]:
     (["--text-column", "body"], "text column 'body' not in part-00000.parquet; its columns are ['id', 'text']"),
     (["--input", "{missing}"], "input {missing} does not exist"),
     (["--input", "{empty}"], "no Parquet files in input"),
-    (["--candidate-labels", "onlyone"], "needs at least two non-empty labels"),
-    (["--prompt-template", "x {{text}}"], "--prompt-template applies to zero-shot"),
+    (["--candidate-labels", "onlyone"], "--candidate-labels: needs at least two non-empty labels"),
+    (["--prompt-template", "x {{text}}"], "--prompt-template: applies only to zero-shot classification"),
     (["--actors", "0"], "--actors': Input should be greater than or equal to 1"),
     (["--candidate-labels", "a,b"], "zero-shot classification (--candidate-labels) needs a causal LM, but"),
 ])
@@ -94,17 +95,7 @@ def test_driver_killed_then_rerun_completes_exactly_once(demo):
     add_shards(input, 10)
     args = ["classify", "--model", str(model), "--input", str(input), "--output", str(out), "--batch-rows", "8"]
     proc = cli(*args, start_new_session=True)
-    deadline = time.time() + 240
-    while time.time() < deadline:
-        manifest = out / MANIFEST
-        if manifest.exists():
-            try:
-                states = [s["state"] for s in json.loads(manifest.read_text())["shards"].values()]
-            except (json.JSONDecodeError, KeyError):
-                states = []
-            if 0 < states.count("done") < len(states):
-                break
-        time.sleep(0.2)
+    wait_for_commits(out, proc)  # mid-run: some shards committed, others not
     os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray processes it started
     proc.wait()
     assert not (out / SUCCESS).exists()
@@ -112,6 +103,7 @@ def test_driver_killed_then_rerun_completes_exactly_once(demo):
     stdout, stderr = rerun.communicate(timeout=300)
     assert rerun.returncode == 0, stderr
     assert "already committed" in stdout
+    assert "took the output over from an earlier run: its process is gone" in stdout
     assert ids_in(out) == input_ids(input)
     assert (out / SUCCESS).exists() and not (out / TEMPORARY).exists()
     assert not [p for p in out.rglob("*") if p.name.endswith(".tmp") or TEMPORARY in p.parts]

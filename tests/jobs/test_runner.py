@@ -18,7 +18,8 @@ import pytest
 
 from jobs.runner import JobConflict, run_job
 from tests.jobs.conftest import add_shards
-from jobs.shards import MANIFEST, SUCCESS, TEMPORARY, Manifest, resolve
+from jobs.manifest import MANIFEST, SUCCESS, Manifest
+from jobs.shards import TEMPORARY, resolve
 from jobs.spec import JobSpec, RunnerSettings
 from pipelines import ClassificationPipeline
 
@@ -109,7 +110,7 @@ def test_changed_options_refused_unless_overwrite(ray_local, demo):
     model, input, out = demo
     run_job(spec_for(model, input, out))
     changed = spec_for(model, input, out)
-    changed.options["max_length"] = 16
+    changed.options.max_length = 16
     with pytest.raises(JobConflict, match="another model or options"):
         run_job(changed)
     changed.overwrite = True

@@ -135,7 +135,7 @@ def test_zero_shot_template_must_fit(tmp_path, sentencepiece_model):
     checkpoint(tmp_path, sentencepiece_model, kind="causal")
     with pytest.raises(ValueError, match="the prompt template alone takes .* tokens; max_length is"):
         ClassificationPipeline(tmp_path, candidate_labels=["a", "b"], prompt_template="{text} " + "padding words " * 40)
-    with pytest.raises(ValueError, match="candidate labels must be distinct and non-empty"):
+    with pytest.raises(ValueError, match="candidate_labels: labels must be distinct"):
         ClassificationPipeline(tmp_path, candidate_labels=["a", "a"])
 
 

@@ -74,5 +74,5 @@ def test_bad_arguments(model_dir):
         GenerationPipeline(model_dir, prompt_template="no placeholder")
     with pytest.raises(ValueError, match="leaves no room for a prompt"):
         GenerationPipeline(model_dir, max_new_tokens=500)
-    with pytest.raises(ValueError, match="max_new_tokens must be at least 1"):
+    with pytest.raises(ValueError, match="max_new_tokens: must be at least 1"):
         GenerationPipeline(model_dir, max_new_tokens=0)

@@ -1,0 +1,185 @@
+"""The task options, defined once: type, default, choices, bounds, help, and whether they change the output.
+
+The CLI builds its flags from these dataclasses, a job file's `[options]` table is read into them, the
+pipelines take them, and a job's fingerprint hashes the fields that can change its output (`identity`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+SIDES = ("left", "right")
+CHAT_TEMPLATE = "human: {text}\n\nadept:"
+ZERO_SHOT_TEMPLATE = "human: Which of these labels fits the text best: {labels}?\n\nText: {text}\n\nadept:"
+
+
+def option(default: Any, help: str, *, choices: tuple | None = None, min: float | None = None,
+           max: float | None = None, identity: bool = True, cli: str | None = None, escapes: bool = False) -> Any:
+    """A dataclass field carrying what the CLI, job files and fingerprints need to know about it.
+
+    identity: False for options that cannot change the output (batching, compilation): kept out of the
+    job's fingerprint. cli: "comma" when the flag takes a comma-separated list. escapes: the CLI turns a
+    typed backslash-n into a newline (shells pass it literally)."""
+    meta = {"help": help, "choices": choices, "min": min, "max": max, "identity": identity, "cli": cli,
+            "escapes": escapes}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def default_of(f: dataclasses.Field) -> Any:
+    return f.default_factory() if f.default is dataclasses.MISSING else f.default
+
+
+def _value_type(hint: Any) -> tuple[Any, bool]:
+    """(the type without None, whether None is allowed) for hints like `int | None`."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        return args[0], len(args) < len(typing.get_args(hint))
+    return hint, False
+
+
+def _type_name(kind: Any) -> str:
+    if typing.get_origin(kind) is list:
+        return "a list of strings"
+    return {str: "a string", int: "an integer", float: "a number", bool: "true or false"}[kind]
+
+
+def _accepts(kind: Any, value: Any) -> bool:
+    if typing.get_origin(kind) is list:
+        return isinstance(value, list) and all(isinstance(v, str) for v in value)
+    if kind is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, kind)
+
+
+class Options:
+    """Behaviour shared by every options dataclass (task options and runner settings)."""
+
+    @classmethod
+    def hints(cls) -> dict[str, Any]:
+        return typing.get_type_hints(cls)
+
+    @classmethod
+    def from_mapping(cls, values: dict[str, Any], prefix: str = "", unknown: str = "unknown key") -> tuple[Any, list[str]]:
+        """(instance or None, problems) from a mapping such as a job file's table; every problem is named by
+        its key (`options.max_length: expected an integer, got '2k'`)."""
+        hints = cls.hints()
+        problems, good = [], {}
+        known = [f.name for f in dataclasses.fields(cls)]
+        for key, value in values.items():
+            if key not in known:
+                problems.append(f"{prefix}{key}: {unknown}; known: {sorted(known)}")
+                continue
+            kind, optional = _value_type(hints[key])
+            if not (_accepts(kind, value) or (optional and value is None)):
+                problems.append(f"{prefix}{key}: expected {_type_name(kind)}, got {value!r}")
+                continue
+            good[key] = float(value) if kind is float else value
+        instance = cls(**good)
+        problems += [f"{prefix}{p}" for p in instance.problems()]
+        return (None if problems else instance), problems
+
+    def problems(self) -> list[str]:
+        """Every value out of its choices or bounds, as `name: message`; subclasses add their own checks."""
+        found = []
+        for f in dataclasses.fields(self):
+            value, meta = getattr(self, f.name), f.metadata
+            if value is None or isinstance(value, (list, bool, str)) and not meta.get("choices"):
+                continue
+            if meta.get("choices") and value not in meta["choices"]:
+                found.append(f"{f.name}: expected one of {list(meta['choices'])}, got {value!r}")
+            if meta.get("min") is not None and value < meta["min"]:
+                found.append(f"{f.name}: must be at least {meta['min']}, got {value}")
+            if meta.get("max") is not None and value > meta["max"]:
+                found.append(f"{f.name}: must be at most {meta['max']}, got {value}")
+        return found
+
+    def check(self) -> None:
+        """Raise ValueError listing every problem."""
+        problems = self.problems()
+        if problems:
+            raise ValueError("; ".join(problems))
+
+    def identity(self) -> dict[str, Any]:
+        """The fields that can change the output, defaults filled in: what a fingerprint hashes."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.metadata.get("identity", True)}
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _template_problems(template: str | None) -> list[str]:
+    if template is not None and template.count("{text}") != 1:
+        return [f"prompt_template: must contain {{text}} exactly once, got {template!r}"]
+    return []
+
+
+@dataclass
+class ModelOptions(Options):
+    """What every task needs to load and batch the model."""
+
+    dtype: str = option("auto", "Model dtype; auto = the checkpoint's own (bf16 for Persimmon-8B).", choices=DTYPES)
+    max_length: int | None = option(None, "Tokens per text (default: the model's window).", min=1)
+    batch_tokens: int = option(16384, "Padded tokens per forward pass.", min=1, identity=False)
+
+
+@dataclass
+class ClassifyOptions(ModelOptions):
+    truncation_side: str = option("right", "Which end of a too-long text to drop.", choices=SIDES)
+    threshold: float = option(0.5, "Multi-label: probability above which a label is given.", min=0.0, max=1.0)
+    candidate_labels: list[str] | None = option(
+        None, "a,b,c: zero-shot over these labels with a causal LM.", cli="comma")
+    prompt_template: str | None = option(
+        None, "Zero-shot prompt with {text} and {labels} (default: a question listing the labels).", escapes=True)
+
+    def problems(self) -> list[str]:
+        found = super().problems() + _template_problems(self.prompt_template)
+        labels = self.candidate_labels
+        if labels is not None:
+            if len(labels) < 2 or not all(label.strip() for label in labels):
+                found.append(f"candidate_labels: needs at least two non-empty labels, got {labels!r}")
+            elif len(set(labels)) != len(labels):
+                found.append(f"candidate_labels: labels must be distinct, got {labels!r}")
+        elif self.prompt_template is not None:
+            found.append("prompt_template: applies only to zero-shot classification, which needs candidate labels")
+        return found
+
+    @property
+    def zero_shot(self) -> bool:
+        return bool(self.candidate_labels)
+
+
+@dataclass
+class GenerateOptions(ModelOptions):
+    truncation_side: str = option("left", "Which end of a too-long text to drop.", choices=SIDES)
+    prompt_template: str = option(CHAT_TEMPLATE, "Prompt around each text; {text} is replaced.", escapes=True)
+    max_new_tokens: int = option(64, "Tokens to generate at most per row.", min=1)
+    temperature: float = option(0.0, "0 = greedy.", min=0.0)
+    top_k: int = option(0, "Sample from the k likeliest tokens (0 = all).", min=0)
+    top_p: float = option(1.0, "Nucleus sampling mass, in (0, 1] (1 = off).", min=0.0, max=1.0)
+    seed: int = option(0, "Sampling seed: a row's completion depends on (seed, prompt) only.")
+    stop: list[str] = option([], "Stop string (repeatable); the completion ends before it.", escapes=True)
+    compile: bool | None = option(None, "Compiled decode step (default: on for CUDA).", identity=False)
+
+    def problems(self) -> list[str]:
+        found = super().problems() + _template_problems(self.prompt_template)
+        if self.top_p == 0:
+            found.append("top_p: must be in (0, 1], got 0")
+        return found
+
+    @property
+    def sampling(self):
+        from persimmon import SamplingParams
+
+        return SamplingParams(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, seed=self.seed)
+
+
+TASK_OPTIONS: dict[str, type[ModelOptions]] = {"classify": ClassifyOptions, "generate": GenerateOptions}

@@ -1,0 +1,256 @@
+"""The exactly-once promise where users break it: big shards, overlapping runs, changed inputs, the same job
+from the CLI and a job file, an output inside the input, bad shards, a dying progress actor, corrupt weights,
+SIGTERM. Each test performs the user's action through the real CLI on real Ray and real Parquet."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from typer.testing import CliRunner
+
+from jobs.cli import app
+from jobs.manifest import SUCCESS
+from jobs.shards import TEMPORARY
+from tests.jobs.conftest import (add_shards, classify, cli, descendants, ids_of, manifest_of, process_title, run,
+                                 wait_for_commits)
+
+runner = CliRunner()
+
+
+def test_a_shard_over_the_slicing_threshold_is_sliced_merged_and_rerun(tiny_classifier, tmp_path):
+    """250,000 rows in 3 row groups: over the 200,000-row threshold, so it is split into row-group slices
+    processed as separate units and concatenated into one output file, in input order."""
+    from pipelines import ClassificationPipeline
+
+    n = 250_000
+    input, out = tmp_path / "big", tmp_path / "out"
+    input.mkdir()
+    table = pa.table({"id": pa.array(range(n), pa.int64()), "text": [f"row {i}" for i in range(n)]})
+    pq.write_table(table, input / "events.parquet", row_group_size=100_000)
+    assert pq.ParquetFile(input / "events.parquet").metadata.num_row_groups == 3
+    args = classify(tiny_classifier, input, out, "--dtype", "float32")
+    first = run(*args)
+    assert first.returncode == 0, first.stderr
+    entry = manifest_of(out)["shards"]["events.parquet"]
+    assert entry["state"] == "done" and entry["parts"] == 2 and entry["rows"] == n  # it was sliced
+    result = pq.read_table(out / "events.parquet")
+    assert result.column("id").to_pylist() == list(range(n))  # every row once, in input order
+    reference = ClassificationPipeline(tiny_classifier, dtype="float32")
+    for start in (0, 149_990, n - 10):  # each slice, and across the slice boundary
+        expected = reference(table.slice(start, 10))
+        assert result.slice(start, 10).column("label").to_pylist() == expected.column("label").to_pylist()
+    again = run(*args)
+    assert again.returncode == 0, again.stderr
+    assert "1 done (1 already committed)" in again.stdout
+
+
+def test_overlapping_runs_have_one_owner(demo):
+    """A nightly trigger overlapping a manual run: the second is refused, naming the first; the first
+    finishes with every row once."""
+    model, input, out = demo
+    add_shards(input, 12)
+    args = classify(model, input, out, "--batch-rows", "8")
+    first = cli(*args)
+    wait_for_commits(out, first)
+    second = run(*args, timeout=120)
+    assert second.returncode == 75, second.stderr
+    assert first.poll() is None, "the first run is still running"
+    assert f"pid {first.pid}" in second.stderr and socket.gethostname() in second.stderr
+    assert "Traceback" not in second.stderr and len(second.stderr.strip().splitlines()) == 1
+    stdout, stderr = first.communicate(timeout=300)
+    assert first.returncode == 0, stderr
+    assert ids_of(out) == ids_of(input)
+    assert (out / SUCCESS).exists() and not (out / TEMPORARY).exists()
+    third = run(*args)  # the lease was given back: the next run owns the output and has nothing to do
+    assert third.returncode == 0 and "12 done (12 already committed)" in third.stdout, third.stderr
+
+
+def test_changed_input_is_reprocessed_and_removed_input_reported(demo):
+    model, input, out = demo
+    args = classify(model, input, out)
+    assert run(*args).returncode == 0
+    # part-00001 grows by 5 rows, part-00003 disappears
+    grown = pq.read_table(input / "part-00001.parquet")
+    extra = grown.slice(0, 5).set_column(0, "id", pa.array([9000 + i for i in range(5)], pa.int64()))
+    pq.write_table(pa.concat_tables([grown, extra]), input / "part-00001.parquet")
+    (input / "part-00003.parquet").unlink()
+    untouched = (out / "part-00000.parquet").stat().st_mtime_ns
+    rerun = run(*args)
+    assert rerun.returncode == 0, rerun.stderr
+    assert "part-00001.parquet changed since its output was committed: reprocessed" in rerun.stdout
+    assert "part-00003.parquet is no longer in the input; its output is kept (--overwrite removes it)" in rerun.stdout
+    assert ids_of(out, "part-00001.parquet") == ids_of(input, "part-00001.parquet")  # the 5 new rows are there
+    assert (out / "part-00003.parquet").exists() and (out / SUCCESS).exists()
+    assert (out / "part-00000.parquet").stat().st_mtime_ns == untouched
+    identity = json.loads(pq.read_schema(out / "part-00001.parquet").metadata[b"persimmon_batch.input_identity"])
+    assert identity["rows"] == 65 and identity["size"] == (input / "part-00001.parquet").stat().st_size
+    assert manifest_of(out)["shards"]["part-00001.parquet"]["input_identity"] == identity
+    cleanup = run(*args, "--overwrite")
+    assert cleanup.returncode == 0, cleanup.stderr
+    assert not (out / "part-00003.parquet").exists() and "removed the output of part-00003.parquet" in cleanup.stdout
+    assert ids_of(out) == ids_of(input)
+
+
+def test_same_job_from_the_cli_and_a_job_file_is_one_job(demo, tmp_path):
+    """Defaults written out by the CLI and omitted by a job file, or options that cannot change the output,
+    do not make a different job. Also: an input directory whose name has glob characters, files that
+    discovery skips are counted, and a rerun with nothing to do leaves no _temporary/ behind."""
+    model, demo_input, out = demo
+    input = tmp_path / "tickets[1]"
+    shutil.copytree(demo_input, input)
+    (input / "README.txt").write_text("not data")
+    (input / "_scratch.parquet").write_bytes(b"ignored")
+    (input / ".hidden.parquet").write_bytes(b"ignored")
+    first = run(*classify(model, input, out))
+    assert first.returncode == 0, first.stderr
+    assert "3 files skipped (hidden, _-prefixed or not .parquet)" in first.stdout
+    job = tmp_path / "job.toml"
+    job.write_text(f'name = "triage"\ntask = "classify"\nmodel = "{model}"\ninput = "{input}"\noutput = "{out}"\n')
+    from_file = run("run", job)
+    assert from_file.returncode == 0, from_file.stderr
+    assert "4 done (4 already committed)" in from_file.stdout
+    assert not (out / TEMPORARY).exists()
+    tuned = run(*classify(model, input, out, "--batch-tokens", "512", "--batch-rows", "7", "--actors", "1",
+                          "--dtype", "float32"))  # the demo checkpoint is float32: auto is float32
+    assert tuned.returncode == 0 and "4 done (4 already committed)" in tuned.stdout, tuned.stderr
+    job.write_text(job.read_text() + "\n[options]\nmax_length = 16\n")
+    changed = run("run", job)
+    assert changed.returncode == 2 and "another model or options" in changed.stderr
+
+
+@pytest.mark.parametrize("case", ["same", "inside", "file-parent", "glob-base", "output-is-file", "unwritable"])
+def test_an_output_that_would_overwrite_the_input_or_cannot_be_written_is_refused(demo, case):
+    model, input, out = demo
+    source = input
+    output = {"same": input, "inside": input / "scored", "file-parent": input, "glob-base": input,
+              "output-is-file": input / "part-00000.parquet", "unwritable": Path("/sys/persimmon-batch-out")}[case]
+    if case == "file-parent":
+        source = input / "part-00000.parquet"
+    elif case == "glob-base":
+        source = f"{input}/*.parquet"
+    elif case == "output-is-file":
+        source = input / "part-00001.parquet"
+    elif case == "unwritable":
+        try:
+            os.makedirs(output)
+            os.rmdir(output)
+            pytest.skip("/sys is writable here")
+        except OSError:
+            pass
+    before = {p.name: p.read_bytes() for p in input.iterdir()}
+    result = runner.invoke(app, classify(str(model), str(source), str(output)))
+    assert result.exit_code == 2, result.output
+    assert result.output.startswith("error: ") and len(result.output.strip().splitlines()) == 1, result.output
+    expected = {"same": "overlaps the input", "inside": "overlaps the input", "file-parent": "overlaps the input",
+                "glob-base": "overlaps the input", "output-is-file": "is a file, not a directory",
+                "unwritable": "cannot write to output"}[case]
+    assert expected in result.output
+    assert {p.name: p.read_bytes() for p in input.iterdir()} == before
+
+
+def test_permanent_shard_errors_are_not_retried(demo):
+    model, input, out = demo
+    (input / "a-corrupt.parquet").write_bytes(b"PAR1 this is not parquet at all")
+    pq.write_table(pa.table({"id": [1000], "body": ["wrong column"]}), input / "b-no-text.parquet")
+    pq.write_table(pa.table({"id": [1001], "text": ["a ticket"], "label": ["mine"]}), input / "c-clash.parquet")
+    result = run(*classify(model, input, out))
+    assert result.returncode == 1, result.stderr
+    shards = manifest_of(out)["shards"]
+    reasons = {"a-corrupt.parquet": "not a Parquet file", "b-no-text.parquet": "has no column 'text'",
+               "c-clash.parquet": "already has column(s) ['label']"}
+    for name, reason in reasons.items():
+        assert shards[name]["state"] == "failed" and reason in shards[name]["error"], shards[name]
+        assert shards[name]["attempts"] == 0, "found before any model ran, not retried"
+        assert f"failed: {name}" in result.stdout
+    assert sum(s["state"] == "done" for s in shards.values()) == 4
+    assert ids_of(out) == ids_of(input, "part-*.parquet") and not (out / SUCCESS).exists()
+
+
+def test_a_dead_progress_actor_does_not_decide_the_job(demo):
+    model, input, out = demo
+    add_shards(input, 10)
+    proc = cli(*classify(model, input, out, "--batch-rows", "8"))
+    wait_for_commits(out, proc)
+    victims = [pid for pid in descendants(proc.pid) if "ray::RowCounter" in process_title(pid)]
+    assert victims, "the progress actor runs below this run's driver"
+    for pid in victims:
+        os.kill(pid, signal.SIGKILL)
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr
+    assert "Traceback" not in stderr and "ActorDiedError" not in stderr
+    assert ids_of(out) == ids_of(input) and (out / SUCCESS).exists()
+
+
+def test_a_dead_ray_ends_the_run_and_a_rerun_resumes(demo):
+    model, input, out = demo
+    add_shards(input, 10)
+    args = classify(model, input, out, "--batch-rows", "8")
+    proc = cli(*args)
+    wait_for_commits(out, proc)
+    for pid in descendants(proc.pid):  # the embedded cluster's processes, not the driver
+        if "raylet" in process_title(pid) or "gcs_server" in process_title(pid):
+            os.kill(pid, signal.SIGKILL)
+    stdout, stderr = proc.communicate(timeout=300)
+    # Ray ends a driver whose raylet died itself, with its own message: no traceback of ours, and the
+    # rerun takes the output over from the dead run and finishes it
+    assert proc.returncode != 0 and "Traceback" not in stderr, stderr
+    rerun = run(*args)
+    assert rerun.returncode == 0, rerun.stderr
+    assert ids_of(out) == ids_of(input) and (out / SUCCESS).exists()
+
+
+def test_corrupt_weights_give_error_rows_and_any_weight_change_is_a_new_model(demo, tmp_path):
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    model, input, out = demo
+    broken = tmp_path / "broken"
+    shutil.copytree(model, broken)
+    weights = load_file(broken / "model.safetensors")
+    weights["model.layers.0.mlp.dense_h_to_4h.weight"][0, 0] = float("nan")
+    save_file(weights, broken / "model.safetensors", metadata={"format": "pt"})
+    result = run(*classify(broken, input, out))
+    assert result.returncode == 0, result.stderr
+    table = pq.read_table(out / "part-00000.parquet")
+    assert set(table.column("error").to_pylist()) == {"model produced non-finite scores"}
+    assert "WARNING: 240 of 240 rows got non-finite scores from the model" in result.stderr
+
+    # a change deep inside a weight file (not in its first or last MiB) is another model
+    good, scored = tmp_path / "good", tmp_path / "scored"
+    shutil.copytree(model, good)
+    assert run(*classify(good, input, scored)).returncode == 0
+    path = good / "model.safetensors"
+    size = path.stat().st_size
+    assert size > 4 << 20
+    with open(path, "r+b") as f:
+        f.seek(size // 2)
+        byte = f.read(1)
+        f.seek(size // 2)
+        f.write(bytes([byte[0] ^ 0x01]))
+    assert torch.isfinite(torch.cat([t.flatten() for t in load_file(path).values()])).all()
+    changed = run(*classify(good, input, scored))
+    assert changed.returncode == 2 and "another model or options" in changed.stderr, changed.stdout
+
+
+def test_sigterm_stops_like_ctrl_c_and_a_rerun_resumes(demo):
+    model, input, out = demo
+    add_shards(input, 8)
+    args = classify(model, input, out, "--batch-rows", "8")
+    proc = cli(*args)
+    wait_for_commits(out, proc)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 143, stderr
+    assert "interrupted: rerun the same command to resume" in stdout
+    assert not (out / SUCCESS).exists()
+    rerun = run(*args)
+    assert rerun.returncode == 0, rerun.stderr
+    assert ids_of(out) == ids_of(input) and (out / SUCCESS).exists() and not (out / TEMPORARY).exists()
