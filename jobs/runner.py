@@ -334,8 +334,10 @@ def run_job(spec: JobSpec, stream=None, tty: bool | None = None,
             if started_ray:
                 ray.shutdown()
     finally:
+        # the owner removes every run's temporaries (an actor of a killed run may have written after this run
+        # started); a run that lost the output removes only its own
+        remove_temporaries(out_fs, out_base, lease.holder.run_id if lease.lost else None)
         lease.release()
-        remove_temporaries(out_fs, out_base, lease.holder.run_id)
 
 
 def _result_of(plan: Plan, shards: int, skipped_files: int, takeover: str | None) -> JobResult:

@@ -76,8 +76,9 @@ def store():
             os.environ[key] = value
 
 
-def test_commit_rerun_and_changed_shard_on_s3(store, demo):
-    model, input, _ = demo
+def test_commit_rerun_and_changed_shard_on_s3(store, demo, tiny_classifier):
+    _, input, _ = demo
+    model = tiny_classifier
     store.upload(input, "a/input/")
     args = classify(model, store.uri("a/input/"), store.uri("a/out/"))
     first = run(*args)

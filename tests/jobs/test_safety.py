@@ -73,8 +73,9 @@ def test_overlapping_runs_have_one_owner(demo):
     assert third.returncode == 0 and "12 done (12 already committed)" in third.stdout, third.stderr
 
 
-def test_changed_input_is_reprocessed_and_removed_input_reported(demo):
-    model, input, out = demo
+def test_changed_input_is_reprocessed_and_removed_input_reported(demo, tiny_classifier):
+    _, input, out = demo
+    model = tiny_classifier
     args = classify(model, input, out)
     assert run(*args).returncode == 0
     # part-00001 grows by 5 rows, part-00003 disappears
@@ -99,11 +100,12 @@ def test_changed_input_is_reprocessed_and_removed_input_reported(demo):
     assert ids_of(out) == ids_of(input)
 
 
-def test_same_job_from_the_cli_and_a_job_file_is_one_job(demo, tmp_path):
+def test_same_job_from_the_cli_and_a_job_file_is_one_job(demo, tiny_classifier, tmp_path):
     """Defaults written out by the CLI and omitted by a job file, or options that cannot change the output,
     do not make a different job. Also: an input directory whose name has glob characters, files that
     discovery skips are counted, and a rerun with nothing to do leaves no _temporary/ behind."""
-    model, demo_input, out = demo
+    _, demo_input, out = demo
+    model = tiny_classifier
     input = tmp_path / "tickets[1]"
     shutil.copytree(demo_input, input)
     (input / "README.txt").write_text("not data")
@@ -156,8 +158,9 @@ def test_an_output_that_would_overwrite_the_input_or_cannot_be_written_is_refuse
     assert {p.name: p.read_bytes() for p in input.iterdir()} == before
 
 
-def test_permanent_shard_errors_are_not_retried(demo):
-    model, input, out = demo
+def test_permanent_shard_errors_are_not_retried(demo, tiny_classifier):
+    _, input, out = demo
+    model = tiny_classifier
     (input / "a-corrupt.parquet").write_bytes(b"PAR1 this is not parquet at all")
     pq.write_table(pa.table({"id": [1000], "body": ["wrong column"]}), input / "b-no-text.parquet")
     pq.write_table(pa.table({"id": [1001], "text": ["a ticket"], "label": ["mine"]}), input / "c-clash.parquet")
@@ -189,26 +192,7 @@ def test_a_dead_progress_actor_does_not_decide_the_job(demo):
     assert ids_of(out) == ids_of(input) and (out / SUCCESS).exists()
 
 
-def test_a_dead_ray_ends_the_run_and_a_rerun_resumes(demo):
-    model, input, out = demo
-    add_shards(input, 10)
-    args = classify(model, input, out, "--batch-rows", "8")
-    proc = cli(*args)
-    wait_for_commits(out, proc)
-    for pid in descendants(proc.pid):  # the embedded cluster's processes, not the driver
-        if "raylet" in process_title(pid) or "gcs_server" in process_title(pid):
-            os.kill(pid, signal.SIGKILL)
-    stdout, stderr = proc.communicate(timeout=300)
-    # Ray ends a driver whose raylet died itself, with its own message: no traceback of ours, and the
-    # rerun takes the output over from the dead run and finishes it
-    assert proc.returncode != 0 and "Traceback" not in stderr, stderr
-    rerun = run(*args)
-    assert rerun.returncode == 0, rerun.stderr
-    assert ids_of(out) == ids_of(input) and (out / SUCCESS).exists()
-
-
 def test_corrupt_weights_give_error_rows_and_any_weight_change_is_a_new_model(demo, tmp_path):
-    import torch
     from safetensors.torch import load_file, save_file
 
     model, input, out = demo
@@ -221,13 +205,11 @@ def test_corrupt_weights_give_error_rows_and_any_weight_change_is_a_new_model(de
     assert result.returncode == 0, result.stderr
     table = pq.read_table(out / "part-00000.parquet")
     assert set(table.column("error").to_pylist()) == {"model produced non-finite scores"}
+    assert table.column("label").null_count == table.num_rows
     assert "WARNING: 240 of 240 rows got non-finite scores from the model" in result.stderr
 
     # a change deep inside a weight file (not in its first or last MiB) is another model
-    good, scored = tmp_path / "good", tmp_path / "scored"
-    shutil.copytree(model, good)
-    assert run(*classify(good, input, scored)).returncode == 0
-    path = good / "model.safetensors"
+    path = broken / "model.safetensors"
     size = path.stat().st_size
     assert size > 4 << 20
     with open(path, "r+b") as f:
@@ -235,8 +217,8 @@ def test_corrupt_weights_give_error_rows_and_any_weight_change_is_a_new_model(de
         byte = f.read(1)
         f.seek(size // 2)
         f.write(bytes([byte[0] ^ 0x01]))
-    assert torch.isfinite(torch.cat([t.flatten() for t in load_file(path).values()])).all()
-    changed = run(*classify(good, input, scored))
+    assert load_file(path)  # still a loadable checkpoint
+    changed = run(*classify(broken, input, out))
     assert changed.returncode == 2 and "another model or options" in changed.stderr, changed.stdout
 
 
@@ -250,7 +232,9 @@ def test_sigterm_stops_like_ctrl_c_and_a_rerun_resumes(demo):
     stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 143, stderr
     assert "interrupted: rerun the same command to resume" in stdout
-    assert not (out / SUCCESS).exists()
-    rerun = run(*args)
-    assert rerun.returncode == 0, rerun.stderr
-    assert ids_of(out) == ids_of(input) and (out / SUCCESS).exists() and not (out / TEMPORARY).exists()
+    assert not (out / SUCCESS).exists() and not (out / TEMPORARY).exists()
+    # as after Ctrl-C (test_cli reruns to the end from there): the lease given back, the manifest saying
+    # what is left
+    assert json.loads(next((out / "_lease").iterdir()).read_text())["released"] is True
+    status = runner.invoke(app, ["status", str(out)])
+    assert "incomplete: rerun the job to finish it" in status.output
