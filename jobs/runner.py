@@ -256,6 +256,10 @@ def _stop_on_sigterm() -> None:
         signal.signal(signal.SIGTERM, handler)
 
 
+def _absolute(uri: str) -> str:
+    return uri if "://" in uri else str(Path(uri).resolve())
+
+
 def _output_columns(spec: JobSpec) -> list[str]:
     from persimmon.config import PersimmonConfig
     from pipelines.schema import added_columns, task_schema
@@ -289,7 +293,7 @@ def run_job(spec: JobSpec, stream=None, tty: bool | None = None,
     from persimmon.checkpoint import load_dtype
 
     out_fs, out_base = resolve(spec.output)
-    discovery = discover(spec.input, exclude=out_base)
+    discovery = discover(spec.input, output=(out_fs, out_base))
     check_text_column(spec, discovery)
     _check_output(spec, out_fs, out_base, output_overlap(discovery, out_fs, out_base))
     checksum = model_checksum(spec.model)
@@ -313,7 +317,7 @@ def run_job(spec: JobSpec, stream=None, tty: bool | None = None,
             manifest.data["shards"] = {s: {**e, "state": "pending"} for s, e in manifest.shards.items()}
         manifest.data.update(
             fingerprint=fingerprint, model={"path": str(Path(spec.model).resolve()), "checksum": checksum},
-            spec=spec.to_dict(), package_version=__version__, input=spec.input, output=spec.output,
+            spec=spec.to_dict(), package_version=__version__, input=_absolute(spec.input), output=_absolute(spec.output),
             started_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), lease=lease.holder.describe(),
         )
         plan = plan_run(spec, discovery, manifest, out_fs, out_base, fingerprint, _output_columns(spec))
@@ -433,7 +437,8 @@ class JobRun:
         finally:
             self.progress.close()
             self.result.seconds = time.perf_counter() - processing
-            _finish(self.manifest, self.result, self.result.shards)
+            if not self.result.lost:  # the output is another run's now: its manifest is not ours to write
+                _finish(self.manifest, self.result, self.result.shards)
         return self.result
 
     def _new_actor(self):

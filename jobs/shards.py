@@ -93,10 +93,12 @@ class Discovery:
     files: dict[str, pafs.FileInfo] = field(default_factory=dict)  # shard -> its file info
 
 
-def discover(uri: str, exclude: str | None = None) -> Discovery:
-    """The input's shards, sorted, relative to its base folder; `exclude` (the output) is never input.
-    Raises FileNotFoundError when the input names nothing or holds no Parquet files."""
+def discover(uri: str, output: tuple[pafs.FileSystem, str] | None = None) -> Discovery:
+    """The input's shards, sorted, relative to its base folder; files under `output` (the job's output
+    folder, on its filesystem) are never input. Raises FileNotFoundError when the input names nothing or
+    holds no Parquet files."""
     fs, path = resolve(uri)
+    exclude = output[1] if output is not None and output[0].type_name == fs.type_name else None
     info = fs.get_file_info(path)
     if info.type == pafs.FileType.File:
         base = path.rsplit("/", 1)[0] if "/" in path else ""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import signal
 import subprocess
@@ -144,6 +145,28 @@ def test_actor_killed_mid_shard_is_redone(ray_local, demo):
     assert_exactly_once(out, input)
     attempts = [e.get("attempts", 1) for e in Manifest.load(*resolve(str(out))).shards.values()]
     assert max(attempts) == 2  # the unit in flight was redone once
+
+
+def test_a_run_that_lost_its_lease_commits_nothing_more(ray_local, demo):
+    """Another run took the output over (as it would after this run's heartbeat stalled past the TTL): this
+    run stops before its next commit, keeps what it committed, and says why."""
+    model, input, out = demo
+    add_shards(input, 8)
+
+    def take_over(_shard):
+        lease = out / "_lease"
+        if len(list(lease.iterdir())) == 1:  # what a taker does: create the next generation
+            newest = max(lease.iterdir())
+            taker = {**json.loads(newest.read_text()), "host": "other-host", "pid": 4242, "run_id": "taker"}
+            (lease / f"{int(newest.stem) + 1:012d}.json").write_text(json.dumps(taker))
+            time.sleep(1.0)  # a few heartbeats (lease_ttl 1 s: every 0.25 s)
+
+    result = run_job(spec_for(model, input, out, actors=1, batch_rows=8, lease_ttl=1.0), on_commit=take_over)
+    assert result.lost and "host other-host, pid 4242, run taker" in result.lost and result.exit_code == 75
+    assert 1 <= result.done < 8 and not (out / SUCCESS).exists()
+    committed = sorted(p.name for p in out.glob("part-*.parquet"))
+    assert len(committed) == result.done  # what it committed is kept and recorded, nothing after
+    assert Manifest.load(*resolve(str(out))).counts()["done"] == result.done
 
 
 def test_manifest_of_unreadable_json_is_reported(ray_local, demo):

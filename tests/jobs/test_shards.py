@@ -42,13 +42,13 @@ def test_discovery_takes_existing_paths_literally_and_globs_by_segment(tmp_path)
 def test_the_output_tree_is_never_input(tmp_path):
     shard(tmp_path / "data" / "a.parquet")
     shard(tmp_path / "data" / "scored" / "a.parquet")  # an earlier run's output inside the input
-    found = discover(f"{tmp_path}/data/**/*.parquet", exclude=str(tmp_path / "data" / "scored"))
-    assert found.shards == ["a.parquet"]
     fs, out = resolve(str(tmp_path / "data" / "scored"))
+    found = discover(f"{tmp_path}/data/**/*.parquet", output=(fs, out))
+    assert found.shards == ["a.parquet"]
     assert "overlaps the input" in output_overlap(discover(str(tmp_path / "data")), fs, out)
     assert output_overlap(found, fs, out) is None  # a glob's output beside its matches: allowed
     # an input inside the output folder is not excluded
-    assert discover(str(tmp_path / "data" / "scored"), exclude=str(tmp_path / "data")).shards == ["a.parquet"]
+    assert discover(out, output=(fs, str(tmp_path / "data"))).shards == ["a.parquet"]
 
 
 def test_a_big_shard_is_sliced_by_row_groups_in_order(tmp_path):
