@@ -286,6 +286,11 @@ def status(output: Annotated[str, typer.Argument(help="A job's output directory.
             typer.echo(f"failed: {name}: {entry.get('error')}")
         elif entry.get("state") == "input_removed":
             typer.echo(f"input removed: {name} (its output is kept; rerun with --overwrite to remove it)")
+    from .lease import OutputLease
+
+    holder = OutputLease(fs, base, output).holder_now()
+    if holder:
+        typer.echo(f"running now: {holder}")
     typer.echo("complete" if counts["done"] == total else "incomplete: rerun the job to finish it")
 
 

@@ -241,6 +241,18 @@ class OutputLease:
         return (f"{output} is in use by {who}, last heartbeat {age:.0f} s ago; try again when it ends "
                 f"(its lease goes stale after {ttl:.0f} s without a heartbeat)")
 
+    def holder_now(self) -> str | None:
+        """Who holds the output right now (a live, unreleased lease), for `status`; None when nobody."""
+        generations = self._generations()
+        if not generations:
+            return None
+        newest = max(generations)
+        record = self._load(newest)
+        if self._staleness(record, generations[newest]) is not None or record is None:
+            return None
+        age = time.time() - generations[newest].mtime.timestamp()
+        return f"{Holder.from_record(record).describe()}, last heartbeat {age:.0f} s ago"
+
     def _delete(self, path: str) -> None:
         try:
             self.fs.delete_file(path)

@@ -62,7 +62,9 @@ def test_overlapping_runs_have_one_owner(demo):
     wait_for_commits(out, first)
     second = run(*args, timeout=120)
     assert second.returncode == 75, second.stderr
+    status = runner.invoke(app, ["status", str(out)])
     assert first.poll() is None, "the first run is still running"
+    assert f"running now: host {socket.gethostname()}, pid {first.pid}" in status.output
     assert f"pid {first.pid}" in second.stderr and socket.gethostname() in second.stderr
     assert "Traceback" not in second.stderr and len(second.stderr.strip().splitlines()) == 1
     stdout, stderr = first.communicate(timeout=300)
