@@ -11,10 +11,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 import tempfile
 from pathlib import Path
 
 CHUNK = 8 << 20
+LOUD = 1 << 30  # files big enough that hashing them is worth a line on stderr
 
 
 def cache_dir() -> Path:
@@ -50,6 +52,10 @@ class DigestCache:
     def digest(self, file: Path) -> str:
         key = _file_key(file)
         if key not in self.entries:
+            size = file.stat().st_size
+            if size > LOUD:
+                print(f"computing the checksum of {file} ({size / 1e9:.1f} GB): once, then cached in {self.path}",
+                      file=sys.stderr, flush=True)
             self.entries[key] = file_digest(file)
             self.changed = True
         return self.entries[key]

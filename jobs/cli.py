@@ -193,10 +193,16 @@ def run(
     worst = 0
     for day in dates:
         typer.echo(f"== {raw['name']} for {day}")
-        spec = job_spec(raw, day, overwrite)
+        spec = job_spec(raw, day, overwrite, folder=job.parent)
         if address is not None:
             spec.runner.address = address
-        worst = max(worst, _run(spec, exit_at_end=False))
+        try:  # a date that is refused (no input yet, output busy) does not stop the other dates
+            code = _run(spec, exit_at_end=False)
+        except typer.Exit as exc:
+            code = exc.exit_code
+        worst = max(worst, code)
+        if code >= 128:  # stopped by a signal: the remaining dates are not started
+            break
     if worst:
         raise typer.Exit(worst)
 

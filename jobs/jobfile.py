@@ -2,7 +2,8 @@
 
 Every problem is reported at once, each with its key (`options.max_length: expected an integer, got "2k"`).
 Paths may carry `{date}` / `{ds}` (YYYY-MM-DD) and `{ds_nodash}` (YYYYMMDD): the run's date, from --date,
-else the file's `date` ("today", "yesterday" or YYYY-MM-DD), else today in UTC.
+else the file's `date` ("today", "yesterday" or YYYY-MM-DD), else today in UTC. Relative local paths are
+relative to the job file's folder.
 """
 
 from __future__ import annotations
@@ -96,7 +97,7 @@ def read_job_file(path: str | Path, check_model: bool = True) -> dict[str, Any]:
             problems.append(str(exc))
     model = raw.get("model")
     if check_model and isinstance(model, str) and "://" not in model and "{" not in model:
-        folder = Path(model)
+        folder = Path(local_path(model, path.parent))
         if not folder.is_dir():
             problems.append(f"model: directory {model} does not exist")
         elif not (folder / "config.json").is_file():
@@ -113,11 +114,19 @@ def render(value: str, date: dt.date) -> str:
     return value.replace("{date}", iso).replace("{ds}", iso).replace("{ds_nodash}", iso.replace("-", ""))
 
 
-def job_spec(raw: dict[str, Any], date: dt.date, overwrite: bool = False) -> JobSpec:
-    """The JobSpec for one date of a validated job file."""
+def local_path(value: str, folder: Path | None) -> str:
+    """A relative local path in a job file is relative to the file's folder, wherever `run` is started."""
+    if folder is None or "://" in value or Path(value).is_absolute():
+        return value
+    return str(folder / value)
+
+
+def job_spec(raw: dict[str, Any], date: dt.date, overwrite: bool = False, folder: Path | None = None) -> JobSpec:
+    """The JobSpec for one date of a validated job file; `folder`: the job file's folder."""
     return JobSpec(
-        task=raw["task"], model=render(raw["model"], date), input=render(raw["input"], date),
-        output=render(raw["output"], date), text_column=raw.get("text_column", "text"),
+        task=raw["task"], model=local_path(render(raw["model"], date), folder),
+        input=local_path(render(raw["input"], date), folder), output=local_path(render(raw["output"], date), folder),
+        text_column=raw.get("text_column", "text"),
         options=dict(raw.get("options", {})), runner=RunnerSettings.from_mapping(raw.get("runner", {}))[0],
         name=raw["name"], overwrite=overwrite,
         date=date.isoformat(),

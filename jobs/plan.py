@@ -86,11 +86,11 @@ def plan_run(spec: JobSpec, discovery: Discovery, manifest: Manifest, out_fs: pa
             manifest.mark_failed(shard, final, problem, attempts=0)
             continue
         if final in outputs:
-            meta = committed_metadata(out_fs, out_base, final)
+            meta, rows = committed_metadata(out_fs, out_base, final)
             if meta.get(META_FINGERPRINT, b"").decode() == fingerprint and \
                     json.loads(meta.get(META_IDENTITY, b"null")) == info.identity:
                 manifest.shards[shard] = {**entry, "state": "done", "output": final, "adopted": True,
-                                          "input_identity": info.identity}
+                                          "input_identity": info.identity, "rows": rows}
                 plan.adopted.append(shard)
                 continue
         note = None
@@ -101,19 +101,18 @@ def plan_run(spec: JobSpec, discovery: Discovery, manifest: Manifest, out_fs: pa
         plan.units += plan_units(shard, info, spec.runner.rows_per_unit)
     present = set(discovery.shards)
     for shard, entry in list(manifest.shards.items()):
+        output = entry.get("output", output_name(shard))
         if shard in present:
             continue
-        if spec.overwrite:
-            output = entry.get("output", output_name(shard))
-            if output in outputs:
-                out_fs.delete_file(join(out_base, output))
-                plan.deleted.append(shard)
+        if output not in outputs:
+            manifest.forget(shard)  # nothing of it in the output: nothing to keep or report
+        elif spec.overwrite:
+            out_fs.delete_file(join(out_base, output))
+            plan.deleted.append(shard)
             manifest.forget(shard)
-        elif entry.get("state") in ("done", INPUT_REMOVED):
+        else:  # committed once (whatever its last state), its input gone: the output stays until --overwrite
             entry["state"] = INPUT_REMOVED
             plan.removed.append(shard)
-        else:
-            manifest.forget(shard)  # never committed: nothing to keep
     return plan
 
 

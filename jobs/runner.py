@@ -201,13 +201,13 @@ def reporter(counter):
     return report
 
 
-def connect(address: str | None) -> bool:
-    """Start Ray here (address None) or join a cluster; returns whether this call started Ray."""
+def connect(address: str | None) -> None:
+    """Start Ray here (address None) or join a cluster."""
     if ray.is_initialized():
-        return False
+        return
     if address is None:
         ray.init(address="local", include_dashboard=False, logging_level="WARNING", log_to_driver=True)
-        return True
+        return
     if use_token_auth(address):
         try:  # Ray read its config when imported: have it read the environment again
             from ray._raylet import Config
@@ -222,7 +222,6 @@ def connect(address: str | None) -> bool:
             " (clusters started with `ray start` use token authentication: set RAY_AUTH_TOKEN to the head "
             "node's token, or copy its ~/.ray/auth_token here)")
         raise ConnectionError(f"cannot join the Ray cluster at {address}: {exc}{hint}") from exc
-    return False
 
 
 def actor_layout(spec: JobSpec) -> tuple[int, dict[str, Any], str, int | None]:
@@ -232,10 +231,13 @@ def actor_layout(spec: JobSpec) -> tuple[int, dict[str, Any], str, int | None]:
     r = spec.runner
     if gpus >= 1 and r.gpus_per_actor > 0:
         actors = r.actors or max(1, int(gpus // r.gpus_per_actor))
+        if actors * r.gpus_per_actor > gpus:  # the rest would wait for GPUs forever
+            raise RuntimeError(f"{actors} actors x {r.gpus_per_actor} GPUs each need {actors * r.gpus_per_actor:g} "
+                               f"GPUs; the cluster has {gpus:g}: lower --actors or --gpus-per-actor")
         return actors, {"num_gpus": r.gpus_per_actor, "num_cpus": 1}, "cuda", None
     actors = r.actors or max(1, cpus // CPU_THREADS_PER_ACTOR)
-    threads = max(1, cpus // actors)
-    return actors, {"num_cpus": threads}, "cpu", threads
+    # more actors than CPUs share them (fractional CPUs) rather than wait for CPUs that never come
+    return actors, {"num_cpus": min(cpus / actors, max(1, cpus // actors))}, "cpu", max(1, cpus // actors)
 
 
 _received: list[int] = []  # the stopping signals received (Ray may re-raise ours as a plain KeyboardInterrupt)
@@ -260,11 +262,9 @@ def _absolute(uri: str) -> str:
     return uri if "://" in uri else str(Path(uri).resolve())
 
 
-def _output_columns(spec: JobSpec) -> list[str]:
-    from persimmon.config import PersimmonConfig
+def _output_columns(spec: JobSpec, config) -> list[str]:
     from pipelines.schema import added_columns, task_schema
 
-    config = PersimmonConfig.from_pretrained(spec.model)
     return added_columns(task_schema(spec.task, config, spec.wants_lm and spec.task == "classify")).names
 
 
@@ -291,13 +291,15 @@ def run_job(spec: JobSpec, stream=None, tty: bool | None = None,
     _stop_on_sigterm()
     started = time.perf_counter()
     from persimmon.checkpoint import load_dtype
+    from persimmon.config import PersimmonConfig
 
     out_fs, out_base = resolve(spec.output)
     discovery = discover(spec.input, output=(out_fs, out_base))
     check_text_column(spec, discovery)
     _check_output(spec, out_fs, out_base, output_overlap(discovery, out_fs, out_base))
     checksum = model_checksum(spec.model)
-    fingerprint = spec.fingerprint(checksum, load_dtype(spec.model, spec.options.dtype))
+    config = PersimmonConfig.from_pretrained(spec.model)
+    fingerprint = spec.fingerprint(checksum, load_dtype(spec.model, spec.options.dtype), config)
     lease = OutputLease(out_fs, out_base, spec.output, ttl=spec.runner.lease_ttl)
     try:
         takeover = lease.acquire()
@@ -320,7 +322,7 @@ def run_job(spec: JobSpec, stream=None, tty: bool | None = None,
             spec=spec.to_dict(), package_version=__version__, input=_absolute(spec.input), output=_absolute(spec.output),
             started_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), lease=lease.holder.describe(),
         )
-        plan = plan_run(spec, discovery, manifest, out_fs, out_base, fingerprint, _output_columns(spec))
+        plan = plan_run(spec, discovery, manifest, out_fs, out_base, fingerprint, _output_columns(spec, config))
         remove_temporaries(out_fs, out_base)  # every earlier run's: this run owns the output now
         manifest.clear_success()
         manifest.save()
@@ -329,13 +331,19 @@ def run_job(spec: JobSpec, stream=None, tty: bool | None = None,
             result.startup_seconds = time.perf_counter() - started
             _finish(manifest, result, len(discovery.shards))
             return result
-        started_ray = connect(spec.runner.address)
-        _stop_on_sigterm()
+        embedded = spec.runner.address is None and not ray.is_initialized()
         try:
+            connect(spec.runner.address)
+            _stop_on_sigterm()
             return JobRun(spec, fingerprint, manifest, lease, discovery, out_fs, out_base, result, started,
                           stream, tty, on_commit).run(plan.units)
+        except SystemExit as exc:  # Ray's own SIGTERM handler, while ray.init runs, exits with the signal
+            if exc.code in (signal.SIGTERM, signal.SIGINT):
+                _received.append(exc.code)
+                raise Interrupted(exc.code) from None
+            raise
         finally:
-            if started_ray:
+            if embedded:  # Ray was started here (even if its start was cut short)
                 ray.shutdown()
     finally:
         # the owner removes every run's temporaries (an actor of a killed run may have written after this run

@@ -2,8 +2,9 @@
 
 Input is a Parquet file, a directory of them or a glob, on any filesystem pyarrow knows (local, s3://,
 gs://, hdfs://). A path that exists is taken literally, glob characters and all; otherwise `*`, `?` and
-`[...]` match within one path segment and `**` across segments. Hidden and `_`-prefixed files and folders,
-and files without the .parquet suffix, are skipped (and counted); the job's output tree never counts as input.
+`[...]` match within one path segment and `**` across segments. Hidden and `_`-prefixed files and folders are
+skipped (and counted), and so are files without the .parquet suffix in a directory (a glob takes every file
+it matches); the job's output tree never counts as input.
 
 Each input shard gets one output file of the same relative name. An attempt writes to a unique name under
 `_temporary/<run id>/` and is committed by moving it to its final name: an atomic rename on local and HDFS
@@ -34,10 +35,15 @@ GLOB_CHARS = "*?["
 
 
 def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
-    """(filesystem, path) for a local path or a URI pyarrow understands."""
+    """(filesystem, path) for a local path or a URI pyarrow understands. Local paths are resolved through
+    symlinks, so an output that is the input under another name is recognised as such."""
     if "://" in uri:
-        return pafs.FileSystem.from_uri(uri)
-    return pafs.LocalFileSystem(), os.path.abspath(uri)
+        fs, path = pafs.FileSystem.from_uri(uri)
+    else:
+        fs, path = pafs.LocalFileSystem(), uri
+    if fs.type_name == "local":
+        path = os.path.realpath(path)
+    return fs, path
 
 
 def join(base: str, rel: str) -> str:
@@ -132,6 +138,12 @@ def discover(uri: str, output: tuple[pafs.FileSystem, str] | None = None) -> Dis
     found.shards.sort()
     if not found.shards:
         raise FileNotFoundError(f"no Parquet files in input {uri}")
+    outputs: dict[str, str] = {}
+    for rel in found.shards:
+        other = outputs.setdefault(output_name(rel), rel)
+        if other != rel:
+            raise ValueError(f"input shards {other} and {rel} would both write output {output_name(rel)}; "
+                             "rename one of them or narrow the input")
     return found
 
 
@@ -243,10 +255,11 @@ def remove_temporaries(fs: pafs.FileSystem, out_base: str, run_id: str | None = 
             pass
 
 
-def committed_metadata(fs: pafs.FileSystem, out_base: str, final: str) -> dict[bytes, bytes]:
-    """The persimmon-batch metadata of a committed output file ({} when unreadable)."""
+def committed_metadata(fs: pafs.FileSystem, out_base: str, final: str) -> tuple[dict[bytes, bytes], int]:
+    """The schema metadata and row count of a committed output file (({}, 0) when unreadable)."""
     try:
         with fs.open_input_file(join(out_base, final)) as f:
-            return pq.ParquetFile(f).schema_arrow.metadata or {}
+            parquet = pq.ParquetFile(f)
+            return parquet.schema_arrow.metadata or {}, parquet.metadata.num_rows
     except Exception:
-        return {}
+        return {}, 0

@@ -102,12 +102,24 @@ class JobSpec:
                     "score.weight; for a causal LM give --candidate-labels (zero-shot)"]
         return []
 
-    def fingerprint(self, model_checksum: str, model_dtype: str) -> str:
+    def fingerprint(self, model_checksum: str, model_dtype: str, config=None) -> str:
         """What determines the output: task, model content, text column, and the options that can change it,
-        defaults filled in; dtype "auto" counts as the checkpoint's own dtype (`model_dtype`)."""
+        defaults filled in; dtype "auto" counts as the checkpoint's own dtype (`model_dtype`). With the
+        model's config, values that change nothing for this model count as their defaults too: a max_length
+        at or past the model's window, a threshold for a model that is not multi-label."""
         options = self.options.identity()
         if options.get("dtype") == "auto":
             options["dtype"] = model_dtype
+        if config is not None:
+            window = config.max_position_embeddings - getattr(self.options, "max_new_tokens", 0)
+            if not self.wants_lm or self.task == "generate":  # zero-shot also subtracts its labels' tokens
+                if options.get("max_length") is not None and options["max_length"] >= window:
+                    options["max_length"] = None
+            if self.task == "classify" and not self.wants_lm:
+                from pipelines.schema import classification_kind
+
+                if classification_kind(config) != "multi_label_classification":
+                    options.pop("threshold", None)
         payload = json.dumps({"task": self.task, "model": model_checksum, "text_column": self.text_column,
                               "options": options}, sort_keys=True, default=str)
         return hashlib.sha256(payload.encode()).hexdigest()[:16]

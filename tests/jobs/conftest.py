@@ -124,8 +124,8 @@ def cli(*args, env: dict | None = None, **kwargs) -> subprocess.Popen:
                             stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})}, **kwargs)
 
 
-def run(*args, timeout: int = 300) -> subprocess.CompletedProcess:
-    proc = cli(*args)
+def run(*args, timeout: int = 300, **kwargs) -> subprocess.CompletedProcess:
+    proc = cli(*args, **kwargs)
     stdout, stderr = proc.communicate(timeout=timeout)
     return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
 

@@ -132,8 +132,10 @@ def test_runs_per_date_and_backfill(demo_root, tmp_path):
     again = runner.invoke(app, ["run", str(job), "--date", "2026-11-23"])  # a no-op
     assert again.exit_code == 0 and "2 done (2 already committed)" in again.output
     assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.parquet")} == stamps
-    backfill = runner.invoke(app, ["run", str(job), "--from", "2026-11-21", "--to", "2026-11-23"])
-    assert backfill.exit_code == 0, backfill.output
+    # 11-20 has no input yet: that date is refused, the others still run, the worst status is the exit status
+    backfill = runner.invoke(app, ["run", str(job), "--from", "2026-11-20", "--to", "2026-11-23"])
+    assert backfill.exit_code == 2, backfill.output
+    assert "dt=2026-11-20/ does not exist" in backfill.output
     assert backfill.output.count("(0 already committed)") == 2 and backfill.output.count("(2 already committed)") == 1
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["dt=2026-11-21", "dt=2026-11-22", "dt=2026-11-23"]
     for day in ("2026-11-21", "2026-11-22"):

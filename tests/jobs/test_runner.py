@@ -84,7 +84,8 @@ def test_sliced_shards_and_adoption_of_unrecorded_commits(ray_local, demo):
     del manifest.shards["part-00002.parquet"]
     manifest.save()
     again = run_job(spec_for(model, input, out))
-    assert again.skipped == 4 and Manifest.load(fs, base).shards["part-00002.parquet"]["adopted"]
+    adopted = Manifest.load(fs, base).shards["part-00002.parquet"]
+    assert again.skipped == 4 and adopted["adopted"] and adopted["rows"] == 60
 
 
 def test_bad_shards_fail_with_reasons_others_finish(ray_local, demo):

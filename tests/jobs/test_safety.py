@@ -9,7 +9,7 @@ import os
 import shutil
 import signal
 import socket
-from pathlib import Path
+import time
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -79,7 +79,8 @@ def test_changed_input_is_reprocessed_and_removed_input_reported(demo, tiny_clas
     _, input, out = demo
     model = tiny_classifier
     args = classify(model, input, out)
-    assert run(*args).returncode == 0
+    first = run(*args, "--actors", "3")  # more actors than this machine's CPUs: they share them
+    assert first.returncode == 0, first.stderr
     # part-00001 grows by 5 rows, part-00003 disappears
     grown = pq.read_table(input / "part-00001.parquet")
     extra = grown.slice(0, 5).set_column(0, "id", pa.array([9000 + i for i in range(5)], pa.int64()))
@@ -116,33 +117,43 @@ def test_same_job_from_the_cli_and_a_job_file_is_one_job(demo, tiny_classifier, 
     first = run(*classify(model, input, out))
     assert first.returncode == 0, first.stderr
     assert "3 files skipped (hidden, _-prefixed or not .parquet)" in first.stdout
-    job = tmp_path / "job.toml"
-    job.write_text(f'name = "triage"\ntask = "classify"\nmodel = "{model}"\ninput = "{input}"\noutput = "{out}"\n')
-    from_file = run("run", job)
+    job = tmp_path / "job.toml"  # input and output relative to the job file's folder, run from elsewhere
+    job.write_text(f'name = "triage"\ntask = "classify"\nmodel = "{model}"\ninput = "{input.name}"\n'
+                   f'output = "{out.name}"\n')
+    from_file = run("run", job, cwd="/")
     assert from_file.returncode == 0, from_file.stderr
     assert "4 done (4 already committed)" in from_file.stdout
     assert not (out / TEMPORARY).exists()
     tuned = run(*classify(model, input, out, "--batch-tokens", "512", "--batch-rows", "7", "--actors", "1",
-                          "--dtype", "float32"))  # the demo checkpoint is float32: auto is float32
+                          "--dtype", "float32",  # the demo checkpoint is float32: auto is float32
+                          "--max-length", "1024", "--threshold", "0.7"))  # the window; not a multi-label model
     assert tuned.returncode == 0 and "4 done (4 already committed)" in tuned.stdout, tuned.stderr
     job.write_text(job.read_text() + "\n[options]\nmax_length = 16\n")
-    changed = run("run", job)
+    changed = run("run", job, cwd="/")
     assert changed.returncode == 2 and "another model or options" in changed.stderr
 
 
-@pytest.mark.parametrize("case", ["same", "inside", "file-parent", "glob-base", "output-is-file", "unwritable"])
+REFUSED = {  # case: (input, output, message), paths relative to the test's folder
+    "same": ("input", "input", "overlaps the input"),
+    "inside": ("input", "input/scored", "overlaps the input"),
+    "file-parent": ("input/part-00000.parquet", "input", "overlaps the input"),
+    "glob-base": ("input/*.parquet", "input", "overlaps the input"),
+    "output-symlink-to-input": ("input", "alias", "overlaps the input"),
+    "input-symlink-output-inside": ("alias", "input/scored", "overlaps the input"),
+    "two-shards-one-output": ("input/*", "out", "would both write output"),
+    "output-is-file": ("input/part-00001.parquet", "input/part-00000.parquet", "is a file, not a directory"),
+    "unwritable": ("input", "/sys/persimmon-batch-out", "cannot write to output"),
+}
+
+
+@pytest.mark.parametrize("case", list(REFUSED))
 def test_an_output_that_would_overwrite_the_input_or_cannot_be_written_is_refused(demo, case):
     model, input, out = demo
-    source = input
-    output = {"same": input, "inside": input / "scored", "file-parent": input, "glob-base": input,
-              "output-is-file": input / "part-00000.parquet", "unwritable": Path("/sys/persimmon-batch-out")}[case]
-    if case == "file-parent":
-        source = input / "part-00000.parquet"
-    elif case == "glob-base":
-        source = f"{input}/*.parquet"
-    elif case == "output-is-file":
-        source = input / "part-00001.parquet"
-    elif case == "unwritable":
+    root = input.parent
+    (root / "alias").symlink_to(input, target_is_directory=True)
+    shutil.copy(input / "part-00002.parquet", input / "part-00002")  # glob "*" matches it and part-00002.parquet
+    source, output, message = REFUSED[case]
+    if case == "unwritable":
         try:
             os.makedirs(output)
             os.rmdir(output)
@@ -150,14 +161,31 @@ def test_an_output_that_would_overwrite_the_input_or_cannot_be_written_is_refuse
         except OSError:
             pass
     before = {p.name: p.read_bytes() for p in input.iterdir()}
-    result = runner.invoke(app, classify(str(model), str(source), str(output)))
+    result = runner.invoke(app, classify(str(model), str(root / source), str(root / output)))
     assert result.exit_code == 2, result.output
     assert result.output.startswith("error: ") and len(result.output.strip().splitlines()) == 1, result.output
-    expected = {"same": "overlaps the input", "inside": "overlaps the input", "file-parent": "overlaps the input",
-                "glob-base": "overlaps the input", "output-is-file": "is a file, not a directory",
-                "unwritable": "cannot write to output"}[case]
-    assert expected in result.output
+    assert message in result.output
     assert {p.name: p.read_bytes() for p in input.iterdir()} == before
+
+
+def test_an_output_of_a_shard_gone_from_the_input_is_reported_whatever_its_last_state(demo, tiny_classifier):
+    """Committed, then broken (failed on the rerun), then deleted: its old output is still the input's
+    shadow, reported and removed only with --overwrite."""
+    _, input, out = demo
+    args = classify(tiny_classifier, input, out)
+    assert run(*args).returncode == 0
+    (input / "part-00001.parquet").write_bytes(b"garbage")
+    broken = run(*args)
+    assert broken.returncode == 1 and "failed: part-00001.parquet: not a Parquet file" in broken.stdout
+    (input / "part-00001.parquet").unlink()
+    gone = run(*args)
+    assert gone.returncode == 0, gone.stderr
+    assert "part-00001.parquet is no longer in the input; its output is kept" in gone.stdout
+    status = runner.invoke(app, ["status", str(out)])
+    assert "input removed: part-00001.parquet" in status.output and "\ncomplete" in status.output
+    cleanup = run(*args, "--overwrite")
+    assert cleanup.returncode == 0 and not (out / "part-00001.parquet").exists(), cleanup.stderr
+    assert ids_of(out) == ids_of(input)
 
 
 def test_permanent_shard_errors_are_not_retried(demo, tiny_classifier):
@@ -240,3 +268,23 @@ def test_sigterm_stops_like_ctrl_c_and_a_rerun_resumes(demo):
     assert json.loads(next((out / "_lease").iterdir()).read_text())["released"] is True
     status = runner.invoke(app, ["status", str(out)])
     assert "incomplete: rerun the job to finish it" in status.output
+
+
+def test_sigterm_while_ray_starts_stops_the_whole_backfill(demo, tmp_path):
+    model, input, _ = demo
+    for day in ("2026-11-01", "2026-11-02"):
+        shutil.copytree(input, tmp_path / "in" / day)
+    job = tmp_path / "job.toml"
+    job.write_text(f'name = "bf"\ntask = "classify"\nmodel = "{model}"\ninput = "in/{{date}}"\n'
+                   f'output = "out/{{date}}"\n')
+    proc = cli("run", job, "--from", "2026-11-01", "--to", "2026-11-02", cwd="/")  # paths: the file's folder
+    deadline = time.time() + 120
+    while not any("gcs_server" in process_title(pid) for pid in descendants(proc.pid)):
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)  # Ray is starting: its own SIGTERM handler may be the one installed
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 143, (stdout, stderr)
+    assert "interrupted: rerun the same command to resume" in stdout + stderr
+    assert "for 2026-11-02" not in stdout and not (tmp_path / "out" / "2026-11-02").exists()
+    assert json.loads(next((tmp_path / "out" / "2026-11-01" / "_lease").iterdir()).read_text())["released"]
