@@ -121,8 +121,8 @@ class ShardWorker:
             rows = 0
             try:
                 batches = parquet.iter_batches(batch_size=self.spec.runner.batch_rows, row_groups=unit.row_groups)
-                for batch in batches:
-                    out = self.pipeline(batch).replace_schema_metadata(metadata)
+                for out in self.pipeline.stream(batches):  # generation overlaps one batch's tail with the next
+                    out = out.replace_schema_metadata(metadata)
                     if writer is None:
                         writer = self._writer(temp, out.schema)
                     writer.write_table(out)

@@ -73,8 +73,10 @@ class KVCache:
         return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
 
     def advance(self, num_tokens: int) -> None:
-        """Mark num_tokens more positions as filled (called once per forward, after every layer wrote)."""
-        self.length += num_tokens
+        """Mark num_tokens more positions as filled (called once per forward, after every layer wrote); in
+        static mode the caller owns the position."""
+        if self.write_index is None:
+            self.length += num_tokens
 
     def write_rows(self, rows: torch.Tensor, start: int, other: "KVCache") -> None:
         """Copy other's filled positions into these batch rows at [start, start + other.length)."""

@@ -75,17 +75,19 @@ def left_align(input_ids: torch.Tensor, attention_mask: torch.Tensor, pad_id: in
     return ids, expected.long()
 
 
+def row_seed(seed: int, key: Sequence[int] | bytes) -> int:
+    """A 63-bit seed from (seed, row key); a key of token ids is hashed as little-endian int64s."""
+    if not isinstance(key, bytes):
+        key = b"".join(int(t).to_bytes(8, "little", signed=True) for t in key)
+    digest = hashlib.blake2b(key, digest_size=8, key=str(seed).encode()).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
 def row_seeds(seed: int, input_ids: torch.Tensor, attention_mask: torch.Tensor, row_keys: Sequence | None) -> list[int]:
-    """One 63-bit seed per row from (seed, row key); the default key is the row's real prompt tokens."""
-    seeds = []
-    for i in range(input_ids.shape[0]):
-        if row_keys is not None:
-            key = repr(row_keys[i]).encode()
-        else:
-            key = input_ids[i][attention_mask[i].bool()].cpu().numpy().astype("<i8").tobytes()
-        digest = hashlib.blake2b(key, digest_size=8, key=str(seed).encode()).digest()
-        seeds.append(int.from_bytes(digest, "little") >> 1)
-    return seeds
+    """One seed per row from (seed, row key); the default key is the row's real prompt tokens."""
+    return [row_seed(seed, repr(row_keys[i]).encode() if row_keys is not None
+                     else input_ids[i][attention_mask[i].bool()].tolist())
+            for i in range(input_ids.shape[0])]
 
 
 def row_uniforms(seeds: list[int], steps: int, device) -> torch.Tensor:

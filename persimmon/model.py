@@ -76,17 +76,18 @@ class PersimmonAttention(nn.Module):
         weights = None
         if output_attentions:
             y, weights = self._eager_attention(q, k, v, mask, dropout)
-        elif T == 1 and dropout == 0.0:
-            # one query per row (a decode step): two small matmuls beat the fused kernel's per-call cost, and
-            # read windows let short rows skip the long rows' left padding in the cache
-            windows = cache.read_windows if cache is not None and cache.read_windows else [(0, B, 0)]
+        elif T == 1 and dropout == 0.0 and cache is not None and cache.read_windows:
+            # one query per row (a decode step of generate()): two small matmuls beat the fused kernel's
+            # per-call cost, and read windows let short rows skip the long rows' left padding in the cache
+            windows = cache.read_windows
             y = torch.cat([
                 self._eager_attention(q[r0:r1], k[r0:r1, :, p0:], v[r0:r1, :, p0:],
                                       None if mask is None else mask[r0:r1, ..., p0:], 0.0)[0]
                 for r0, r1, p0 in windows
             ])
         else:
-            # mask None means plain causal over a fresh sequence (or one query over all keys)
+            # mask None means plain causal over a fresh sequence (or one query over all keys). The fused
+            # kernel reads a strided cache slice in place (the engine's slots), where bf16 matmuls copy it
             y = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=mask is None and T > 1
             )
@@ -271,7 +272,7 @@ class PersimmonModel(PersimmonPreTrainedModel):
         x = self.final_layernorm(x)
         if hidden_states is not None:
             hidden_states.append(x)  # the last entry is the normed output, as in the reference
-        if cache is not None and cache.write_index is None:  # in static mode the caller owns the position
+        if cache is not None:
             cache.advance(T)
         return PersimmonOutput(
             last_hidden_state=x,

@@ -11,11 +11,13 @@ from __future__ import annotations
 import dataclasses
 import time
 from pathlib import Path
+from typing import Iterable, Iterator
 
 import pyarrow as pa
 import torch
 
-from persimmon import KVCache, PersimmonForCausalLM, PersimmonForSequenceClassification, PersimmonTokenizer
+from persimmon import PersimmonForCausalLM, PersimmonForSequenceClassification, PersimmonTokenizer
+from persimmon.engine import prefill_prefix, prefill_rows, shares_prefix
 
 from .batching import (EncodedRow, PipelineStats, check_vocabulary, drop_nonfinite, encode_rows, pad_batch,
                        plan_batches, text_column)
@@ -53,6 +55,9 @@ class ClassificationPipeline:
             self.model = PersimmonForCausalLM.from_pretrained(model_dir, dtype=o.dtype, device=self.device)
             template = o.prompt_template or ZERO_SHOT_TEMPLATE
             self.template = PromptTemplate(template, labels=", ".join(self.candidate_labels))
+            # the question and labels before {text}: prefilled once (its last piece may merge with the text)
+            self.prefix_ids = self.tokenizer.encode(self.template.prefix)[:-1]
+            self.prefix_cache = None
             self.label_ids = [self.tokenizer.encode_continuation(label) for label in self.candidate_labels]
             self.schema = ZERO_SHOT
             self.kind = "zero_shot"
@@ -107,6 +112,11 @@ class ClassificationPipeline:
         self.stats.record(errors, rows, time.perf_counter() - start)
         return append_columns(batch, self.schema, columns, errors)
 
+    def stream(self, batches: Iterable[pa.RecordBatch | pa.Table]) -> Iterator[pa.Table]:
+        """Each input batch's output table, in order (the same interface as GenerationPipeline.stream)."""
+        for batch in batches:
+            yield self(batch)
+
     def _fill_probs(self, columns: dict[str, list], group: list[EncodedRow], probs: torch.Tensor) -> None:
         names = self.candidate_labels or [self.model.config.id2label[i] for i in range(probs.shape[-1])]
         best = probs.argmax(dim=-1).tolist()
@@ -120,13 +130,26 @@ class ClassificationPipeline:
         return self.model(ids, attention_mask=mask).logits.float()
 
     def _zero_shot_probs(self, group: list[EncodedRow]) -> torch.Tensor:
-        """(rows, candidates) probabilities: softmax over each candidate's summed token log-likelihood."""
-        ids, mask = pad_batch(self.tokenizer, group, "left", self.stats.padding, self.device)
-        B, T = ids.shape
-        K = len(self.label_ids)
+        """(rows, candidates) probabilities: softmax over each candidate's summed token log-likelihood. The
+        template's text before `{text}` (the question and the labels) is prefilled once per pipeline; rows
+        whose tokens start with it prefill only the rest."""
+        probs = torch.empty(len(group), len(self.label_ids), device=self.device)
+        for shared in (True, False):
+            members = [i for i, r in enumerate(group) if shares_prefix(r.ids, self.prefix_ids) == shared]
+            if members:
+                start = len(self.prefix_ids) if shared else 0
+                probs[members] = self._zero_shot_part([group[i] for i in members], start)
+        return probs
+
+    def _zero_shot_part(self, group: list[EncodedRow], start: int) -> torch.Tensor:
+        B, K = len(group), len(self.label_ids)
         width = max(len(l) for l in self.label_ids)
-        cache = KVCache.for_model(self.model.config, B, T + width, self.model.dtype, self.device)
-        first = self.model(ids, attention_mask=mask, past_key_values=cache, logits_to_keep=1).logits[:, -1].float()
+        if start and self.prefix_cache is None:
+            self.prefix_cache = prefill_prefix(self.model, self.prefix_ids)
+        ids = [r.ids for r in group]
+        cache, mask, first = prefill_rows(self.model, ids, start, self.prefix_cache if start else None,
+                                          self.tokenizer.padding_id, room=width)
+        self.stats.padding.add(B, mask.shape[1] - start, sum(len(i) - start for i in ids))
         first = torch.log_softmax(first, dim=-1)  # (B, V): the first label token's log-probability
         labels = torch.tensor([l + [0] * (width - len(l)) for l in self.label_ids], device=self.device)  # (K, W)
         label_mask = torch.tensor([[1] * len(l) + [0] * (width - len(l)) for l in self.label_ids], device=self.device)

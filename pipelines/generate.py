@@ -1,23 +1,28 @@
 """GenerationPipeline: a record batch of texts in, the same rows with completion / finish_reason / token counts.
 
-Each text is put into the prompt template, batched by length under a token budget that includes the
-tokens to be generated (they occupy the KV cache too), and generated with persimmon.generate. Sampling is
-seeded per row by its prompt, so a rerun reproduces every completion whatever the batching.
+Each text is put into the prompt template and goes through one continuous-batching engine
+(persimmon.engine): rows take KV-cache slots as others finish, the template's text before `{text}` is
+prefilled once, and a stream of record batches flows through without draining the batch between them.
+Sampling is seeded per row by its prompt, so a rerun reproduces every completion whatever the batching.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterable, Iterator
 
 import pyarrow as pa
 import torch
 
 from persimmon import PersimmonForCausalLM, PersimmonTokenizer, SamplingParams
-from persimmon.generate import FINISH_NONFINITE, generate
+from persimmon.engine import GenerationEngine, Request
+from persimmon.generate import FINISH_NONFINITE
 
-from .batching import NONFINITE, PipelineStats, check_vocabulary, encode_rows, pad_batch, plan_batches, text_column
+from .batching import NONFINITE, PipelineStats, check_vocabulary, encode_rows, text_column
 from .options import GenerateOptions
 from .prompts import PromptTemplate
 from .schema import GENERATION, append_columns
@@ -62,30 +67,87 @@ class GenerationPipeline:
         self.max_length = min(o.max_length or window, window)
         self.template.check_fits(self.tokenizer, self.max_length)
         self.stats = PipelineStats()
+        prefix = self.tokenizer.encode(self.template.prefix)[:-1]  # its last piece may merge with the text
+        self.engine = GenerationEngine(
+            self.model, max_new_tokens, sampling=self.sampling, stop=self.stop, decode=self.tokenizer.decode,
+            token_budget=o.batch_tokens, prefix_ids=prefix, vocab_limit=self.tokenizer.vocab_size,
+            pad_token_id=self.tokenizer.padding_id, compile=o.compile)
+        self._counted = (0, 0, 0)
 
     def _encode(self, text: str) -> tuple[list[int], bool]:
         return self.template.encode(self.tokenizer, text, self.max_length, self.truncation_side)
 
-    @torch.inference_mode()
     def __call__(self, batch: pa.RecordBatch | pa.Table) -> pa.Table:
-        start = time.perf_counter()
-        texts, errors = text_column(batch, self.text_column)
-        rows = encode_rows(texts, errors, self._encode, self.max_length, self.truncation_side)
-        n = len(texts)
-        columns: dict[str, list] = {name: [None] * n for name in GENERATION.names}
-        for group in plan_batches(rows, self.batch_tokens, extra_per_row=self.max_new_tokens):
-            ids, mask = pad_batch(self.tokenizer, group, "left", self.stats.padding, self.device)
-            out = generate(self.model, ids, mask, max_new_tokens=self.max_new_tokens, sampling=self.sampling,
-                           stop=self.stop, decode=self.tokenizer.decode, compile=self.compile)
-            for j, row in enumerate(group):
-                if out.finish_reasons[j] == FINISH_NONFINITE:
-                    errors[row.index] = NONFINITE
+        """One record batch's output (for a stream of batches, `stream` keeps the engine full across them)."""
+        return next(iter(self.stream([batch])))
+
+    def stream(self, batches: Iterable[pa.RecordBatch | pa.Table]) -> Iterator[pa.Table]:
+        """Each input batch's output table, in input order. Rows of every batch go through one engine: the
+        next batch is read as soon as the engine has taken every waiting row into a slot, so one batch's
+        tail overlaps the next one's start. Memory: the engine's slots plus the batches still in flight."""
+        self.engine.reset()  # whatever an interrupted stream left behind
+        pending: collections.deque[_InFlight] = collections.deque()
+        clock = [time.perf_counter()]
+
+        def ready() -> Iterator[pa.Table]:
+            while pending and pending[0].left == 0:
+                entry = pending.popleft()
+                now = time.perf_counter()
+                self.stats.record(entry.errors, entry.rows, now - clock[0])
+                clock[0] = now
+                yield append_columns(entry.batch, GENERATION, entry.columns, entry.errors)
+
+        def drain(completions) -> None:
+            for c in completions:
+                entry, index = c.key
+                entry.left -= 1
+                if c.finish_reason == FINISH_NONFINITE:
+                    entry.errors[index] = NONFINITE
                     self.stats.nonfinite += 1
                     continue
-                columns["completion"][row.index] = out.texts[j]
-                columns["finish_reason"][row.index] = out.finish_reasons[j]
-                columns["prompt_tokens"][row.index] = len(row.ids)
-                columns["completion_tokens"][row.index] = len(out.tokens[j])
-                self.stats.generated_tokens += len(out.tokens[j])
-        self.stats.record(errors, rows, time.perf_counter() - start)
-        return append_columns(batch, GENERATION, columns, errors)
+                entry.columns["completion"][index] = c.text
+                entry.columns["finish_reason"][index] = c.finish_reason
+                entry.columns["prompt_tokens"][index] = c.prompt_tokens
+                entry.columns["completion_tokens"][index] = len(c.tokens)
+                self.stats.generated_tokens += len(c.tokens)
+            self._count_prefill()
+
+        for batch in batches:
+            entry = self._enqueue(batch)
+            pending.append(entry)
+            yield from ready()
+            while self.engine.waiting:  # keep stepping until every queued row holds a slot
+                drain(self.engine.step())
+                yield from ready()
+        while self.engine.busy:
+            drain(self.engine.step())
+            yield from ready()
+        yield from ready()
+
+    def _enqueue(self, batch: pa.RecordBatch | pa.Table) -> "_InFlight":
+        texts, errors = text_column(batch, self.text_column)
+        rows = encode_rows(texts, errors, self._encode, self.max_length, self.truncation_side)
+        entry = _InFlight(batch, errors, rows, {name: [None] * len(texts) for name in GENERATION.names}, len(rows))
+        for row in rows:
+            self.engine.add(Request((entry, row.index), row.ids))
+        return entry
+
+    def _count_prefill(self) -> None:
+        """Prefill tokens (real and padded) from the engine's counters, into the pipeline's padding stats."""
+        now = tuple(self.engine.counters[k] for k in ("prefill_tokens", "prefill_padded_tokens", "prefill_batches"))
+        padding = self.stats.padding
+        padding.real_tokens += now[0] - self._counted[0]
+        padding.padded_tokens += now[1] - self._counted[1]
+        padding.batches += now[2] - self._counted[2]
+        self._counted = now
+
+
+@dataclass(eq=False)
+class _InFlight:
+    """A record batch whose rows are in the engine: its output columns fill in as rows finish."""
+
+    batch: pa.RecordBatch | pa.Table
+    errors: list[str | None]
+    rows: list
+    columns: dict[str, list]
+    left: int  # rows not finished yet

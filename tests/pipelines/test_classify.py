@@ -80,11 +80,13 @@ def test_multi_label_and_regression(tmp_path, sentencepiece_model):
         assert abs(out.column("score")[i].as_py() - float(reference_logits(hf, pipe.tokenizer, text)[0])) < 1e-4
 
 
-def test_zero_shot_equals_full_sequence_likelihood(tmp_path, sentencepiece_model):
+@pytest.mark.parametrize("template", ["{text}\nTopic:", "Of {labels}: {text}\nTopic:"],
+                         ids=["no-prefix", "shared-prefix"])
+def test_zero_shot_equals_full_sequence_likelihood(tmp_path, sentencepiece_model, template):
     hf = checkpoint(tmp_path, sentencepiece_model, kind="causal")
     labels = ["billing question", "bug", "praise for the team"]  # multi-token candidates of different lengths
     pipe = ClassificationPipeline(tmp_path, dtype="float32", candidate_labels=labels, batch_tokens=300,
-                                  prompt_template="{text}\nTopic:")
+                                  prompt_template=template)
     texts = [p[: 30 + 41 * i % 200] for i, p in enumerate(paragraphs()[400:412])]
     out = pipe(pa.table({"text": texts}))
     tok = pipe.tokenizer
@@ -101,6 +103,8 @@ def test_zero_shot_equals_full_sequence_likelihood(tmp_path, sentencepiece_model
         probs = torch.softmax(torch.stack(scores), -1)
         torch.testing.assert_close(torch.tensor(out.column("probs")[i].as_py()), probs, atol=1e-4, rtol=0)
         assert out.column("label")[i].as_py() == labels[int(probs.argmax())]
+    # with a template text before {text}, that text was prefilled once and shared by the rows
+    assert (pipe.prefix_cache is not None) == template.startswith("Of")
 
 
 ZOO = [

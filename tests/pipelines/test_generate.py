@@ -6,6 +6,7 @@ import shutil
 
 import pyarrow as pa
 import pytest
+import torch
 
 from persimmon import SamplingParams
 from persimmon.generate import generate
@@ -76,3 +77,42 @@ def test_bad_arguments(model_dir):
         GenerationPipeline(model_dir, max_new_tokens=500)
     with pytest.raises(ValueError, match="max_new_tokens: must be at least 1"):
         GenerationPipeline(model_dir, max_new_tokens=0)
+
+
+def test_a_stream_of_batches_comes_back_in_order_equal_to_each_row_alone(model_dir):
+    """Three record batches through one engine with room for 3 rows: rows of a batch finish while the next
+    batch's rows start; each output table holds its batch's rows in order, each equal to the row alone."""
+    sampling = SamplingParams(temperature=0.8, seed=5)
+    pipe = GenerationPipeline(model_dir, prompt_template=TEMPLATE, max_new_tokens=10, sampling=sampling,
+                              dtype="float32", batch_tokens=3 * 128)
+    texts = [p[: 20 + 31 * i % 200] for i, p in enumerate(paragraphs()[640:652])]
+    batches = [pa.table({"text": texts[:5], "k": list(range(5))}),
+               pa.table({"text": [None, "", "   "], "k": [5, 6, 7]}),  # no row reaches the engine
+               pa.table({"text": texts[5:], "k": list(range(8, 15))})]
+    outs = list(pipe.stream(iter(batches)))
+    assert [o.column("k").to_pylist() for o in outs] == [b.column("k").to_pylist() for b in batches]
+    assert pipe.engine.slots == 3 and pipe.engine.counters["decode_steps"] > 0
+    tok = pipe.tokenizer
+    completions = [c for o in outs for c in o.column("completion").to_pylist() if c is not None]
+    for text, completion in zip(texts, completions):
+        prompt, _ = pipe.template.encode(tok, text, pipe.max_length, "left")
+        alone = generate(pipe.model, torch.tensor([prompt]), max_new_tokens=10, sampling=sampling, decode=tok.decode)
+        assert completion == alone.texts[0]
+    assert outs[1].column("error").to_pylist() == ["text is null", "text is empty", "text is only whitespace"]
+
+
+def test_a_vocabulary_padded_past_the_tokenizer_never_yields_an_undecodable_id(tmp_path, sentencepiece_model):
+    """Fine-tunes often pad the embedding matrix past the tokenizer: those ids must never be generated."""
+    import sentencepiece as spm
+
+    size = spm.SentencePieceProcessor(model_file=str(sentencepiece_model)).get_piece_size()
+    hf = build_hf_model(tmp_path, "causal", seed=4, vocab_size=size + 64, max_position_embeddings=128)
+    with torch.no_grad():
+        hf.lm_head.weight[size:] *= 40  # the padded ids dominate the distribution
+    hf.save_pretrained(tmp_path)
+    shutil.copyfile(sentencepiece_model, tmp_path / "tokenizer.model")
+    for sampling in (SamplingParams(), SamplingParams(temperature=1.0, seed=2)):
+        pipe = GenerationPipeline(tmp_path, max_new_tokens=12, sampling=sampling, dtype="float32")
+        out = pipe(pa.table({"text": [p[:80] for p in paragraphs()[660:666]]}))
+        assert out.column("error").to_pylist() == [None] * 6
+        assert all(n > 0 for n in out.column("completion_tokens").to_pylist())

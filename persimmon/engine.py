@@ -1,0 +1,422 @@
+"""GenerationEngine: continuous batching over a pool of KV-cache slots.
+
+Rows wait in a queue; whenever slots are free the engine admits waiting rows, prefills them in groups of
+similar length into free slots, and every decode step advances all active slots by one token, each at its
+own position under its own mask. A row that ends (EOS, stop string, length) frees its slot at once: its
+result is handed back and a waiting row takes the slot at the next step, so decode steps stay full instead
+of shrinking to each batch's stragglers.
+
+The pool holds `slots` rows of `capacity` positions per layer, (slots, H, capacity, D); slot s holds one row's
+tokens at [0, length). Active rows always occupy slots [0, active): when a row ends, the last active row's
+cache moves into its slot, so a decode step runs on a prefix of the pool without gathering. The pool is
+sized by a token budget: capacity is the longest row seen (prompt + max_new_tokens, rounded up) and slots =
+budget // capacity; a longer row grows the capacity (and may shrink the slot count) once the active rows fit.
+
+Shared prefix: the prompt template's text before a row's own text is prefilled once; each row whose tokens
+start with it copies those keys and values into its slot and prefills only the rest.
+
+A row's tokens do not depend on its batch-mates, slot, arrival order or budget: positions and masks are per
+row, and sampling draws from the row's own generator seeded by (seed, prompt tokens), as in generate().
+Token ids past `vocab_limit` (a vocabulary padded beyond the tokenizer) are never produced.
+"""
+
+from __future__ import annotations
+
+import collections
+import functools
+import secrets
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Iterator, Sequence
+
+import torch
+
+from .cache import KVCache
+from .generate import (
+    FINISH_EOS,
+    FINISH_LENGTH,
+    FINISH_NONFINITE,
+    FINISH_STOP,
+    SamplingParams,
+    StopChecker,
+    length_groups,
+    row_seed,
+    row_uniforms,
+    sample,
+)
+
+CAPACITY_STEP = 64  # slot capacity is a multiple of this (fewer regrowths, fewer compiled shapes)
+ADMIT_FRACTION = 8  # while decoding, rows are admitted once 1/8 of the slots are free
+
+
+@dataclass
+class Request:
+    key: Any  # the caller's handle, returned with the completion
+    ids: list[int]  # the whole prompt, BOS included, as it tokenizes on its own
+
+
+@dataclass
+class Completion:
+    key: Any
+    tokens: list[int]  # new tokens, up to and including the EOS / stop-completing token
+    finish_reason: str  # "eos" | "stop" | "length" | "nonfinite"
+    text: str | None  # without EOS, cut before a stop string (needs `decode`)
+    prompt_tokens: int
+
+
+@dataclass
+class _Row:
+    request: Request
+    uniforms: torch.Tensor | None  # (max_new_tokens,) float64, the row's own draws
+    tokens: list[int] = field(default_factory=list)
+    finish: str | None = None
+
+    @property
+    def next_position(self) -> int:
+        """Where the last sampled token goes in the cache (the prompt fills [0, len(ids)))."""
+        return len(self.request.ids) + len(self.tokens) - 1
+
+
+class SlotPool:
+    """Keys and values for `slots` rows of `capacity` positions, per layer (slots, H, capacity, D)."""
+
+    def __init__(self, config, slots: int, capacity: int, dtype: torch.dtype, device: torch.device) -> None:
+        shape = (slots, config.num_attention_heads, capacity, config.head_dim)
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
+        self.slots, self.capacity = slots, capacity
+
+    def write(self, slots: torch.Tensor, part: KVCache, width: int) -> None:
+        """Place a prefilled group's positions [0, width) in these slots."""
+        for mine, theirs in ((self.keys, part.keys), (self.values, part.values)):
+            for layer in range(len(mine)):
+                mine[layer][slots, :, :width] = theirs[layer][:, :, :width]
+
+    def move(self, source: int, target: int, length: int) -> None:
+        for buffers in (self.keys, self.values):
+            for buf in buffers:
+                buf[target, :, :length] = buf[source, :, :length]
+
+    def copy_from(self, other: "SlotPool", rows: int, length: int) -> None:
+        for mine, theirs in ((self.keys, other.keys), (self.values, other.values)):
+            for layer in range(len(mine)):
+                mine[layer][:rows, :, :length] = theirs[layer][:rows, :, :length]
+
+
+class SlotBatch:
+    """The cache a decode step sees: the first `rows` slots of a pool, each row writing its one new key and
+    value at its own position and reading positions [0, read). The engine owns the positions."""
+
+    read_windows = None
+
+    def __init__(self, pool: SlotPool, rows: int, positions: torch.Tensor, read: int) -> None:
+        self.pool, self.rows, self.positions, self.read = pool, rows, positions, read
+        self.index = torch.arange(rows, device=positions.device)
+
+    @property
+    def batch_size(self) -> int:
+        return self.rows
+
+    @property
+    def length(self) -> int:
+        return self.read - 1
+
+    def update(self, layer: int, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        keys, values = self.pool.keys[layer], self.pool.values[layer]
+        keys[self.index, :, self.positions] = key[:, :, 0]  # (rows, H, D) at (row, :, its position)
+        values[self.index, :, self.positions] = value[:, :, 0]
+        return keys[: self.rows, :, : self.read], values[: self.rows, :, : self.read]
+
+    def advance(self, num_tokens: int) -> None:
+        pass  # positions are the engine's
+
+
+def prefill_rows(model, rows: Sequence[Sequence[int]], start: int = 0, prefix: KVCache | None = None,
+                 pad: int = 0, room: int = 0) -> tuple[KVCache, torch.Tensor, torch.Tensor]:
+    """Prefill rows whose first `start` tokens are a shared prefix already in `prefix` (its keys and values
+    are copied, not recomputed): the rest of each row goes through the model right-padded. Returns the
+    cache (start + width positions filled, `room` more free), the attention mask over those positions
+    (B, start + width) and each row's last-token logits (B, V) in float32."""
+    device = model.device
+    suffixes = [list(r[start:]) for r in rows]
+    width = max(len(s) for s in suffixes)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros(len(rows), start + width, dtype=torch.long)
+    mask[:, :start] = 1
+    for i, s in enumerate(suffixes):
+        ids[i, : len(s)] = torch.tensor(s)
+        mask[i, start : start + len(s)] = 1
+    ids, mask = ids.to(device), mask.to(device)
+    cache = KVCache.for_model(model.config, len(rows), start + width + room, model.dtype, device)
+    if start:
+        for mine, theirs in ((cache.keys, prefix.keys), (cache.values, prefix.values)):
+            for layer in range(len(mine)):
+                mine[layer][:, :, :start] = theirs[layer][:, :, :start]
+        cache.length = start
+    hidden = model.model(ids, attention_mask=mask, past_key_values=cache).last_hidden_state
+    last = torch.tensor([len(s) - 1 for s in suffixes], device=device)
+    logits = model.lm_head(hidden[torch.arange(len(rows), device=device), last]).float()
+    return cache, mask, logits
+
+
+def prefill_prefix(model, ids: Sequence[int]) -> KVCache:
+    """The keys and values of a prefix that many rows share, computed once (one row)."""
+    cache = KVCache.for_model(model.config, 1, len(ids), model.dtype, model.device)
+    model(torch.tensor([list(ids)], device=model.device), past_key_values=cache, logits_to_keep=1)
+    return cache
+
+
+def shares_prefix(ids: Sequence[int], prefix: Sequence[int] | None) -> bool:
+    """Whether a row's tokens start with the prefix's (and go on past it): a template's text can tokenize
+    differently where the row's own text begins, and such a row is prefilled whole."""
+    return bool(prefix) and len(ids) > len(prefix) and list(ids[: len(prefix)]) == list(prefix)
+
+
+def _slot_decode_step(model, tokens: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, cache: SlotBatch):
+    return model(tokens, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                 logits_to_keep=1).logits[:, -1]
+
+
+@functools.cache
+def _compiled_slot_step():
+    """The decode step under torch.compile; on CUDA "reduce-overhead" replays it as a CUDA graph. Its shapes
+    are the pool's, so it is captured once per pool and reused by every later step and call."""
+    return torch.compile(_slot_decode_step, mode="reduce-overhead", fullgraph=True)
+
+
+class GenerationEngine:
+    def __init__(
+        self,
+        model,
+        max_new_tokens: int,
+        sampling: SamplingParams | None = None,
+        eos_token_id: int | Sequence[int] | None = None,
+        stop: Sequence[str] = (),
+        decode: Callable[[list[int]], str] | None = None,
+        token_budget: int = 16384,
+        max_slots: int = 256,
+        prefix_ids: Sequence[int] | None = None,
+        vocab_limit: int | None = None,
+        pad_token_id: int = 0,
+        compile: bool | None = None,
+    ) -> None:
+        """token_budget: cache positions over all slots (slots x capacity). prefix_ids: tokens most prompts
+        start with (BOS included), prefilled once. vocab_limit: ids at or past it are never produced.
+        compile: decode with a compiled fixed-shape step over the whole pool (CUDA graphs on GPU); None = on
+        for CUDA."""
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+        if stop and decode is None:
+            raise ValueError("stop strings need a decode function (token ids -> text)")
+        self.model, self.config = model, model.config
+        self.device, self.dtype = model.device, model.dtype
+        self.max_new_tokens = max_new_tokens
+        self.sampling = sampling or SamplingParams()
+        eos = self.config.eos_token_id if eos_token_id is None else eos_token_id
+        self.eos_ids = set() if eos is None else {eos} if isinstance(eos, int) else set(eos)
+        self.stopper = StopChecker(stop, decode) if stop else None
+        self.decode = decode
+        self.token_budget, self.max_slots = token_budget, max_slots
+        self.prefix_ids = list(prefix_ids) if prefix_ids and len(prefix_ids) > 1 else None
+        self.prefix_cache: KVCache | None = None
+        self.vocab_limit = vocab_limit if vocab_limit is not None and vocab_limit < self.config.vocab_size else None
+        self.pad = pad_token_id
+        self.static = compile if compile is not None else self.device.type == "cuda"
+        self.seed = None
+        if not self.sampling.greedy:
+            self.seed = self.sampling.seed if self.sampling.seed is not None else secrets.randbits(63)
+        self.waiting: collections.deque[Request] = collections.deque()
+        self.active: list[_Row] = []  # slot i holds active[i]
+        self.pool: SlotPool | None = None
+        self.uniforms: torch.Tensor | None = None  # (slots, max_new_tokens), row i's draws in slot i
+        self.counters = collections.Counter()  # prefill_tokens, prefix_tokens_shared, decode_steps, ...
+        self.seconds = collections.Counter()  # wall time in admission + prefill, and in decode steps
+
+    # -- queue -----------------------------------------------------------------------------------------------
+    def add(self, request: Request) -> None:
+        if not request.ids:
+            raise ValueError(f"request {request.key!r} has no tokens")
+        self.waiting.append(request)
+
+    def reset(self) -> None:
+        """Drop every waiting and active row (the pool, the compiled step and the shared prefix stay)."""
+        self.waiting.clear()
+        self.active.clear()
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.waiting or self.active)
+
+    @property
+    def slots(self) -> int:
+        """Rows decoded together (known once the pool exists; before, the budget's guess)."""
+        return self.pool.slots if self.pool is not None else self.max_slots
+
+    def run(self, requests: Iterable[Request]) -> Iterator[Completion]:
+        """Every request's completion, as they finish (not in request order)."""
+        for request in requests:
+            self.add(request)
+        while self.busy:
+            yield from self.step()
+
+    @torch.inference_mode()
+    def step(self) -> list[Completion]:
+        """Admit and prefill waiting rows into free slots, then advance every active row by one token.
+        Returns the rows that finished."""
+        start = time.perf_counter()
+        done = self._admit()
+        middle = time.perf_counter()
+        if self.active:
+            done += self._decode()
+        self.seconds["prefill"] += middle - start  # on CUDA, kernels still queued count towards the next
+        self.seconds["decode"] += time.perf_counter() - middle
+        return done
+
+    # -- pool ------------------------------------------------------------------------------------------------
+    def _need(self, request: Request) -> int:
+        return len(request.ids) + self.max_new_tokens
+
+    def _layout(self, capacity: int) -> tuple[int, int]:
+        capacity = -(-capacity // CAPACITY_STEP) * CAPACITY_STEP
+        return max(1, min(self.max_slots, self.token_budget // capacity)), capacity
+
+    def _fit(self, request: Request, occupied: int) -> bool:
+        """Whether the pool has a free slot long enough for this request, growing the slots first when the
+        rows in them (`occupied`, all in the active prefix) still fit the new layout; False to wait."""
+        need = self._need(request)
+        if self.pool is not None and need <= self.pool.capacity:
+            return occupied < self.pool.slots
+        if self.pool is None:  # size the first pool by what is waiting now
+            need = max(self._need(r) for r in list(self.waiting)[: self.max_slots])
+        slots, capacity = self._layout(need)
+        if occupied >= slots:
+            return False  # a longer row waits until enough rows finish for the bigger slots to fit the budget
+        pool = SlotPool(self.config, slots, capacity, self.dtype, self.device)
+        uniforms = torch.zeros(slots, self.max_new_tokens, dtype=torch.float64, device=self.device)
+        if self.pool is not None and self.active:
+            pool.copy_from(self.pool, len(self.active), self.pool.capacity)
+            uniforms[: len(self.active)] = self.uniforms[: len(self.active)]
+        self.pool, self.uniforms = pool, uniforms
+        if self.static:
+            for buf in (*pool.keys, *pool.values):
+                torch._dynamo.mark_static_address(buf)
+        self.counters["pools"] += 1
+        return True
+
+    # -- prefill ---------------------------------------------------------------------------------------------
+    def _prefix(self) -> KVCache:
+        if self.prefix_cache is None:
+            self.prefix_cache = prefill_prefix(self.model, self.prefix_ids)
+            self.counters["prefix_prefills"] += 1
+        return self.prefix_cache
+
+    def _admit(self) -> list[Completion]:
+        admitted: list[_Row] = []
+        if self.active and self.pool is not None:
+            # while rows are decoding, admit in groups of at least 1/8 of the slots (or all that wait):
+            # a prefill of one or two short rows costs nearly as much as one of eight
+            free = self.pool.slots - len(self.active)
+            if free < min(max(1, self.pool.slots // ADMIT_FRACTION), len(self.waiting)):
+                return []
+        while self.waiting and self._fit(self.waiting[0], len(self.active) + len(admitted)):
+            request = self.waiting.popleft()
+            uniforms = None
+            if self.seed is not None:
+                uniforms = row_uniforms([row_seed(self.seed, request.ids)], self.max_new_tokens, self.device)[0]
+            admitted.append(_Row(request, uniforms))
+        if not admitted:
+            return []
+        first = len(self.active)
+        self.active += admitted
+        if self.uniforms is not None and self.seed is not None:
+            self.uniforms[first:first + len(admitted)] = torch.stack([r.uniforms for r in admitted])
+        logits = torch.empty(len(admitted), self.config.vocab_size, device=self.device)
+        for shared in (True, False):
+            members = [i for i, r in enumerate(admitted) if shares_prefix(r.request.ids, self.prefix_ids) == shared]
+            if not members:
+                continue
+            start = len(self.prefix_ids) if shared else 0
+            lengths = [len(admitted[i].request.ids) - start for i in members]
+            for group in length_groups(lengths):
+                rows = [members[j] for j in group]
+                logits[rows] = self._prefill([admitted[i] for i in rows], [first + i for i in rows], start)
+        return self._advance(logits, list(range(first, first + len(admitted))))
+
+    def _prefill(self, rows: list[_Row], slots: list[int], start: int) -> torch.Tensor:
+        """Prefill rows into these slots (from `start`, after the shared prefix); their last logits (rows, V)."""
+        ids = [r.request.ids for r in rows]
+        part, _, logits = prefill_rows(self.model, ids, start, self._prefix() if start else None, self.pad)
+        self.pool.write(torch.tensor(slots, device=self.device), part, part.length)
+        width = part.length - start
+        self.counters["prefill_tokens"] += sum(len(i) - start for i in ids)
+        self.counters["prefill_padded_tokens"] += len(rows) * width
+        self.counters["prefill_batches"] += 1
+        self.counters["prefix_tokens_shared"] += start * len(rows)
+        return logits
+
+    # -- decode ----------------------------------------------------------------------------------------------
+    def _decode(self) -> list[Completion]:
+        n = len(self.active)
+        rows = self.pool.slots if self.static else n
+        positions = [r.next_position for r in self.active] + [0] * (rows - n)
+        tokens = [r.tokens[-1] for r in self.active] + [self.pad] * (rows - n)
+        pos = torch.tensor(positions, device=self.device)
+        # keys up to the longest row's position (a strided slice of the slots, read in place by the fused
+        # attention kernel); the compiled step reads whole slots, its shapes fixed
+        read = self.pool.capacity if self.static else max(positions) + 1
+        mask = (torch.arange(read, device=self.device)[None] <= pos[:, None])[:, None, None, :]
+        batch = SlotBatch(self.pool, rows, pos, read)
+        tokens = torch.tensor(tokens, device=self.device)[:, None]
+        step = _compiled_slot_step() if self.static else _slot_decode_step
+        logits = step(self.model, tokens, pos[:, None], mask, batch)[:n].float()
+        self.counters["decode_steps"] += 1
+        self.counters["decode_rows"] += n
+        return self._advance(logits, list(range(n)))
+
+    def _advance(self, logits: torch.Tensor, slots: list[int]) -> list[Completion]:
+        """Sample the next token of the rows in these slots (logits row i for slots[i]); finish and free the
+        rows that end."""
+        finite = torch.isfinite(logits).all(dim=-1)
+        if self.vocab_limit is not None:
+            logits[:, self.vocab_limit:] = float("-inf")
+        uniforms = None
+        if self.seed is not None:
+            index = torch.tensor(slots, device=self.device)
+            steps = torch.tensor([len(self.active[s].tokens) for s in slots], device=self.device)
+            uniforms = self.uniforms[index, steps]
+        chosen = sample(logits, self.sampling, uniforms)
+        chosen = torch.where(finite, chosen, -1).tolist()
+        finished = []
+        for slot, token in zip(slots, chosen):
+            row = self.active[slot]
+            if token < 0:
+                row.finish = FINISH_NONFINITE
+            else:
+                row.tokens.append(token)
+                if token in self.eos_ids:
+                    row.finish = FINISH_EOS
+                elif self.stopper is not None and self.stopper.hit(row.tokens):
+                    row.finish = FINISH_STOP
+                elif len(row.tokens) == self.max_new_tokens:
+                    row.finish = FINISH_LENGTH
+            if row.finish is not None:
+                finished.append(slot)
+        return [self._release(slot) for slot in sorted(finished, reverse=True)]
+
+    def _release(self, slot: int) -> Completion:
+        """The row's completion; the last active row moves into its slot (active rows stay contiguous)."""
+        row = self.active[slot]
+        last = len(self.active) - 1
+        if slot != last:
+            moved = self.active[last]
+            self.pool.move(last, slot, moved.next_position + 1)
+            if self.seed is not None:
+                self.uniforms[slot] = self.uniforms[last]
+            self.active[slot] = moved
+        self.active.pop()
+        text = None
+        if self.decode is not None:
+            text = self.decode([t for t in row.tokens if t not in self.eos_ids])
+            if row.finish == FINISH_STOP:
+                text = self.stopper.cut(text)
+        return Completion(row.request.key, row.tokens, row.finish, text, len(row.request.ids))

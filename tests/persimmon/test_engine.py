@@ -1,0 +1,115 @@
+"""The continuous-batching engine: rows that join mid-decode give the tokens they give alone (greedy and
+sampled), freed slots are reused, a shared prefix changes nothing, the pool grows for a longer row, the
+compiled step equals the eager one and is captured once per pool."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from persimmon import PersimmonForCausalLM, SamplingParams
+from persimmon.engine import GenerationEngine, Request
+from persimmon.generate import generate
+from tests.conftest import build_hf_model
+
+SAMPLED = SamplingParams(temperature=0.9, top_k=40, top_p=0.95, seed=7)
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    path = tmp_path_factory.mktemp("engine")
+    build_hf_model(path, "causal", seed=11, max_position_embeddings=256)
+    return PersimmonForCausalLM.from_pretrained(path)
+
+
+def prompts(n: int = 10, seed: int = 0) -> list[list[int]]:
+    gen = torch.Generator().manual_seed(seed)
+    return [[1] + torch.randint(3, 384, (length,), generator=gen).tolist()
+            for length in torch.randint(2, 60, (n,), generator=gen).tolist()]
+
+
+def alone(model, rows, new, sampling, eos):
+    return [generate(model, torch.tensor([r]), max_new_tokens=new, sampling=sampling, eos_token_id=eos)
+            for r in rows]
+
+
+def frequent_token(model, rows, new) -> int:
+    """A token the rows really emit early on (as EOS it ends rows at different points)."""
+    first = alone(model, rows, new, SamplingParams(), [])
+    return first[0].tokens[0][3]
+
+
+@pytest.mark.parametrize("sampling", [SamplingParams(), SAMPLED], ids=["greedy", "sampled"])
+def test_rows_joining_mid_decode_give_their_tokens_alone(model, sampling):
+    rows, new = prompts(), 16
+    eos = frequent_token(model, rows, new)
+    expected = alone(model, rows, new, sampling, eos)
+    # three slots for ten rows: most rows join while others are mid-decode, into slots freed by EOS/length
+    engine = GenerationEngine(model, new, sampling, eos_token_id=eos, token_budget=3 * 128)
+    done = list(engine.run(Request(i, r) for i, r in enumerate(rows)))
+    assert engine.slots == 3 and engine.counters["pools"] == 1
+    assert sorted(c.key for c in done) == list(range(len(rows)))
+    for c in done:
+        assert c.tokens == expected[c.key].tokens[0], f"row {c.key}"
+        assert c.finish_reason == expected[c.key].finish_reasons[0]
+        assert c.prompt_tokens == len(rows[c.key])
+    assert {"eos", "length"} <= {c.finish_reason for c in done}
+    # the same rows in another order, with another budget: the same tokens
+    engine = GenerationEngine(model, new, sampling, eos_token_id=eos, token_budget=5 * 128)
+    again = {c.key: c.tokens for c in engine.run(Request(i, rows[i]) for i in reversed(range(len(rows))))}
+    assert again == {c.key: c.tokens for c in done}
+
+
+def test_a_shared_prefix_changes_no_token(model):
+    prefix = [1] + list(range(50, 90))
+    rows = [prefix + r[1:] for r in prompts(6, seed=1)] + [[1, 5, 6, 7]]  # the last row does not share it
+    expected = alone(model, rows, 10, SAMPLED, [])
+    engine = GenerationEngine(model, 10, SAMPLED, eos_token_id=[], token_budget=4 * 128, prefix_ids=prefix)
+    got = {c.key: c.tokens for c in engine.run(Request(i, r) for i, r in enumerate(rows))}
+    assert got == {i: e.tokens[0] for i, e in enumerate(expected)}
+    assert engine.counters["prefix_prefills"] == 1 and engine.counters["prefix_tokens_shared"] == 6 * len(prefix)
+
+
+def test_the_pool_grows_for_a_longer_row(model):
+    rows = prompts(4, seed=2) + [[1] + list(range(10, 200))]  # a row longer than the first pool's slots
+    expected = alone(model, rows, 8, SamplingParams(), [])
+    engine = GenerationEngine(model, 8, token_budget=1024)
+    for i, r in enumerate(rows[:4]):
+        engine.add(Request(i, r))
+    got = {c.key: c.tokens for c in engine.step()}
+    capacity = engine.pool.capacity
+    engine.add(Request(4, rows[4]))
+    while engine.busy:
+        got.update({c.key: c.tokens for c in engine.step()})
+    assert engine.pool.capacity > capacity and engine.counters["pools"] == 2
+    assert got == {i: e.tokens[0] for i, e in enumerate(expected)}
+
+
+def test_ids_past_the_vocabulary_limit_are_never_produced(model):
+    rows = prompts(4, seed=3)
+    with torch.no_grad():
+        saved = model.lm_head.weight[300:].clone()
+        model.lm_head.weight[300:] *= 50  # the padded ids would win every argmax
+    try:
+        for sampling in (SamplingParams(), SAMPLED):
+            engine = GenerationEngine(model, 12, sampling, eos_token_id=[], vocab_limit=300)
+            for c in engine.run(Request(i, r) for i, r in enumerate(rows)):
+                assert c.tokens and max(c.tokens) < 300
+    finally:
+        with torch.no_grad():
+            model.lm_head.weight[300:] = saved
+
+
+def test_compiled_step_equals_eager_and_is_captured_once_per_pool(model):
+    from torch._dynamo.utils import counters
+
+    rows, new = prompts(6, seed=4), 10
+    eos = frequent_token(model, rows, new)
+    eager = GenerationEngine(model, new, SAMPLED, eos_token_id=eos, token_budget=3 * 128)
+    expected = {c.key: c.tokens for c in eager.run(Request(i, r) for i, r in enumerate(rows))}
+    compiled = GenerationEngine(model, new, SAMPLED, eos_token_id=eos, token_budget=3 * 128, compile=True)
+    assert {c.key: c.tokens for c in compiled.run(Request(i, r) for i, r in enumerate(rows))} == expected
+    graphs = counters["stats"]["unique_graphs"]
+    # a second call on the same pool replays what was compiled: no new graph
+    assert {c.key: c.tokens for c in compiled.run(Request(i, r) for i, r in enumerate(rows))} == expected
+    assert counters["stats"]["unique_graphs"] == graphs
