@@ -14,7 +14,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from pipelines.options import ClassifyOptions, GenerateOptions, Options, _value_type, default_of
+from pipelines.options import ClassifyOptions, EmbedOptions, GenerateOptions, Options, _value_type, default_of
 
 from .cluster_auth import use_token_auth
 from .manifest import Manifest
@@ -158,6 +158,14 @@ def generate(model: Model, input: Input, output: Output, text_column: TextColumn
              overwrite: Overwrite = False, *, options: GenerateOptions, runner: RunnerSettings) -> None:
     """Generate a completion for every row: completion, finish_reason, prompt_tokens, completion_tokens."""
     _run(JobSpec("generate", str(model), input, output, text_column, options, runner, overwrite=overwrite))
+
+
+@app.command()
+@with_options(options=EmbedOptions, runner=RunnerSettings)
+def embed(model: Model, input: Input, output: Output, text_column: TextColumn = "text",
+          overwrite: Overwrite = False, *, options: EmbedOptions, runner: RunnerSettings) -> None:
+    """Embed every row: `embedding`, the final hidden state pooled at the last real token (or the mean)."""
+    _run(JobSpec("embed", str(model), input, output, text_column, options, runner, overwrite=overwrite))
 
 
 JobFile = Annotated[Path, typer.Argument(help="A job file (TOML).", exists=True, dir_okay=False, resolve_path=True)]

@@ -3,6 +3,7 @@
 The CLI builds one from its flags, `persimmon-batch run JOB.toml` from a job file; both through the same
 typed options (pipelines/options.py) with the same defaults. The options that can change the output go into
 the job's fingerprint, after defaults are filled in; batching, compilation and the runner settings do not.
+Tasks: classify, generate, embed.
 """
 
 from __future__ import annotations
@@ -80,7 +81,8 @@ class JobSpec:
 
     @property
     def wants_lm(self) -> bool:
-        """Generation and zero-shot classification run a causal LM; classification a classifier."""
+        """Generation and zero-shot classification run a causal LM; classification a classifier; embedding
+        runs the base model of either."""
         return self.task == "generate" or bool(getattr(self.options, "zero_shot", False))
 
     def _head_problems(self, model: Path) -> list[str]:
@@ -97,7 +99,7 @@ class JobSpec:
             use = "generate" if self.task == "generate" else "zero-shot classification (--candidate-labels)"
             return [f"{use} needs a causal LM, but {model} is a sequence classifier (it has score.weight, "
                     "no lm_head.weight)"]
-        if not self.wants_lm and "score" not in heads:
+        if self.task == "classify" and not self.wants_lm and "score" not in heads:
             return [f"classification needs a PersimmonForSequenceClassification checkpoint, but {model} has no "
                     "score.weight; for a causal LM give --candidate-labels (zero-shot)"]
         return []

@@ -17,14 +17,14 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import torch
 
-from pipelines import ClassificationPipeline, GenerationPipeline
+from pipelines import ClassificationPipeline, EmbeddingPipeline, GenerationPipeline
 
 from .shards import META_FINGERPRINT, META_IDENTITY, META_INPUT, WorkUnit, join, temporary_name
 from .spec import JobSpec
 
 # the counters a work unit's result carries (summed over slices and over the job by the runner)
 UNIT_COUNTS = ("rows", "errors", "truncated", "real_tokens", "padded_tokens", "generated_tokens", "nonfinite")
-PIPELINES = {"classify": ClassificationPipeline, "generate": GenerationPipeline}
+PIPELINES = {"classify": ClassificationPipeline, "generate": GenerationPipeline, "embed": EmbeddingPipeline}
 
 
 class InputProblem(ValueError):

@@ -33,9 +33,18 @@ class CheckpointError(ValueError):
 
 def weight_files(path: Path, allow_pickle: bool = False) -> tuple[list[Path], bool]:
     """The weight files of a checkpoint directory and whether they are pickles, preferring safetensors."""
+    files, pickled, _ = weight_sources(path, allow_pickle)
+    return files, pickled
+
+
+def weight_sources(path: Path, allow_pickle: bool = False) -> tuple[list[Path], bool, dict[str, set[str]] | None]:
+    """weight_files plus, for an indexed checkpoint, the tensor names the index assigns to each file (by file
+    name). The index is the authority: a file may hold more tensors than it is assigned (a head trained on
+    a linked base model: the base's files still carry its lm_head, the index maps score.weight elsewhere)."""
     if not path.is_dir():
         raise CheckpointError(f"checkpoint directory {path} does not exist")
     for index_name, single_name, pickled in ((SAFE_INDEX, SAFE_WEIGHTS, False), (PICKLE_INDEX, PICKLE_WEIGHTS, True)):
+        assigned = None
         if (path / single_name).is_file():
             files = [path / single_name]
         elif (path / index_name).is_file():
@@ -44,6 +53,9 @@ def weight_files(path: Path, allow_pickle: bool = False) -> tuple[list[Path], bo
             except (json.JSONDecodeError, KeyError, TypeError) as exc:
                 raise CheckpointError(f"{path / index_name} is not a valid shard index: {exc!r}") from exc
             files = [path / name for name in sorted(set(weight_map.values()))]
+            assigned = {}
+            for key, name in weight_map.items():
+                assigned.setdefault(name, set()).add(key)
             missing = [f.name for f in files if not f.is_file()]
             if missing:
                 raise CheckpointError(f"{path / index_name} names shard files that are missing: {missing}")
@@ -54,20 +66,23 @@ def weight_files(path: Path, allow_pickle: bool = False) -> tuple[list[Path], bo
                 f"{path} holds only pickled weights ({files[0].name}); pickles can run code when read. "
                 "Convert them to safetensors, or pass allow_pickle=True to read them with weights_only=True"
             )
-        return files, pickled
+        return files, pickled, assigned
     raise CheckpointError(f"no weights in {path}: expected {SAFE_WEIGHTS} or {SAFE_INDEX}")
 
 
-def _read_tensors(files: list[Path], pickled: bool, device: str):
-    """Yield (name, tensor) from every weight file; safetensors are memory-mapped and read one tensor at a time."""
+def _read_tensors(files: list[Path], pickled: bool, device: str, assigned: dict[str, set[str]] | None = None):
+    """Yield (name, tensor) from every weight file (only the names the index assigns to it, when there is
+    one); safetensors are memory-mapped and read one tensor at a time."""
     for file in files:
+        keep = None if assigned is None else assigned.get(file.name, set())
         if pickled:
             state = torch.load(file, map_location=device, weights_only=True, mmap=True)
-            yield from state.items()
+            yield from ((k, v) for k, v in state.items() if keep is None or k in keep)
             continue
         with _open_safetensors(file, device) as f:
             for name in f.keys():
-                yield name, f.get_tensor(name)
+                if keep is None or name in keep:
+                    yield name, f.get_tensor(name)
 
 
 def _open_safetensors(file: Path, device: str = "cpu"):
@@ -120,7 +135,7 @@ def load_checkpoint(
     config: PersimmonConfig | None = None,
 ):
     config = config if config is not None else PersimmonConfig.from_pretrained(path)
-    files, pickled = weight_files(path, allow_pickle)
+    files, pickled, assigned = weight_sources(path, allow_pickle)
     target = _target_dtype(config, files, pickled, dtype)
     device = torch.device(device)
     with torch.device("meta"):
@@ -132,9 +147,9 @@ def load_checkpoint(
 
     state: dict[str, torch.Tensor] = {}
     unexpected, mismatched = [], []
-    mapper = _key_mapper(set(expected), _all_keys(files, pickled))
+    mapper = _key_mapper(set(expected), _all_keys(files, pickled, assigned))
     load_device = "cpu" if pickled else str(device)
-    for name, tensor in _read_tensors(files, pickled, load_device):
+    for name, tensor in _read_tensors(files, pickled, load_device, assigned):
         if _IGNORED_KEYS.search(name):
             continue
         key = mapper(name)
@@ -169,7 +184,9 @@ def load_checkpoint(
     return model.eval()
 
 
-def _all_keys(files: list[Path], pickled: bool) -> set[str]:
+def _all_keys(files: list[Path], pickled: bool, assigned: dict[str, set[str]] | None = None) -> set[str]:
+    if assigned is not None:
+        return set().union(*assigned.values())
     if pickled:
         return {k for f in files for k in torch.load(f, map_location="meta", weights_only=True, mmap=True)}
     keys: set[str] = set()
@@ -253,6 +270,6 @@ def _atomic_write_text(file: Path, text: str) -> None:
 
 def checkpoint_heads(path: Path, allow_pickle: bool = False) -> set[str]:
     """Which heads a checkpoint carries ("lm_head", "score"), from tensor names only (no weights are read)."""
-    files, pickled = weight_files(Path(path), allow_pickle)
-    keys = _all_keys(files, pickled)
+    files, pickled, assigned = weight_sources(Path(path), allow_pickle)
+    keys = _all_keys(files, pickled, assigned)
     return {head for head in ("lm_head", "score") if f"{head}.weight" in keys}

@@ -182,4 +182,13 @@ class GenerateOptions(ModelOptions):
         return SamplingParams(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, seed=self.seed)
 
 
-TASK_OPTIONS: dict[str, type[ModelOptions]] = {"classify": ClassifyOptions, "generate": GenerateOptions}
+@dataclass
+class EmbedOptions(ModelOptions):
+    truncation_side: str = option("right", "Which end of a too-long text to drop.", choices=SIDES)
+    pooling: str = option("last", "last = the final hidden state at the last real token (what a classifier "
+                                  "head sees); mean = the average over the real tokens.", choices=("last", "mean"))
+    normalize: bool = option(False, "Scale each embedding to unit length (for cosine similarity).")
+
+
+TASK_OPTIONS: dict[str, type[ModelOptions]] = {"classify": ClassifyOptions, "generate": GenerateOptions,
+                                               "embed": EmbedOptions}

@@ -19,6 +19,11 @@ GENERATION = pa.schema([
 ERROR = pa.field("error", pa.string())
 
 
+def embedding_schema(hidden_size: int) -> pa.Schema:
+    """One fixed-size float32 vector per row, the model's hidden size."""
+    return pa.schema([("embedding", pa.list_(pa.float32(), hidden_size))])
+
+
 def classification_kind(config) -> str:
     """"regression", "single_label_classification" or "multi_label_classification", from a classifier's config."""
     return config.problem_type or ("regression" if config.num_labels == 1 else "single_label_classification")
@@ -28,6 +33,8 @@ def task_schema(task: str, config, zero_shot: bool = False) -> pa.Schema:
     """The columns a task adds (before `error`), for a model with this config."""
     if task == "generate":
         return GENERATION
+    if task == "embed":
+        return embedding_schema(config.hidden_size)
     if zero_shot:
         return ZERO_SHOT
     return {"regression": REGRESSION, "single_label_classification": SINGLE_LABEL,
@@ -49,5 +56,6 @@ def append_columns(batch: pa.RecordBatch | pa.Table, task_schema: pa.Schema, col
     if clash:
         raise ValueError(f"the input already has column(s) {clash} that the output adds; rename them first")
     for field in task_schema:
-        table = table.append_column(field, pa.array(columns[field.name], type=field.type))
+        values = columns[field.name]
+        table = table.append_column(field, values if isinstance(values, pa.Array) else pa.array(values, type=field.type))
     return table.append_column(ERROR, pa.array(errors, type=pa.string()))

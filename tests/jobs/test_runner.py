@@ -18,15 +18,15 @@ import pyarrow.parquet as pq
 import pytest
 
 from jobs.runner import JobConflict, run_job
-from tests.jobs.conftest import add_shards
+from tests.jobs.conftest import add_shards, descendants, process_title
 from jobs.manifest import MANIFEST, SUCCESS, Manifest
 from jobs.shards import TEMPORARY, resolve
 from jobs.spec import JobSpec, RunnerSettings
-from pipelines import ClassificationPipeline
+from pipelines import ClassificationPipeline, EmbeddingPipeline
 
 
-def spec_for(model, input, output, **runner) -> JobSpec:
-    return JobSpec("classify", str(model), str(input), str(output), options={"dtype": "float32"},
+def spec_for(model, input, output, task="classify", **runner) -> JobSpec:
+    return JobSpec(task, str(model), str(input), str(output), options={"dtype": "float32"},
                    runner=RunnerSettings(**runner))
 
 
@@ -120,7 +120,8 @@ def test_changed_options_refused_unless_overwrite(ray_local, demo):
     assert result.ok and result.skipped == 0 and result.truncated > 0
 
 
-def test_actor_killed_mid_shard_is_redone(ray_local, demo):
+@pytest.mark.parametrize("task", ["classify", "embed"])
+def test_actor_killed_mid_shard_is_redone(ray_local, demo, task):
     model, input, out = demo
     # more, slower work: 8 shards, one actor, small batches
     add_shards(input, 8)
@@ -132,7 +133,8 @@ def test_actor_killed_mid_shard_is_redone(ray_local, demo):
 
         def kill():
             time.sleep(0.3)  # the actor is inside its next shard by now
-            pids = subprocess.run(["pgrep", "-f", "ray::ShardWorker"], capture_output=True, text=True).stdout.split()
+            # this test's own worker: a descendant of this process (ray.init started the raylet) with its title
+            pids = [p for p in descendants(os.getpid()) if process_title(p).startswith("ray::ShardWorker")]
             for pid in pids:
                 os.kill(int(pid), signal.SIGKILL)
             killed.extend(pids)
@@ -140,7 +142,7 @@ def test_actor_killed_mid_shard_is_redone(ray_local, demo):
         killed.append("scheduled")
         threading.Thread(target=kill).start()
 
-    result = run_job(spec_for(model, input, out, actors=1, batch_rows=8), on_commit=kill_worker_soon)
+    result = run_job(spec_for(model, input, out, task, actors=1, batch_rows=8), on_commit=kill_worker_soon)
     assert len(killed) > 1, "a worker process was killed"
     assert result.ok and result.done == 8
     assert_exactly_once(out, input)
@@ -195,6 +197,25 @@ def test_generate_job_matches_pipeline(ray_local, demo, causal_model):
     expected = pipe(pq.read_table(input / "part-00001.parquet"))
     got = table.filter(pa.compute.is_in(table.column("id"), expected.column("id")))
     assert got.column("completion").to_pylist() == expected.column("completion").to_pylist()
+
+
+def test_embed_job_matches_pipeline_once_and_reruns_nothing(ray_local, demo, causal_model):
+    _, input, out = demo
+    result = run_job(spec_for(causal_model, input, out, "embed"))
+    assert result.ok and result.done == 4 and result.rows == 240
+    table = assert_exactly_once(out, input)
+    assert table.schema.field("embedding").type == pa.list_(pa.float32(), 256)
+    reference = EmbeddingPipeline(causal_model, dtype="float32")(
+        pa.concat_tables([pq.read_table(p) for p in sorted(input.glob("*.parquet"))])).sort_by("id")
+    np.testing.assert_allclose(np.array(table.column("embedding").to_pylist()),
+                               np.array(reference.column("embedding").to_pylist()), atol=1e-5)
+    before = file_digests(out)
+    again = run_job(spec_for(causal_model, input, out, "embed"))
+    assert again.ok and again.skipped == 4 and file_digests(out) == before
+    mean = spec_for(causal_model, input, out, "embed")
+    mean.options.pooling = "mean"
+    with pytest.raises(JobConflict, match="another model or options"):
+        run_job(mean)
 
 
 def test_progress_bar_on_a_terminal():
