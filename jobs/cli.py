@@ -14,7 +14,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from pipelines.options import ClassifyOptions, EmbedOptions, GenerateOptions, Options, _value_type, default_of
+from pipelines.options import (ClassifyOptions, EmbedOptions, GenerateOptions, ModelOptions, Options, _value_type,
+                               default_of)
 
 from .cluster_auth import use_token_auth
 from .manifest import Manifest
@@ -166,6 +167,40 @@ def embed(model: Model, input: Input, output: Output, text_column: TextColumn = 
           overwrite: Overwrite = False, *, options: EmbedOptions, runner: RunnerSettings) -> None:
     """Embed every row: `embedding`, the final hidden state pooled at the last real token (or the mean)."""
     _run(JobSpec("embed", str(model), input, output, text_column, options, runner, overwrite=overwrite))
+
+
+@app.command("train-head")
+@with_options(options=ModelOptions, runner=RunnerSettings)
+def train_head(
+    model: Model,
+    input: Input,
+    label_column: Annotated[str, typer.Option(help="Column holding each row's label (strings, integers or "
+                                                   "booleans; lists of them with --multi-label).")],
+    output: Annotated[Path, typer.Option("--output", help="Directory for the new classifier checkpoint.")],
+    text_column: TextColumn = "text",
+    holdout: Annotated[float, typer.Option(min=0.0, max=0.9, help="Fraction of each label's rows held out to "
+                                                                   "measure the head.")] = 0.1,
+    multi_label: Annotated[bool, typer.Option("--multi-label", help="Rows carry lists of labels: one sigmoid "
+                                                                     "per label.")] = False,
+    seed: Annotated[int, typer.Option(help="Seed of the held-out split.")] = 0,
+    features: Annotated[Optional[str], typer.Option(help="Where the rows' features are computed and kept "
+                                                         "(default: the user cache; required on a cluster).")] = None,
+    penalty: Annotated[Optional[float], typer.Option(min=0.0, help="L2 penalty (default: chosen on a "
+                                                                     "validation part).")] = None,
+    *, options: ModelOptions, runner: RunnerSettings,
+) -> None:
+    """Train a classifier head on a base checkpoint's frozen features of labeled rows; write a new
+    PersimmonForSequenceClassification checkpoint (the base's weights linked, not copied)."""
+    from .train_head import TrainHeadError, TrainHeadSpec, train_head as run_train_head
+
+    spec = TrainHeadSpec(str(model), input, label_column, str(output), text_column, holdout, multi_label, seed,
+                         features, penalty, options, runner)
+    try:
+        run_train_head(spec, lambda embed: _run(embed, exit_at_end=False), typer.echo)
+    except (TrainHeadError, FileNotFoundError) as exc:
+        _fail(str(exc))
+    except RuntimeError as exc:
+        _fail(str(exc), code=1)
 
 
 JobFile = Annotated[Path, typer.Argument(help="A job file (TOML).", exists=True, dir_okay=False, resolve_path=True)]

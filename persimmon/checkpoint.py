@@ -9,8 +9,10 @@ Pickled `pytorch_model*.bin` files are read only on explicit opt-in, and then wi
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -249,8 +251,16 @@ def save_checkpoint(model, path: Path, max_shard_size: int | str = "5GB") -> Non
     _atomic_write_text(path / SAFE_INDEX, json.dumps(index, indent=2) + "\n")
 
 
+def _umask_mode() -> int:
+    """The mode a plain open() would give a new file (mkstemp's are private: 0600)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def _atomic_save(tensors: dict[str, torch.Tensor], file: Path) -> None:
     fd, tmp = tempfile.mkstemp(dir=file.parent, prefix=f".{file.name}.", suffix=".tmp")
+    os.fchmod(fd, _umask_mode())
     os.close(fd)
     try:
         save_file(tensors, tmp, metadata={"format": "pt"})
@@ -262,6 +272,7 @@ def _atomic_save(tensors: dict[str, torch.Tensor], file: Path) -> None:
 
 def _atomic_write_text(file: Path, text: str) -> None:
     fd, tmp = tempfile.mkstemp(dir=file.parent, prefix=f".{file.name}.", suffix=".tmp")
+    os.fchmod(fd, _umask_mode())
     with os.fdopen(fd, "w") as f:
         f.write(text)
     os.replace(tmp, file)
@@ -273,3 +284,61 @@ def checkpoint_heads(path: Path, allow_pickle: bool = False) -> set[str]:
     files, pickled, assigned = weight_sources(Path(path), allow_pickle)
     keys = _all_keys(files, pickled, assigned)
     return {head for head in ("lm_head", "score") if f"{head}.weight" in keys}
+
+
+HEAD_WEIGHTS = "score.safetensors"
+HEAD_KEYS = ("lm_head.weight", "score.weight")
+TOKENIZER_FILES = ("tokenizer.model", "adept_vocab.model", "tokenizer_config.json", "special_tokens_map.json",
+                   "tokenizer.json", "added_tokens.json")
+
+
+def save_with_head(base: str | Path, path: str | Path, weight: torch.Tensor, id2label: dict[int, str],
+                   problem_type: str) -> list[str]:
+    """Write `path` as a PersimmonForSequenceClassification checkpoint: the base's config with these labels,
+    the base's tensors (minus its heads) through an index whose files are symbolic links to the base's own
+    (nothing copied), `score.weight` (num_labels, hidden) in score.safetensors, and the base's tokenizer.
+    transformers' from_pretrained and ours both load it. A base file that carries an old `score.weight` is
+    rewritten without it (transformers reads whole files, and the old head would clash with the new one).
+    Returns notes on what was done (for the user)."""
+    base, path = Path(base).resolve(), Path(path)
+    files, pickled, assigned = weight_sources(base)
+    if pickled:
+        raise CheckpointError(f"{base} holds pickled weights; convert them to safetensors first")
+    config = json.loads((base / "config.json").read_text())
+    hidden = config.get("hidden_size")
+    if tuple(weight.shape) != (len(id2label), hidden):
+        raise ValueError(f"head weight has shape {tuple(weight.shape)}; expected ({len(id2label)}, {hidden})")
+    stored = _stored_dtype(files, pickled)
+    path.mkdir(parents=True, exist_ok=True)
+    notes, weight_map, total = [], {}, 0
+    for file in files:
+        with _open_safetensors(file) as f:
+            present = set(f.keys())
+            keys = [k for k in (assigned.get(file.name, set()) if assigned is not None else present)
+                    if k not in HEAD_KEYS and not _IGNORED_KEYS.search(k)]
+            if not keys:
+                continue
+            name = "base.safetensors" if file.name == SAFE_WEIGHTS else file.name  # an index, not a single file
+            if "score.weight" in present:
+                _atomic_save({k: f.get_tensor(k).contiguous() for k in keys}, path / name)
+                notes.append(f"{file.name} of the base holds its old head: written here without it (a copy, "
+                             "not a link)")
+            else:
+                (path / name).symlink_to(file.resolve())
+            for k in keys:
+                weight_map[k] = name
+                total += math.prod(f.get_slice(k).get_shape()) * stored.itemsize
+    _atomic_save({"score.weight": weight.detach().to("cpu", stored).contiguous()}, path / HEAD_WEIGHTS)
+    weight_map["score.weight"] = HEAD_WEIGHTS
+    total += weight.numel() * stored.itemsize
+    index = {"metadata": {"total_size": total, "base_model": str(base)}, "weight_map": dict(sorted(weight_map.items()))}
+    _atomic_write_text(path / SAFE_INDEX, json.dumps(index, indent=2) + "\n")
+    config.update(architectures=["PersimmonForSequenceClassification"], problem_type=problem_type,
+                  id2label={str(i): label for i, label in id2label.items()},
+                  label2id={label: i for i, label in id2label.items()})
+    config.pop("num_labels", None)  # transformers derives it from id2label
+    _atomic_write_text(path / "config.json", json.dumps(config, indent=2) + "\n")
+    for name in TOKENIZER_FILES:
+        if (base / name).is_file():
+            shutil.copyfile(base / name, path / name)
+    return notes

@@ -1,0 +1,361 @@
+"""train-head: from a base checkpoint and labeled rows to a PersimmonForSequenceClassification checkpoint.
+
+1. The label column is read and checked first (types, nulls, rare labels): cheap, and before any GPU time.
+2. The rows' `last` features come from an ordinary embed job (the runner: on the cluster, exactly once,
+   resumable; a second train-head over the same rows and model finds them done and reuses them).
+3. The head is fitted on the driver (pipelines/head.py), evaluated on a stratified held-out part against
+   the majority-class baseline, and written with the base's weights linked, not copied
+   (persimmon.checkpoint.save_with_head), with metrics.json and a model card.
+"""
+
+from __future__ import annotations
+
+import collections
+import datetime
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipelines.options import EmbedOptions, ModelOptions
+
+from .shards import discover, join, output_name, resolve
+from .spec import JobSpec, RunnerSettings
+
+METRICS = "metrics.json"
+
+
+class TrainHeadError(ValueError):
+    """The labeled input or the arguments cannot give a head; the message says why (one line)."""
+
+
+@dataclass
+class TrainHeadSpec:
+    base: str
+    input: str
+    label_column: str
+    output: str
+    text_column: str = "text"
+    holdout: float = 0.1
+    multi_label: bool = False
+    seed: int = 0
+    features: str | None = None  # where the embed job writes (default: under the cache, for a local run)
+    penalty: float | None = None  # L2 strength (default: chosen on a validation part)
+    options: ModelOptions = field(default_factory=ModelOptions)
+    runner: RunnerSettings = field(default_factory=RunnerSettings)
+
+    def features_dir(self) -> str:
+        if self.features:
+            return self.features
+        if self.runner.address is not None:
+            raise TrainHeadError("on a cluster, give --features DIR: a folder every node can write "
+                                 "(shared storage or an object store URI) for the rows' features")
+        from .checksum import cache_dir
+
+        key = json.dumps([str(Path(self.base).resolve()), _absolute(self.input), self.text_column])
+        return str(cache_dir() / "features" / hashlib.sha256(key.encode()).hexdigest()[:16])
+
+    def embed_spec(self) -> JobSpec:
+        options = EmbedOptions(dtype=self.options.dtype, max_length=self.options.max_length,
+                               batch_tokens=self.options.batch_tokens, pooling="last", normalize=False)
+        # overwrite: the features follow the base model; an earlier model's features are replaced
+        return JobSpec("embed", self.base, self.input, self.features_dir(), self.text_column, options, self.runner,
+                       name="train-head features", overwrite=True)
+
+
+def _absolute(uri: str) -> str:
+    return uri if "://" in uri else str(Path(uri).resolve())
+
+
+# -- labels ---------------------------------------------------------------------------------------------------
+
+def _scalar_kind(kind: pa.DataType) -> bool:
+    if pa.types.is_dictionary(kind):
+        kind = kind.value_type
+    return (pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_integer(kind)
+            or pa.types.is_boolean(kind))
+
+
+def check_label_type(name: str, kind: pa.DataType, multi_label: bool) -> None:
+    if multi_label:
+        if (pa.types.is_list(kind) or pa.types.is_large_list(kind)) and _scalar_kind(kind.value_type):
+            return
+        raise TrainHeadError(f"label column {name!r} holds {kind}; --multi-label needs lists of strings, "
+                             "integers or booleans (one list of labels per row)")
+    if _scalar_kind(kind):
+        return
+    hint = "; for a list of labels per row use --multi-label" if pa.types.is_list(kind) else ""
+    raise TrainHeadError(f"label column {name!r} holds {kind}; expected strings, integers or booleans{hint}")
+
+
+def _name(value: Any) -> str | None:
+    """A label value's name; None for a missing one (null, empty or blank string)."""
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    text = str(value).strip()
+    return text or None
+
+
+def row_labels(values: list, multi_label: bool) -> list[list[str] | None]:
+    """Per row: its label names (one for single-label), or None when it has none (skipped)."""
+    out = []
+    for value in values:
+        if multi_label:
+            names = sorted({n for n in (_name(v) for v in (value or [])) if n is not None})
+            out.append(names or None)
+        else:
+            name = _name(value)
+            out.append(None if name is None else [name])
+    return out
+
+
+def _label_order(names) -> list[str]:
+    """Integers in numeric order, then the rest alphabetically."""
+    def key(name: str):
+        try:
+            return (0, int(name), "")
+        except ValueError:
+            return (1, 0, name)
+    return sorted(names, key=key)
+
+
+@dataclass
+class LabelCheck:
+    counts: collections.Counter
+    rows: int
+    unlabeled: int
+
+
+def check_labels(labels: list[list[str] | None], column: str) -> LabelCheck:
+    counts = collections.Counter(n for row in labels if row for n in row)
+    unlabeled = sum(1 for row in labels if row is None)
+    if not counts:
+        raise TrainHeadError(f"label column {column!r} has no labels: every one of its {len(labels)} rows is "
+                             "null or empty")
+    if len(counts) < 2:
+        only = next(iter(counts))
+        raise TrainHeadError(f"label column {column!r} has one label only ({only!r} on {counts[only]} rows); "
+                             "a classifier needs at least two")
+    rare = sorted(name for name, n in counts.items() if n < 2)
+    if rare:
+        shown = ", ".join(repr(n) for n in rare[:10]) + (f" and {len(rare) - 10} more" if len(rare) > 10 else "")
+        raise TrainHeadError(f"label(s) {shown} of column {column!r} have fewer than 2 rows; give each label at "
+                             "least 2 rows (better dozens) or drop those rows")
+    return LabelCheck(counts, len(labels), unlabeled)
+
+
+def read_input_labels(spec: TrainHeadSpec) -> LabelCheck:
+    """Read and check the label column of every input shard (only that column is read)."""
+    discovery = discover(spec.input)
+    labels: list[list[str] | None] = []
+    for shard in discovery.shards:
+        path = join(discovery.base, shard)
+        try:
+            with discovery.fs.open_input_file(path) as f:
+                parquet = pq.ParquetFile(f)
+                names = parquet.schema_arrow.names
+                if spec.label_column not in names:
+                    raise TrainHeadError(f"input shard {shard} has no column {spec.label_column!r}; its columns "
+                                         f"are {names}")
+                if spec.text_column not in names:
+                    raise TrainHeadError(f"input shard {shard} has no text column {spec.text_column!r}; its "
+                                         f"columns are {names}")
+                check_label_type(spec.label_column, parquet.schema_arrow.field(spec.label_column).type,
+                                 spec.multi_label)
+                values = parquet.read(columns=[spec.label_column]).column(0).to_pylist()
+        except pa.ArrowInvalid as exc:
+            raise TrainHeadError(f"input shard {shard} is not a Parquet file ({exc})") from None
+        labels += row_labels(values, spec.multi_label)
+    return check_labels(labels, spec.label_column)
+
+
+# -- features -------------------------------------------------------------------------------------------------
+
+@dataclass
+class Rows:
+    features: Any  # torch.Tensor (N, hidden)
+    labels: list[list[str]]
+    unlabeled: int
+    unusable: collections.Counter  # error message -> rows whose text gave no features
+
+
+def read_features(spec: TrainHeadSpec) -> Rows:
+    """The embed job's output, in input order: one feature vector per labeled row with a usable text."""
+    import numpy as np
+    import torch
+
+    discovery = discover(spec.input)
+    fs, base = resolve(spec.features_dir())
+    chunks, labels, unlabeled, unusable = [], [], 0, collections.Counter()
+    for shard in discovery.shards:
+        with fs.open_input_file(join(base, output_name(shard))) as f:
+            table = pq.read_table(f, columns=[spec.label_column, "embedding", "error"])
+        row_names = row_labels(table.column(0).to_pylist(), spec.multi_label)
+        errors = table.column("error").to_pylist()
+        embedding = table.column("embedding").combine_chunks()
+        keep = []
+        for i, (names, error) in enumerate(zip(row_names, errors)):
+            if names is None:
+                unlabeled += 1
+            elif error is not None:
+                unusable[error] += 1
+            else:
+                keep.append(i)
+                labels.append(names)
+        if keep:
+            width = embedding.type.list_size
+            flat = embedding.take(pa.array(keep)).flatten().to_numpy(zero_copy_only=False)
+            chunks.append(torch.from_numpy(np.array(flat, dtype=np.float32).reshape(len(keep), width)))  # a copy
+    features = torch.cat(chunks) if chunks else torch.zeros(0, 0)
+    return Rows(features, labels, unlabeled, unusable)
+
+
+# -- the whole command ----------------------------------------------------------------------------------------
+
+def check_output(spec: TrainHeadSpec) -> Path:
+    out, base = Path(spec.output).resolve(), Path(spec.base).resolve()
+    if "://" in spec.output:
+        raise TrainHeadError(f"--output must be a local directory (the new checkpoint links the base's weight "
+                             f"files), got {spec.output}")
+    if out == base or base in out.parents or out in base.parents:
+        raise TrainHeadError(f"--output {spec.output} must be outside the base model {spec.base} (and not contain it)")
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / METRICS).is_file())):
+        raise TrainHeadError(f"--output {spec.output} exists and is not a train-head output; choose a new directory")
+    if not 0 <= spec.holdout < 1:
+        raise TrainHeadError(f"--holdout must be in [0, 1), got {spec.holdout}")
+    return out
+
+
+def train_head(spec: TrainHeadSpec, run_embed: Callable[[JobSpec], int], echo: Callable[[str], None] = print) -> dict:
+    """The whole train-head; run_embed runs the feature job and returns its exit status. Returns the metrics
+    written to metrics.json. Raises TrainHeadError with a one-line message for bad input."""
+    import torch
+
+    from persimmon import __version__
+    from persimmon.checkpoint import checkpoint_heads, save_with_head
+    from persimmon.config import PersimmonConfig
+    from pipelines import head
+
+    out = check_output(spec)
+    checked = read_input_labels(spec)
+    echo(f"labels in {spec.label_column!r}: " + ", ".join(f"{n} {checked.counts[n]}" for n in _label_order(checked.counts))
+         + (f"; {checked.unlabeled} rows without a label are skipped" if checked.unlabeled else ""))
+    base_config = PersimmonConfig.from_pretrained(spec.base)
+    notes = []
+    if "score" in checkpoint_heads(Path(spec.base)):
+        notes.append(f"the base {spec.base} is already a classifier (labels "
+                     f"{list(base_config.id2label.values())}): its head is replaced by the one trained here")
+        echo("note: " + notes[-1])
+    embed = spec.embed_spec()
+    echo(f"features (last-token hidden states) -> {embed.output}")
+    code = run_embed(embed)
+    if code != 0:
+        raise RuntimeError(f"the feature job did not finish (exit {code}); rerun the same command to resume it")
+
+    rows = read_features(spec)
+    if rows.unusable:
+        echo(f"skipped {sum(rows.unusable.values())} labeled rows whose text gave no features: "
+             + "; ".join(f"{message} ({n})" for message, n in rows.unusable.most_common()))
+    checked = check_labels(rows.labels, spec.label_column)  # the rows that are left must still make a task
+    names = _label_order(checked.counts)
+    ids = {n: i for i, n in enumerate(names)}
+    K = len(names)
+    if spec.multi_label:
+        targets = torch.zeros(len(rows.labels), K, dtype=torch.long)
+        for r, row in enumerate(rows.labels):
+            targets[r, [ids[n] for n in row]] = 1
+        groups = [0] * len(rows.labels)
+    else:
+        targets = torch.tensor([ids[row[0]] for row in rows.labels])
+        groups = targets.tolist()
+    kept, held = head.split(groups, spec.holdout, spec.seed)
+    fitted = head.fit_head(rows.features[kept], targets[kept], K, spec.multi_label, spec.penalty, spec.seed)
+    baseline_prediction = head.majority(targets[kept], spec.multi_label, K)
+
+    def evaluate(part):
+        truth = targets[part]
+        got = head.metrics(head.predict(fitted.weight, rows.features[part], spec.multi_label), truth,
+                           spec.multi_label, K)
+        guess = baseline_prediction.expand_as(truth) if spec.multi_label else baseline_prediction.repeat(len(part))
+        return got, head.metrics(guess, truth, spec.multi_label, K)
+
+    train_metrics, _ = evaluate(kept)
+    held_metrics, baseline = evaluate(held) if held else (None, None)
+    problem = "multi_label_classification" if spec.multi_label else "single_label_classification"
+
+    part_counts = {n: {"train": 0, "holdout": 0} for n in names}
+    for part, key in ((kept, "train"), (held, "holdout")):
+        for r in part:
+            for n in rows.labels[r]:
+                part_counts[n][key] += 1
+    metrics = {
+        "base_model": str(Path(spec.base).resolve()), "input": _absolute(spec.input),
+        "label_column": spec.label_column, "text_column": spec.text_column, "problem_type": problem,
+        "labels": names, "label_counts": part_counts, "rows": {"train": len(kept), "holdout": len(held),
+        "skipped_without_label": rows.unlabeled, "skipped_unusable_text": sum(rows.unusable.values())},
+        "holdout_fraction": spec.holdout, "seed": spec.seed, "l2_penalty": fitted.penalty,
+        "features": "last-token final hidden state (after the final LayerNorm)", "feature_dir": embed.output,
+        "train": train_metrics, "holdout": held_metrics, "majority_baseline": baseline,
+        "created_at": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "package_version": __version__, "notes": notes,
+    }
+
+    staging = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        notes += save_with_head(spec.base, staging, fitted.weight, dict(enumerate(names)), problem)
+        (staging / METRICS).write_text(json.dumps(metrics, indent=2) + "\n")
+        (staging / "README.md").write_text(model_card(metrics))
+        if out.exists():
+            old = out.parent / f".{out.name}.old-{os.getpid()}"
+            out.rename(old)
+            staging.rename(out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            staging.rename(out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+    echo(f"trained on {len(kept)} rows, held out {len(held)} (L2 penalty {fitted.penalty:g}); "
+         f"training accuracy {train_metrics['accuracy']:.3f}")
+    if held_metrics is not None:
+        kind = "exact-match accuracy" if spec.multi_label else "accuracy"
+        echo(f"held-out {kind} {held_metrics['accuracy']:.3f}, macro-F1 {held_metrics['macro_f1']:.3f}; "
+             f"majority-class baseline {baseline['accuracy']:.3f}, macro-F1 {baseline['macro_f1']:.3f}")
+    else:
+        echo("no rows held out (--holdout 0): no held-out figures")
+    echo(f"wrote {spec.output}: PersimmonForSequenceClassification, {K} labels, {problem}; the base's weights "
+         f"are linked from {Path(spec.base).resolve()} (keep it in place)")
+    return metrics
+
+
+def model_card(m: dict) -> str:
+    lines = [
+        f"# Persimmon classifier: {m['label_column']}", "",
+        f"A linear head (`score.weight`, no bias, L2 {m['l2_penalty']:g}) trained by `persimmon-batch train-head` "
+        f"on the frozen last-token features of `{m['base_model']}`, whose weights this checkpoint links to "
+        "(its weight files are symbolic links: keep the base in place).", "",
+        f"- task: {m['problem_type']}; labels: {', '.join(m['labels'])}",
+        f"- data: `{m['input']}`, text column `{m['text_column']}`, label column `{m['label_column']}`",
+        f"- rows: {m['rows']['train']} trained on, {m['rows']['holdout']} held out (seed {m['seed']}); skipped: "
+        f"{m['rows']['skipped_without_label']} without a label, {m['rows']['skipped_unusable_text']} unusable texts",
+        "", "| label | train | held out |", "|---|---|---|",
+        *[f"| {n} | {c['train']} | {c['holdout']} |" for n, c in m["label_counts"].items()], "",
+    ]
+    if m["holdout"] is not None:
+        lines += ["| held out | accuracy | macro-F1 |", "|---|---|---|",
+                  f"| this head | {m['holdout']['accuracy']:.3f} | {m['holdout']['macro_f1']:.3f} |",
+                  f"| majority class | {m['majority_baseline']['accuracy']:.3f} | "
+                  f"{m['majority_baseline']['macro_f1']:.3f} |", ""]
+    lines += [f"Created {m['created_at']} with persimmon-batch {m['package_version']}.", ""]
+    for note in m["notes"]:
+        lines.insert(-1, f"Note: {note}.")
+    return "\n".join(lines)

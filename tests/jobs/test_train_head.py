@@ -1,0 +1,142 @@
+"""persimmon-batch train-head through the real CLI (real Ray, Parquet, safetensors); transformers loads what
+it writes and gives the same probabilities as our classifier."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from tests.jobs.conftest import ids_of, run
+
+GREEK = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda sigma omega".split()
+COLORS = "red green blue yellow purple orange black white brown pink grey violet".split()
+TOOLS = "hammer saw drill chisel wrench pliers file clamp ruler level spanner vise".split()
+
+
+def labeled(folder, rows=240, shards=2, sources=(("greek", GREEK), ("color", COLORS)), seed=0, label=None):
+    """Rows of words from one source each, labeled with its name (`label(i, name)` may change that)."""
+    rng = random.Random(seed)
+    table = []
+    for i in range(rows):
+        name, words = sources[i % len(sources)]
+        text = " ".join(rng.choice(words) for _ in range(rng.randint(3, 14)))
+        table.append({"id": i, "text": text, "topic": label(i, name) if label else name})
+    folder.mkdir(parents=True, exist_ok=True)
+    step = -(-rows // shards)
+    for s in range(shards):
+        pq.write_table(pa.Table.from_pylist(table[s * step:(s + 1) * step]), folder / f"part-{s}.parquet")
+    return table
+
+
+def train(base, input, output, *extra, check=True):
+    proc = run("train-head", "--model", base, "--input", input, "--label-column", "topic", "--output", output, *extra)
+    if check:
+        assert proc.returncode == 0, proc.stderr
+    return proc
+
+
+def hf_probs(path, tok, texts):
+    import transformers
+
+    hf = transformers.PersimmonForSequenceClassification.from_pretrained(path).eval()
+    with torch.no_grad():
+        return torch.stack([torch.softmax(hf(torch.tensor([tok.encode(t)])).logits[0].float(), -1) for t in texts])
+
+
+def test_train_head_on_a_causal_base_then_classify(tmp_path, causal_model):
+    from pipelines import ClassificationPipeline
+
+    rows = labeled(tmp_path / "labeled", label=lambda i, name: None if i % 40 == 7 else ("" if i % 40 == 9 else name))
+    proc = train(causal_model, tmp_path / "labeled", tmp_path / "head")
+    metrics = json.loads((tmp_path / "head" / "metrics.json").read_text())
+    assert metrics["holdout"]["accuracy"] > 0.95, proc.stdout
+    assert metrics["majority_baseline"]["accuracy"] < 0.6
+    assert metrics["rows"]["skipped_without_label"] == 12 and metrics["labels"] == ["color", "greek"]
+    assert metrics["rows"]["train"] + metrics["rows"]["holdout"] == 228
+    assert "12 rows without a label are skipped" in proc.stdout and "held-out accuracy" in proc.stdout
+    head = tmp_path / "head"
+    assert (head / "score.safetensors").is_file() and (head / "README.md").is_file()
+    assert all((head / f).is_symlink() for f in json.loads((head / "model.safetensors.index.json").read_text())[
+        "weight_map"].values() if f != "score.safetensors"), "the base's weights are linked, not copied"
+
+    # transformers loads the directory unchanged and agrees with our pipeline
+    texts = [r["text"] for r in rows[:24]]
+    pipe = ClassificationPipeline(head, dtype="float32")
+    ours = pipe(pa.table({"text": texts}))
+    torch.testing.assert_close(torch.tensor(ours.column("probs").to_pylist()), hf_probs(head, pipe.tokenizer, texts),
+                               atol=1e-5, rtol=0)
+
+    # a second train-head over the same rows reuses the features (the embed job finds them committed)
+    again = train(causal_model, tmp_path / "labeled", tmp_path / "head2", "--seed", "3")
+    assert "(2 already committed)" in again.stdout and "rows: 0 processed" in again.stdout, again.stdout
+    assert json.loads((tmp_path / "head2" / "metrics.json").read_text())["seed"] == 3
+
+    # the new checkpoint classifies a dataset through the runner
+    unlabeled = tmp_path / "new"
+    unlabeled.mkdir()
+    pq.write_table(pa.table({"id": list(range(24)), "text": texts}), unlabeled / "x.parquet")
+    done = run("classify", "--model", head, "--input", unlabeled, "--output", tmp_path / "out")
+    assert done.returncode == 0, done.stderr
+    out = pq.read_table(tmp_path / "out" / "x.parquet")
+    assert ids_of(tmp_path / "out") == list(range(24))
+    truth = [r["topic"] for r in rows[:24]]
+    assert sum(a == b for a, b in zip(out.column("label").to_pylist(), truth)) >= 22
+
+
+def test_multi_label_on_a_classifier_base(tmp_path, demo_root):
+    from pipelines import ClassificationPipeline
+
+    def tags(i, name):  # greek rows, color rows, and rows of both
+        return {0: ["greek"], 1: ["color"], 2: ["greek", "color"]}[i % 3]
+
+    sources = (("greek", GREEK), ("color", COLORS), ("both", GREEK + COLORS))
+    rows = labeled(tmp_path / "labeled", rows=180, sources=sources, label=tags)
+    proc = train(demo_root / "model", tmp_path / "labeled", tmp_path / "head", "--multi-label", "--holdout", "0.2")
+    assert "already a classifier" in proc.stdout and "head is replaced" in proc.stdout
+    metrics = json.loads((tmp_path / "head" / "metrics.json").read_text())
+    assert metrics["problem_type"] == "multi_label_classification" and metrics["rows"]["holdout"] == 36
+    config = json.loads((tmp_path / "head" / "config.json").read_text())
+    assert config["problem_type"] == "multi_label_classification" and len(config["id2label"]) == 2
+    texts = [r["text"] for r in rows[:12]]
+    pipe = ClassificationPipeline(tmp_path / "head", dtype="float32")
+    ours = pipe(pa.table({"text": texts}))
+    import transformers
+
+    hf = transformers.PersimmonForSequenceClassification.from_pretrained(tmp_path / "head").eval()
+    with torch.no_grad():
+        want = torch.stack([torch.sigmoid(hf(torch.tensor([pipe.tokenizer.encode(t)])).logits[0]) for t in texts])
+    torch.testing.assert_close(torch.tensor(ours.column("probs").to_pylist()), want, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("case,message", [
+    ("one label", "has one label only ('greek' on 40 rows)"),
+    ("rare label", "label(s) 'x' of column 'topic' have fewer than 2 rows"),
+    ("all null", "has no labels: every one of its 40 rows is null or empty"),
+    ("float labels", "label column 'topic' holds double; expected strings, integers or booleans"),
+    ("list without --multi-label", "for a list of labels per row use --multi-label"),
+    ("no label column", "has no column 'topic'"),
+    ("output is the base", "must be outside the base model"),
+])
+def test_bad_labels_are_refused_before_any_work(tmp_path, causal_model, case, message):
+    folder = tmp_path / "labeled"
+    folder.mkdir()
+    values = {
+        "one label": ["greek"] * 40, "rare label": ["greek"] * 20 + ["color"] * 19 + ["x"],
+        "all null": pa.array([None] * 40, pa.string()), "float labels": [0.5] * 40,
+        "list without --multi-label": [["a"]] * 40, "no label column": None, "output is the base": ["a", "b"] * 20,
+    }[case]
+    table = pa.table({"text": ["alpha beta"] * 40})
+    if values is not None:
+        table = table.append_column("topic", values if isinstance(values, pa.Array) else pa.array(values))
+    pq.write_table(table, folder / "part-0.parquet")
+    output = causal_model if case == "output is the base" else tmp_path / "head"
+    proc = train(causal_model, folder, output, check=False)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], proc.stderr
+    assert not (tmp_path / "head").exists()
