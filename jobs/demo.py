@@ -1,8 +1,15 @@
-"""The demo: a small Persimmon classifier, a tokenizer and a Parquet dataset, all built from real text on
-this machine (nothing downloaded). `python -m jobs.demo DIR` writes DIR/model and DIR/input."""
+"""Demo data built from real text on this machine (nothing downloaded).
+
+`python -m jobs.demo DIR` writes what scripts/demo.sh walks through:
+  DIR/base       a small Persimmon causal LM (random weights) with a tokenizer trained on the machine's text;
+  DIR/labeled    paragraphs with the `source` they came from (license, docstring, reference): train-head's input;
+  DIR/input      other paragraphs of the same sources, to classify (their `source` kept, to score the result).
+`build_demo` (the tests' fixture) writes a random-weight classifier to DIR/model and unlabeled shards to DIR/input.
+"""
 
 from __future__ import annotations
 
+import random
 import sys
 from pathlib import Path
 
@@ -11,20 +18,20 @@ import pyarrow.parquet as pq
 import sentencepiece as spm
 import torch
 
-from persimmon import PersimmonConfig, PersimmonForSequenceClassification
+from persimmon import PersimmonConfig, PersimmonForCausalLM, PersimmonForSequenceClassification
 
-from .corpus import paragraphs
+from .corpus import labeled_paragraphs, paragraphs
 
 LABELS = {0: "legal", 1: "technical", 2: "other"}
+SHAPE = dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4,
+             max_position_embeddings=1024)
 
 
-def build_demo(root: str | Path, shards: int = 4, rows_per_shard: int = 250, vocab_size: int = 2000) -> Path:
-    root = Path(root)
-    model_dir, input_dir = root / "model", root / "input"
+def build_tokenizer(model_dir: Path, texts: list[str], vocab_size: int) -> tuple[int, int]:
+    """Train a sentencepiece Unigram model (byte fallback, |ENDOFTEXT|) into model_dir; returns its size and
+    the id of |ENDOFTEXT| (Persimmon's BOS and EOS)."""
     model_dir.mkdir(parents=True, exist_ok=True)
-    input_dir.mkdir(parents=True, exist_ok=True)
-    texts = list(paragraphs())
-    corpus = root / "corpus.txt"
+    corpus = model_dir.parent / "corpus.txt"
     corpus.write_text("\n".join(texts))
     spm.SentencePieceTrainer.train(
         input=str(corpus), model_prefix=str(model_dir / "tokenizer"), vocab_size=vocab_size, model_type="unigram",
@@ -32,13 +39,24 @@ def build_demo(root: str | Path, shards: int = 4, rows_per_shard: int = 250, voc
         normalization_rule_name="identity", remove_extra_whitespaces=False, minloglevel=2, num_threads=2,
     )
     (model_dir / "tokenizer.vocab").unlink(missing_ok=True)
-    vocab = spm.SentencePieceProcessor(model_file=str(model_dir / "tokenizer.model"))
-    end = vocab.piece_to_id("|ENDOFTEXT|")
+    pieces = spm.SentencePieceProcessor(model_file=str(model_dir / "tokenizer.model"))
+    return pieces.get_piece_size(), pieces.piece_to_id("|ENDOFTEXT|")
+
+
+def _config(vocab: tuple[int, int], **extra) -> PersimmonConfig:
+    size, end = vocab
+    return PersimmonConfig(vocab_size=size, bos_token_id=end, eos_token_id=end, **SHAPE, **extra)
+
+
+def build_demo(root: str | Path, shards: int = 4, rows_per_shard: int = 250, vocab_size: int = 2000) -> Path:
+    """A random-weight classifier (DIR/model) and unlabeled Parquet shards (DIR/input): the tests' fixture."""
+    root = Path(root)
+    model_dir, input_dir = root / "model", root / "input"
+    texts = list(paragraphs())
+    vocab = build_tokenizer(model_dir, texts, vocab_size)
     torch.manual_seed(0)
-    config = PersimmonConfig(vocab_size=vocab.get_piece_size(), hidden_size=256, intermediate_size=1024,
-                             num_hidden_layers=4, num_attention_heads=4, max_position_embeddings=1024,
-                             bos_token_id=end, eos_token_id=end, id2label=LABELS)
-    PersimmonForSequenceClassification(config).save_pretrained(model_dir)  # random weights: a pipeline demo
+    PersimmonForSequenceClassification(_config(vocab, id2label=LABELS)).save_pretrained(model_dir)
+    input_dir.mkdir(parents=True, exist_ok=True)
     for s in range(shards):
         rows = texts[s * rows_per_shard : (s + 1) * rows_per_shard]
         table = pa.table({"id": list(range(s * rows_per_shard, s * rows_per_shard + len(rows))), "text": rows})
@@ -46,5 +64,29 @@ def build_demo(root: str | Path, shards: int = 4, rows_per_shard: int = 250, voc
     return root
 
 
+def build_walkthrough(root: str | Path, per_source: int = 500, labeled_fraction: float = 0.4,
+                      vocab_size: int = 2000, shards: int = 4) -> Path:
+    """The demo's base model, labeled rows and rows to classify (see the module docstring)."""
+    root = Path(root)
+    pairs = labeled_paragraphs(per_source)
+    random.Random(0).shuffle(pairs)
+    vocab = build_tokenizer(root / "base", list(paragraphs()) + [t for t, _ in pairs], vocab_size)
+    torch.manual_seed(0)
+    PersimmonForCausalLM(_config(vocab)).save_pretrained(root / "base")  # random weights: say so in the output
+    cut = int(len(pairs) * labeled_fraction)
+    for name, part, count in (("labeled", pairs[:cut], 2), ("input", pairs[cut:], shards)):
+        folder = root / name
+        folder.mkdir(parents=True, exist_ok=True)
+        for old in folder.glob("*.parquet"):
+            old.unlink()
+        step = -(-len(part) // count)
+        for s in range(count):
+            rows = part[s * step : (s + 1) * step]
+            ids = list(range(s * step, s * step + len(rows)))
+            table = pa.table({"id": ids, "text": [t for t, _ in rows], "source": [src for _, src in rows]})
+            pq.write_table(table, folder / f"part-{s:05d}.parquet", row_group_size=100)
+    return root
+
+
 if __name__ == "__main__":
-    print(build_demo(sys.argv[1] if len(sys.argv) > 1 else "demo-data"))
+    print(build_walkthrough(sys.argv[1] if len(sys.argv) > 1 else "demo-data"))

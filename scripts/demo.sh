@@ -1,21 +1,39 @@
 #!/usr/bin/env bash
-# The main job on the embedded default, from a fresh machine: sets up .venv, builds a small demo checkpoint,
-# tokenizer and Parquet dataset from real text on this machine, runs `persimmon-batch classify` with Ray
-# started locally, then shows the summary, the status and a few output rows.
-# Usage: bash scripts/demo.sh [DIR]   (default: ./demo-data; output in DIR/output)
+# The main job on the embedded default, from a fresh machine: sets up .venv, builds a small Persimmon base
+# model (random weights), a tokenizer and labeled + unlabeled Parquet data from real text on this machine,
+# trains a classifier head on the labeled rows (`persimmon-batch train-head`), classifies the other rows
+# (`persimmon-batch classify`, Ray started locally) and scores the labels against the rows' true source.
+# Usage: bash scripts/demo.sh [DIR]   (default: ./demo-data)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/setup_env.sh
 dir="${1:-demo-data}"
-"$VENV/bin/python" -m jobs.demo "$dir"
-# a rerun of the demo starts over: the demo model is rebuilt with the same seed, so outputs would be skipped
-rm -rf "$dir/output"
-"$VENV/bin/persimmon-batch" classify --model "$dir/model" --input "$dir/input" --output "$dir/output"
-"$VENV/bin/persimmon-batch" status "$dir/output"
-"$VENV/bin/python" - "$dir/output" <<'PY'
-import sys
+pb="$VENV/bin/persimmon-batch"
+echo "== building the demo: a random-weight base model, a tokenizer and Parquet rows from this machine's text"
+"$VENV/bin/python" -m jobs.demo "$dir" >/dev/null
+# a rerun of the demo starts over: the model is rebuilt with the same seed, so outputs would be skipped
+rm -rf "$dir/classifier" "$dir/output"
+echo "== train-head: features of the labeled rows (an embed job on Ray), then a linear head on them"
+"$pb" train-head --model "$dir/base" --input "$dir/labeled" --label-column source --output "$dir/classifier" \
+  --features "$dir/features"
+echo "== classify: the other rows, with the trained classifier"
+"$pb" classify --model "$dir/classifier" --input "$dir/input" --output "$dir/output"
+"$pb" status "$dir/output"
+"$VENV/bin/python" - "$dir" <<'PY'
+import collections, json, sys
 import pyarrow.parquet as pq
-table = pq.read_table(sys.argv[1] + "/part-00000.parquet").slice(0, 5)
-for row in table.to_pylist():
-    print(f"{row['id']:>4}  {row['label']:<10} {row['score']:.3f}  {row['text'][:70]!r}")
+root = sys.argv[1]
+table = pq.read_table(root + "/output")
+truth, label = table.column("source").to_pylist(), table.column("label").to_pylist()
+trained = json.load(open(root + "/classifier/metrics.json"))
+counts = {n: c["train"] for n, c in trained["label_counts"].items()}
+majority = max(counts, key=counts.get)
+accuracy = sum(t == p for t, p in zip(truth, label)) / len(truth)
+baseline = sum(t == majority for t in truth) / len(truth)
+print(f"\nbase model: random weights; head: trained on {trained['rows']['train']} rows")
+print(f"accuracy on {len(truth)} classified rows against their true source: {accuracy:.3f} "
+      f"(majority class {majority!r}: {baseline:.3f})")
+print(f"\n{'id':>4}  {'source':<10} {'label':<10} {'score':>5}  text")
+for row in table.slice(0, 6).to_pylist():
+    print(f"{row['id']:>4}  {row['source']:<10} {row['label']:<10} {row['score']:.3f}  {row['text'][:60]!r}")
 PY
