@@ -13,7 +13,7 @@ from .model import (
 )
 from .tokenizer import PersimmonTokenizer
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 __all__ = [
     "CheckpointError",
