@@ -15,9 +15,10 @@ def token_available() -> bool:
 
 
 def use_token_auth(address: str | None) -> bool:  # also for dashboard addresses (Jobs API)
-    """Turn on token mode for joining `address` when a token is at hand and the user has not chosen a mode.
-    Returns whether it changed anything."""
-    if address is None or "RAY_AUTH_MODE" in os.environ or not token_available():
+    """Turn on token mode for joining `address` when a token is at hand and the user has not chosen a mode;
+    for an embedded cluster (address None), say "token" explicitly: Ray picks it by default anyway, but then
+    warns on every run that it did. Returns whether it changed anything."""
+    if "RAY_AUTH_MODE" in os.environ or (address is not None and not token_available()):
         return False
     os.environ["RAY_AUTH_MODE"] = "token"
     return True

@@ -205,9 +205,6 @@ def connect(address: str | None) -> None:
     """Start Ray here (address None) or join a cluster."""
     if ray.is_initialized():
         return
-    if address is None:
-        ray.init(address="local", include_dashboard=False, logging_level="WARNING", log_to_driver=True)
-        return
     if use_token_auth(address):
         try:  # Ray read its config when imported: have it read the environment again
             from ray._raylet import Config
@@ -215,6 +212,9 @@ def connect(address: str | None) -> None:
             Config.initialize("")
         except (ImportError, AttributeError):
             pass
+    if address is None:
+        ray.init(address="local", include_dashboard=False, logging_level="WARNING", log_to_driver=True)
+        return
     try:
         ray.init(address=address, logging_level="WARNING")
     except ConnectionError as exc:

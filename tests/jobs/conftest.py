@@ -6,8 +6,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -49,8 +51,7 @@ def demo(demo_root, tmp_path):
 
 @pytest.fixture(scope="module")
 def ray_local():
-    """Ray for one test module: other modules start clusters of their own with `ray start`, and `ray stop`
-    ends every Ray process on the machine."""
+    """Ray for one test module (a cluster of its own: address="local" never joins another one)."""
     import ray
 
     ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING", log_to_driver=False)
@@ -119,9 +120,16 @@ def process_title(pid: int) -> str:
 BIN = Path(sys.executable).parent
 
 
+def default_signals() -> None:
+    """In a child before exec: Ctrl-C delivered as it is to a terminal's program, even when the suite itself
+    runs with SIGINT ignored (nohup, a background job), which a child would otherwise inherit."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def cli(*args, env: dict | None = None, **kwargs) -> subprocess.Popen:
     return subprocess.Popen([str(BIN / "persimmon-batch"), *map(str, args)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})}, **kwargs)
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})},
+                            preexec_fn=default_signals, **kwargs)
 
 
 def run(*args, timeout: int = 300, **kwargs) -> subprocess.CompletedProcess:
@@ -152,3 +160,58 @@ def wait_for_commits(out: Path, proc: subprocess.Popen, at_least: int = 1, timeo
             return
         time.sleep(0.1)
     raise AssertionError("the run committed nothing in time")
+
+
+class RayCluster:
+    """A Ray cluster this test starts with `ray start`, under a temporary folder of its own; `stop()` ends only
+    its processes (those naming its folder or its GCS port, and their descendants), never another user's
+    cluster on the machine (`ray stop` would end every Ray process of the user)."""
+
+    def __init__(self, env: dict | None = None) -> None:
+        from tests.jobs.test_cli import free_port
+
+        self.temp = tempfile.mkdtemp(prefix="pbr-", dir="/tmp")  # short: Ray's socket paths live under it
+        self.port = free_port()
+        self.env = {**os.environ, "RAY_AUTH_MODE": "token", **(env or {})}
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start_head(self, *flags: str, timeout: int = 180) -> None:
+        from tests.jobs.test_cli import free_port
+
+        subprocess.run([str(BIN / "ray"), "start", "--head", f"--port={self.port}", f"--temp-dir={self.temp}",
+                        f"--ray-client-server-port={free_port()}", "--node-ip-address=127.0.0.1",
+                        "--disable-usage-stats", *node_ports(), *flags], env=self.env, check=True,
+                       capture_output=True, timeout=timeout)
+
+    def add_node(self, *flags: str) -> None:
+        subprocess.run([str(BIN / "ray"), "start", f"--address={self.address}", "--node-ip-address=127.0.0.1",
+                        "--disable-usage-stats", *node_ports(), *flags], env=self.env, check=True,
+                       capture_output=True, timeout=120)
+
+    def pids(self) -> list[int]:
+        mine = []
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit() and int(entry.name) != os.getpid():
+                title = process_title(int(entry.name))
+                if self.temp in title or f":{self.port} " in f"{title} ":
+                    mine.append(int(entry.name))
+        return sorted({p for pid in mine for p in (pid, *descendants(pid))})
+
+    def alive(self) -> bool:
+        return bool(self.pids())
+
+    def stop(self) -> None:
+        for sig, wait in ((signal.SIGTERM, 15), (signal.SIGKILL, 5)):
+            pids = self.pids()
+            for pid in pids:
+                try:
+                    os.kill(pid, sig)
+                except ProcessLookupError:
+                    pass
+            deadline = time.time() + wait
+            while time.time() < deadline and self.pids():
+                time.sleep(0.2)
+        shutil.rmtree(self.temp, ignore_errors=True)

@@ -17,17 +17,12 @@ import pytest
 from typer.testing import CliRunner
 
 from jobs.cli import app
-from tests.jobs.conftest import add_shards, node_ports, wait_for_commits
+from tests.jobs.conftest import RayCluster, add_shards, cli, wait_for_commits
 from jobs.manifest import MANIFEST, SUCCESS
 from jobs.shards import TEMPORARY
 
 BIN = Path(sys.executable).parent
 runner = CliRunner()
-
-
-def cli(*args: str, env: dict | None = None, **kwargs) -> subprocess.Popen:
-    return subprocess.Popen([str(BIN / "persimmon-batch"), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env={**os.environ, **(env or {})}, **kwargs)
 
 
 def ids_in(out: Path) -> list[int]:
@@ -117,23 +112,24 @@ def free_port() -> int:
 
 def test_two_node_cluster_runs_across_both_nodes(demo, tmp_path):
     model, input, out = demo
-    ray = str(BIN / "ray")
-    port = free_port()
-    env = {**os.environ, "RAY_AUTH_MODE": "token"}
-    head = ["--node-ip-address=127.0.0.1", "--num-cpus=1", "--disable-usage-stats"]
+    bystander = RayCluster()  # someone else's cluster on the machine: it must outlive this test
+    cluster = RayCluster()
     try:
-        subprocess.run([ray, "start", "--head", f"--port={port}", "--include-dashboard=false", *head, *node_ports()],
-                       env=env, check=True, capture_output=True, timeout=120)
-        subprocess.run([ray, "start", f"--address=127.0.0.1:{port}", *head, *node_ports()], env=env, check=True,
-                       capture_output=True, timeout=120)
+        bystander.start_head("--include-dashboard=false", "--num-cpus=1")
+        cluster.start_head("--include-dashboard=false", "--num-cpus=1")
+        cluster.add_node("--num-cpus=1")
         # the client is not told about token auth: the runner finds the token and uses it
         client_env = {k: v for k, v in os.environ.items() if k != "RAY_AUTH_MODE"}
         proc = subprocess.run([str(BIN / "persimmon-batch"), "classify", "--model", str(model), "--input", str(input),
-                               "--output", str(out), "--address", f"127.0.0.1:{port}", "--actors", "2"],
+                               "--output", str(out), "--address", cluster.address, "--actors", "2"],
                               capture_output=True, text=True, timeout=300, env=client_env)
         assert proc.returncode == 0, proc.stderr
+        cluster.stop()
+        assert not cluster.alive()
+        assert bystander.alive(), "stopping this test's cluster left the other cluster alone"
     finally:
-        subprocess.run([ray, "stop", "--force"], capture_output=True, timeout=120)
+        cluster.stop()
+        bystander.stop()
     manifest = json.loads((out / MANIFEST).read_text())
     nodes = {entry["node"] for entry in manifest["shards"].values()}
     assert len(nodes) == 2, f"shards ran on {nodes}"
@@ -143,6 +139,7 @@ def test_two_node_cluster_runs_across_both_nodes(demo, tmp_path):
     proc = subprocess.run([str(BIN / "persimmon-batch"), "classify", "--model", str(model), "--input", str(input),
                            "--output", str(embedded)], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
+    assert "Token authentication" not in proc.stderr  # an embedded run keeps token auth on, silently
     for name in ("part-00000.parquet", "part-00003.parquet"):
         a, b = pq.read_table(out / name), pq.read_table(embedded / name)
         assert a.column("label").to_pylist() == b.column("label").to_pylist()

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from tests.jobs.conftest import node_ports
+from tests.jobs.conftest import RayCluster
 from tests.jobs.test_cli import free_port
 from tests.jobs.test_jobfile import good, partition
 
@@ -22,18 +22,15 @@ def test_submit_runs_once_per_date(demo_root, tmp_path):
     partition(tmp_path, demo_root, day)
     job = tmp_path / "nightly.toml"
     job.write_text(good(demo_root / "model", tmp_path))
-    port, dashboard = free_port(), free_port()
+    dashboard = free_port()
     # the cluster's processes find persimmon-batch on their PATH, as on a cluster with the package installed
-    cluster_env = {**os.environ, "RAY_AUTH_MODE": "token", "PATH": f"{BIN}:{os.environ['PATH']}"}
+    cluster = RayCluster(env={"PATH": f"{BIN}:{os.environ['PATH']}"})
     client_env = {k: v for k, v in os.environ.items() if k != "RAY_AUTH_MODE"}
     submit = [str(BIN / "persimmon-batch"), "submit", str(job), "--address", f"http://127.0.0.1:{dashboard}",
               "--date", day]
     try:
-        subprocess.run([str(BIN / "ray"), "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1",
-                        "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
-                        "--num-cpus=2", "--disable-usage-stats", *node_ports()], env=cluster_env, check=True,
-                       capture_output=True,
-                       timeout=180)
+        cluster.start_head("--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
+                           "--num-cpus=2")
         deadline = time.time() + 90
         while True:  # the job service comes up shortly after `ray start` returns
             first = subprocess.run([*submit, "--wait"], capture_output=True, text=True, timeout=400, env=client_env)
@@ -46,4 +43,4 @@ def test_submit_runs_once_per_date(demo_root, tmp_path):
         second = subprocess.run(submit, capture_output=True, text=True, timeout=120, env=client_env)
         assert second.returncode == 1 and "was already submitted" in second.stderr, second.stderr[-2000:]
     finally:
-        subprocess.run([str(BIN / "ray"), "stop", "--force"], capture_output=True, timeout=120)
+        cluster.stop()
