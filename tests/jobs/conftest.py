@@ -214,4 +214,8 @@ class RayCluster:
             deadline = time.time() + wait
             while time.time() < deadline and self.pids():
                 time.sleep(0.2)
-        shutil.rmtree(self.temp, ignore_errors=True)
+        for _ in range(3):  # a process on its way out may still write a log file
+            shutil.rmtree(self.temp, ignore_errors=True)
+            if not os.path.exists(self.temp):
+                break
+            time.sleep(0.5)
