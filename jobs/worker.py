@@ -24,6 +24,7 @@ from .spec import JobSpec
 
 # the counters a work unit's result carries (summed over slices and over the job by the runner)
 UNIT_COUNTS = ("rows", "errors", "truncated", "real_tokens", "padded_tokens", "generated_tokens", "nonfinite")
+PROGRESS_SECONDS = 0.5
 PIPELINES = {"classify": ClassificationPipeline, "generate": GenerationPipeline, "embed": EmbeddingPipeline}
 
 
@@ -68,7 +69,8 @@ class ShardWorker:
     def __init__(self, spec: JobSpec, fingerprint: str, run_id: str, in_fs: pafs.FileSystem, in_base: str,
                  out_fs: pafs.FileSystem, out_base: str, device: str, threads: int | None,
                  report: Callable[[str, int], None] | None = None) -> None:
-        """report(unit key, rows): called after each record batch, for live progress."""
+        """report(unit key, rows): called as model batches finish (at most every PROGRESS_SECONDS), for
+        live progress."""
         if threads:
             torch.set_num_threads(threads)
         self.spec, self.fingerprint, self.run_id = spec, fingerprint, run_id
@@ -119,6 +121,8 @@ class ShardWorker:
             metadata.pop(b"pandas", None)  # describes the input's columns, not ours
             writer = None
             rows = 0
+            progress = self._progress(unit.key)
+            self.pipeline.on_rows = progress
             try:
                 batches = parquet.iter_batches(batch_size=self.spec.runner.batch_rows, row_groups=unit.row_groups)
                 for out in self.pipeline.stream(batches):  # generation overlaps one batch's tail with the next
@@ -127,16 +131,19 @@ class ShardWorker:
                         writer = self._writer(temp, out.schema)
                     writer.write_table(out)
                     rows += out.num_rows
-                    if self.report is not None:
-                        self.report(unit.key, out.num_rows)
                 if writer is None:  # an empty shard still gets its (empty) output file
                     out = self.pipeline(parquet.schema_arrow.empty_table()).replace_schema_metadata(metadata)
                     writer = self._writer(temp, out.schema)
                     writer.write_table(out)
             finally:
+                self.pipeline.on_rows = None
+                progress.flush()
                 if writer is not None:
                     writer.close()
         return rows
+
+    def _progress(self, key: str) -> "_Progress":
+        return _Progress(key, self.report)
 
     def merge(self, shard: str, temps: list[str]) -> UnitResult:
         """Concatenate a sliced shard's part files, in order, into one temporary file (streamed by row group)."""
@@ -172,3 +179,22 @@ class ShardWorker:
             self.out_fs.delete_file(join(self.out_base, temp))
         except (FileNotFoundError, OSError):
             pass
+
+
+class _Progress:
+    """Rows a unit has processed, passed on to the runner's counter as model batches finish, at most every
+    PROGRESS_SECONDS (a report is a Ray call)."""
+
+    def __init__(self, key: str, report: Callable[[str, int], None] | None) -> None:
+        self.key, self.report = key, report
+        self.pending, self.last = 0, time.monotonic()
+
+    def __call__(self, rows: int) -> None:
+        self.pending += rows
+        if time.monotonic() - self.last >= PROGRESS_SECONDS:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.report is not None and self.pending:
+            self.report(self.key, self.pending)
+        self.pending, self.last = 0, time.monotonic()

@@ -1,7 +1,7 @@
 """The Persimmon transformer (Adept's Persimmon-8B) in PyTorch: base model, causal LM and sequence classifier.
 
 Module and parameter names match the HF-format checkpoints exactly, so their state dicts load unchanged.
-Numerics follow HF transformers' PersimmonForCausalLM (shared/REFERENCE.md): head-interleaved fused QKV,
+Numerics follow HF transformers' PersimmonForCausalLM (docs/model.md): head-interleaved fused QKV,
 per-head-dim q/k LayerNorm before a partial rotary embedding, relu^2 MLP, LayerNorms with bias everywhere.
 
 Differences from the reference, both so that a padded batch behaves like its rows alone:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import pyarrow as pa
 import torch
@@ -26,6 +26,8 @@ from .prompts import PromptTemplate
 from .schema import ZERO_SHOT, append_columns, classification_kind, task_schema
 
 class ClassificationPipeline:
+    on_rows: Callable[[int], None] | None = None  # called with a row count as model batches finish (progress)
+
     def __init__(
         self,
         model_dir: str | Path,
@@ -89,6 +91,7 @@ class ClassificationPipeline:
         n = len(texts)
         columns: dict[str, list] = {name: [None] * n for name in self.schema.names}
         for group in plan_batches(rows, self.batch_tokens):
+            self._report(len(group))
             if self.candidate_labels is not None:
                 scores = self._zero_shot_probs(group)
             else:
@@ -110,7 +113,12 @@ class ClassificationPipeline:
             else:
                 self._fill_probs(columns, group, torch.softmax(scores, dim=-1))
         self.stats.record(errors, rows, time.perf_counter() - start)
+        self._report(n - len(rows))  # rows that never reached the model
         return append_columns(batch, self.schema, columns, errors)
+
+    def _report(self, rows: int) -> None:
+        if self.on_rows is not None and rows:
+            self.on_rows(rows)
 
     def stream(self, batches: Iterable[pa.RecordBatch | pa.Table]) -> Iterator[pa.Table]:
         """Each input batch's output table, in order (the same interface as GenerationPipeline.stream)."""

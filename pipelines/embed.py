@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -38,6 +38,8 @@ def pool(hidden: torch.Tensor, mask: torch.Tensor, pooling: str) -> torch.Tensor
 
 
 class EmbeddingPipeline:
+    on_rows: Callable[[int], None] | None = None  # called with a row count as model batches finish (progress)
+
     def __init__(
         self,
         model_dir: str | Path,
@@ -84,14 +86,20 @@ class EmbeddingPipeline:
         flat = np.zeros((len(texts), size), dtype=np.float32)
         filled = np.zeros(len(texts), dtype=bool)
         for group in plan_batches(rows, self.options.batch_tokens):
+            self._report(len(group))
             ids, mask = pad_batch(self.tokenizer, group, self.padding_side, self.stats.padding, self.device)
             group, values = drop_nonfinite(group, self.embed(ids, mask), errors, self.stats)
             index = [row.index for row in group]
             flat[index] = values.cpu().numpy()
             filled[index] = True
         self.stats.record(errors, rows, time.perf_counter() - start)
+        self._report(len(texts) - len(rows))  # rows that never reached the model
         vectors = pa.FixedSizeListArray.from_arrays(pa.array(flat.reshape(-1)), size, mask=pa.array(~filled))
         return append_columns(batch, self.schema, {"embedding": vectors}, errors)
+
+    def _report(self, rows: int) -> None:
+        if self.on_rows is not None and rows:
+            self.on_rows(rows)
 
     def stream(self, batches: Iterable[pa.RecordBatch | pa.Table]) -> Iterator[pa.Table]:
         """Each input batch's output table, in order (the interface the runner's workers use)."""

@@ -2,17 +2,19 @@
 # The main job on the embedded default, from a fresh machine: sets up .venv, builds a small Persimmon base
 # model (random weights), a tokenizer and labeled + unlabeled Parquet data from real text on this machine,
 # trains a classifier head on the labeled rows (`persimmon-batch train-head`), classifies the other rows
-# (`persimmon-batch classify`, Ray started locally) and scores the labels against the rows' true source.
+# (`persimmon-batch classify`, Ray started locally), scores the labels against the rows' true source, then
+# generates short completions for a few rows with the base model (`persimmon-batch generate`, a stop string).
 # Usage: bash scripts/demo.sh [DIR]   (default: ./demo-data)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/setup_env.sh
 dir="${1:-demo-data}"
 pb="$VENV/bin/persimmon-batch"
+echo "== persimmon-batch demo: about a minute after the first set-up (which takes a few minutes)"
 echo "== building the demo: a random-weight base model, a tokenizer and Parquet rows from this machine's text"
 "$VENV/bin/python" -m jobs.demo "$dir" >/dev/null
 # a rerun of the demo starts over: the model is rebuilt with the same seed, so outputs would be skipped
-rm -rf "$dir/classifier" "$dir/output"
+rm -rf "$dir/classifier" "$dir/output" "$dir/completions"
 echo "== train-head: features of the labeled rows (an embed job on Ray), then a linear head on them"
 "$pb" train-head --model "$dir/base" --input "$dir/labeled" --label-column source --output "$dir/classifier" \
   --features "$dir/features"
@@ -36,4 +38,18 @@ print(f"accuracy on {len(truth)} classified rows against their true source: {acc
 print(f"\n{'id':>4}  {'source':<10} {'label':<10} {'score':>5}  text")
 for row in table.slice(0, 6).to_pylist():
     print(f"{row['id']:>4}  {row['source']:<10} {row['label']:<10} {row['score']:.3f}  {row['text'][:60]!r}")
+PY
+echo
+echo "== generate: 12 new tokens at most for the rows of one shard, stopping at the first full stop"
+"$pb" generate --model "$dir/base" --input "$dir/input/part-00000.parquet" --output "$dir/completions" \
+  --prompt-template "{text}" --max-new-tokens 12 --stop "." --temperature 0.8
+"$VENV/bin/python" - "$dir" <<'PY'
+import sys
+import pyarrow.parquet as pq
+table = pq.read_table(sys.argv[1] + "/completions/part-00000.parquet").slice(0, 4)
+print("\nbase model: random weights, so the completions are noise; they show the plumbing\n")
+print(f"{'id':>4}  {'finish':<7} {'tokens':>6}  prompt end -> completion")
+for row in table.to_pylist():
+    print(f"{row['id']:>4}  {row['finish_reason']:<7} {row['completion_tokens']:>6}  "
+          f"{row['text'][-30:]!r} -> {row['completion']!r}")
 PY

@@ -167,3 +167,15 @@ def test_bf16_close_to_fp32(tmp_path, sentencepiece_model):
     a = torch.tensor(exact.column("probs").to_pylist())
     b = torch.tensor(low.column("probs").to_pylist())
     assert (a - b).abs().max() < 0.03
+
+
+def test_progress_is_reported_per_model_batch(tmp_path, sentencepiece_model):
+    """A record batch's rows are reported as each model batch finishes, not once at the end: a bar over a
+    few large record batches moves."""
+    checkpoint(tmp_path, sentencepiece_model, num_labels=3, id2label=LABELS)
+    pipe = ClassificationPipeline(tmp_path, dtype="float32", batch_tokens=200)
+    seen = []
+    pipe.on_rows = seen.append
+    texts = texts_of_mixed_length(pipe.tokenizer) + [None, ""]
+    pipe(pa.table({"text": pa.array(texts, pa.string())}))
+    assert sum(seen) == len(texts) and len(seen) >= 4 and max(seen) < len(texts) / 2

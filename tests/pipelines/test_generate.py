@@ -116,3 +116,14 @@ def test_a_vocabulary_padded_past_the_tokenizer_never_yields_an_undecodable_id(t
         out = pipe(pa.table({"text": [p[:80] for p in paragraphs()[660:666]]}))
         assert out.column("error").to_pylist() == [None] * 6
         assert all(n > 0 for n in out.column("completion_tokens").to_pylist())
+
+
+def test_progress_is_reported_as_rows_finish(tmp_path, sentencepiece_model):
+    build_hf_model(tmp_path, "causal", max_position_embeddings=64)
+    shutil.copyfile(sentencepiece_model, tmp_path / "tokenizer.model")
+    pipe = GenerationPipeline(tmp_path, dtype="float32", max_new_tokens=4, batch_tokens=256)
+    seen = []
+    pipe.on_rows = seen.append
+    texts = [f"row number {i} says something" for i in range(30)] + [None]
+    out = pipe(pa.table({"text": pa.array(texts, pa.string())}))
+    assert out.num_rows == 31 and sum(seen) == 31 and len(seen) > 2
