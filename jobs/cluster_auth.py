@@ -22,3 +22,16 @@ def use_token_auth(address: str | None) -> bool:  # also for dashboard addresses
         return False
     os.environ["RAY_AUTH_MODE"] = "token"
     return True
+
+
+def refresh_ray_config() -> None:
+    """Have an imported Ray read RAY_AUTH_MODE again: it reads its config when imported and goes back to
+    that on shutdown, so every ray.init after the environment changed (a backfill's second date) needs it."""
+    if "RAY_AUTH_MODE" not in os.environ:
+        return
+    try:
+        from ray._raylet import Config
+
+        Config.initialize("")
+    except (ImportError, AttributeError):
+        pass

@@ -28,7 +28,7 @@ import ray
 from persimmon import __version__
 
 from .checksum import model_checksum
-from .cluster_auth import token_available, use_token_auth
+from .cluster_auth import refresh_ray_config, token_available, use_token_auth
 from .lease import OutputBusy, OutputLease
 from .manifest import Manifest
 from .plan import Plan, check_text_column, plan_run
@@ -73,6 +73,7 @@ class JobResult:
     nonfinite: int = 0
     seconds: float = 0.0
     startup_seconds: float = 0.0
+    startup_parts: dict[str, float] = field(default_factory=dict)  # plan, ray, workers: where startup went
     interrupted: int = 0  # the signal that stopped the run (0: it was not stopped)
     lost: str | None = None  # why this run lost the output to another one
     failures: dict[str, str] = field(default_factory=dict)
@@ -101,6 +102,8 @@ class JobResult:
             f"throughput: {rate:.1f} rows/s, {tokens:.0f} tokens/s, padding waste {waste:.3f} "
             f"(startup {self.startup_seconds:.1f} s, processing {self.seconds:.1f} s)",
         ]
+        if self.startup_parts:
+            lines.append("startup: " + ", ".join(f"{name} {seconds:.1f} s" for name, seconds in self.startup_parts.items()))
         lines += [f"failed: {shard}: {reason}" for shard, reason in self.failures.items()]
         if self.lost:
             lines.append(f"stopped: {self.lost}; what this run committed is kept")
@@ -205,13 +208,8 @@ def connect(address: str | None) -> None:
     """Start Ray here (address None) or join a cluster."""
     if ray.is_initialized():
         return
-    if use_token_auth(address):
-        try:  # Ray read its config when imported: have it read the environment again
-            from ray._raylet import Config
-
-            Config.initialize("")
-        except (ImportError, AttributeError):
-            pass
+    use_token_auth(address)
+    refresh_ray_config()
     if address is None:
         ray.init(address="local", include_dashboard=False, logging_level="WARNING", log_to_driver=True)
         return
@@ -290,7 +288,7 @@ def run_job(spec: JobSpec, stream=None, tty: bool | None = None,
     spec.validate()
     _stop_on_sigterm()
     started = time.perf_counter()
-    from persimmon.checkpoint import load_dtype
+    from persimmon.files import load_dtype
     from persimmon.config import PersimmonConfig
 
     out_fs, out_base = resolve(spec.output)
@@ -332,8 +330,10 @@ def run_job(spec: JobSpec, stream=None, tty: bool | None = None,
             _finish(manifest, result, len(discovery.shards))
             return result
         embedded = spec.runner.address is None and not ray.is_initialized()
+        result.startup_parts["plan"] = time.perf_counter() - started  # discovery, model checksum, lease, manifest
         try:
             connect(spec.runner.address)
+            result.startup_parts["ray"] = time.perf_counter() - started - result.startup_parts["plan"]
             _stop_on_sigterm()
             return JobRun(spec, fingerprint, manifest, lease, discovery, out_fs, out_base, result, started,
                           stream, tty, on_commit).run(plan.units)
@@ -374,7 +374,8 @@ def _finish(manifest: Manifest, result: JobResult, shards: int) -> None:
     manifest.data["summary"] = {**counts, "rows": result.rows, "errors": result.errors,
                                 "truncated": result.truncated, "nonfinite": result.nonfinite,
                                 "seconds": round(result.seconds, 3),
-                                "startup_seconds": round(result.startup_seconds, 3)}
+                                "startup_seconds": round(result.startup_seconds, 3),
+                                "startup_parts": {k: round(v, 3) for k, v in result.startup_parts.items()}}
     manifest.data["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     manifest.save()
     if result.done == shards and not result.failed:
@@ -425,6 +426,7 @@ class JobRun:
             last = str(cause).strip().splitlines()[-1] if str(cause).strip() else repr(cause)
             raise RuntimeError(f"the workers could not load the model: {last}") from None
         self.result.startup_seconds = time.perf_counter() - self.started
+        self.result.startup_parts["workers"] = self.result.startup_seconds - sum(self.result.startup_parts.values())
         processing = time.perf_counter()
         self.queue.extend(units)
         self.progress = Progress(sum(u.rows for u in units), self.result.shards - self.result.skipped,

@@ -87,7 +87,7 @@ class JobSpec:
 
     def _head_problems(self, model: Path) -> list[str]:
         """Say before any actor tries to load the wrong head."""
-        from persimmon.checkpoint import CheckpointError, checkpoint_heads
+        from persimmon.files import CheckpointError, checkpoint_heads
         from persimmon.config import PersimmonConfig
 
         try:

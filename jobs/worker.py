@@ -15,9 +15,6 @@ from typing import Any, Callable
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
-import torch
-
-from pipelines import ClassificationPipeline, EmbeddingPipeline, GenerationPipeline
 
 from .shards import META_FINGERPRINT, META_IDENTITY, META_INPUT, WorkUnit, join, temporary_name
 from .spec import JobSpec
@@ -25,7 +22,7 @@ from .spec import JobSpec
 # the counters a work unit's result carries (summed over slices and over the job by the runner)
 UNIT_COUNTS = ("rows", "errors", "truncated", "real_tokens", "padded_tokens", "generated_tokens", "nonfinite")
 PROGRESS_SECONDS = 0.5
-PIPELINES = {"classify": ClassificationPipeline, "generate": GenerationPipeline, "embed": EmbeddingPipeline}
+PIPELINES = {"classify": "ClassificationPipeline", "generate": "GenerationPipeline", "embed": "EmbeddingPipeline"}
 
 
 class InputProblem(ValueError):
@@ -50,7 +47,10 @@ class UnitResult:
 
 def build_pipeline(spec: JobSpec, device: str):
     """The pipeline a job spec describes."""
-    return PIPELINES[spec.task](spec.model, spec.options, device=device, text_column=spec.text_column)
+    import pipelines  # torch comes with it: only the workers need it
+
+    pipeline = getattr(pipelines, PIPELINES[spec.task])
+    return pipeline(spec.model, spec.options, device=device, text_column=spec.text_column)
 
 
 def current_node() -> str:
@@ -72,6 +72,8 @@ class ShardWorker:
         """report(unit key, rows): called as model batches finish (at most every PROGRESS_SECONDS), for
         live progress."""
         if threads:
+            import torch
+
             torch.set_num_threads(threads)
         self.spec, self.fingerprint, self.run_id = spec, fingerprint, run_id
         self.in_fs, self.in_base, self.out_fs, self.out_base = in_fs, in_base, out_fs, out_base
@@ -198,3 +200,4 @@ class _Progress:
         if self.report is not None and self.pending:
             self.report(self.key, self.pending)
         self.pending, self.last = 0, time.monotonic()
+

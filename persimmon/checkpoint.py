@@ -8,6 +8,7 @@ Pickled `pytorch_model*.bin` files are read only on explicit opt-in, and then wi
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -21,55 +22,25 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .config import PersimmonConfig, dtype_name, resolve_dtype
+from .files import (SAFE_INDEX, SAFE_WEIGHTS, CheckpointError, checkpoint_heads, load_dtype,  # noqa: F401 (API)
+                    stored_dtype_name, tensor_names, weight_files, weight_sources)
 
-SAFE_WEIGHTS = "model.safetensors"
-SAFE_INDEX = "model.safetensors.index.json"
-PICKLE_WEIGHTS = "pytorch_model.bin"
-PICKLE_INDEX = "pytorch_model.bin.index.json"
 _IGNORED_KEYS = re.compile(r"(^|\.)rotary_emb\.inv_freq$")  # non-persistent buffer some old exports carry
 
 
-class CheckpointError(ValueError):
-    """A checkpoint directory that cannot be loaded into the requested model; the message says why."""
-
-
-def weight_files(path: Path, allow_pickle: bool = False) -> tuple[list[Path], bool]:
-    """The weight files of a checkpoint directory and whether they are pickles, preferring safetensors."""
-    files, pickled, _ = weight_sources(path, allow_pickle)
-    return files, pickled
-
-
-def weight_sources(path: Path, allow_pickle: bool = False) -> tuple[list[Path], bool, dict[str, set[str]] | None]:
-    """weight_files plus, for an indexed checkpoint, the tensor names the index assigns to each file (by file
-    name). The index is the authority: a file may hold more tensors than it is assigned (a head trained on
-    a linked base model: the base's files still carry its lm_head, the index maps score.weight elsewhere)."""
-    if not path.is_dir():
-        raise CheckpointError(f"checkpoint directory {path} does not exist")
-    for index_name, single_name, pickled in ((SAFE_INDEX, SAFE_WEIGHTS, False), (PICKLE_INDEX, PICKLE_WEIGHTS, True)):
-        assigned = None
-        if (path / single_name).is_file():
-            files = [path / single_name]
-        elif (path / index_name).is_file():
-            try:
-                weight_map = json.loads((path / index_name).read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError) as exc:
-                raise CheckpointError(f"{path / index_name} is not a valid shard index: {exc!r}") from exc
-            files = [path / name for name in sorted(set(weight_map.values()))]
-            assigned = {}
-            for key, name in weight_map.items():
-                assigned.setdefault(name, set()).add(key)
-            missing = [f.name for f in files if not f.is_file()]
-            if missing:
-                raise CheckpointError(f"{path / index_name} names shard files that are missing: {missing}")
-        else:
-            continue
-        if pickled and not allow_pickle:
-            raise CheckpointError(
-                f"{path} holds only pickled weights ({files[0].name}); pickles can run code when read. "
-                "Convert them to safetensors, or pass allow_pickle=True to read them with weights_only=True"
-            )
-        return files, pickled, assigned
-    raise CheckpointError(f"no weights in {path}: expected {SAFE_WEIGHTS} or {SAFE_INDEX}")
+@contextlib.contextmanager
+def _no_init():
+    """torch's modules initialise their parameters as they are built; on the meta device that is wasted, and
+    its first normal_() imports torch._dynamo (1.5 s on a small machine): skip it while a model is built there."""
+    names = ("normal_", "uniform_", "kaiming_uniform_", "zeros_", "ones_", "trunc_normal_")
+    saved = {name: getattr(torch.nn.init, name) for name in names}
+    try:
+        for name in names:
+            setattr(torch.nn.init, name, lambda tensor, *args, **kwargs: tensor)
+        yield
+    finally:
+        for name, fn in saved.items():
+            setattr(torch.nn.init, name, fn)
 
 
 def _read_tensors(files: list[Path], pickled: bool, device: str, assigned: dict[str, set[str]] | None = None):
@@ -96,10 +67,7 @@ def _open_safetensors(file: Path, device: str = "cpu"):
 
 def _stored_dtype(files: list[Path], pickled: bool) -> torch.dtype:
     """dtype of the first floating tensor, for dtype='auto' when config.json does not say."""
-    for _, tensor in _read_tensors(files[:1], pickled, "cpu"):
-        if tensor.is_floating_point():
-            return tensor.dtype
-    return torch.float32
+    return resolve_dtype(stored_dtype_name(files, pickled))
 
 
 def _target_dtype(config: PersimmonConfig, files: list[Path], pickled: bool, dtype) -> torch.dtype:
@@ -107,14 +75,6 @@ def _target_dtype(config: PersimmonConfig, files: list[Path], pickled: bool, dty
     if dtype == "auto":
         return resolve_dtype(config.torch_dtype) if config.torch_dtype else _stored_dtype(files, pickled)
     return resolve_dtype(dtype) or torch.float32
-
-
-def load_dtype(path: str | Path, dtype: str | torch.dtype | None = "auto", allow_pickle: bool = False) -> str:
-    """The name of the dtype `from_pretrained(path, dtype=dtype)` would give ("auto" resolved), without
-    loading weights: a job asking for "auto" and one naming the checkpoint's own dtype are the same job."""
-    path = Path(path)
-    files, pickled = weight_files(path, allow_pickle)
-    return dtype_name(_target_dtype(PersimmonConfig.from_pretrained(path), files, pickled, dtype))
 
 
 def _key_mapper(expected: set[str], found: set[str]):
@@ -140,7 +100,7 @@ def load_checkpoint(
     files, pickled, assigned = weight_sources(path, allow_pickle)
     target = _target_dtype(config, files, pickled, dtype)
     device = torch.device(device)
-    with torch.device("meta"):
+    with torch.device("meta"), _no_init():
         model = cls(config)
     expected = {name: p.shape for name, p in model.state_dict().items()}
     tied = config.tie_word_embeddings and "lm_head.weight" in expected
@@ -149,7 +109,7 @@ def load_checkpoint(
 
     state: dict[str, torch.Tensor] = {}
     unexpected, mismatched = [], []
-    mapper = _key_mapper(set(expected), _all_keys(files, pickled, assigned))
+    mapper = _key_mapper(set(expected), tensor_names(files, pickled, assigned))
     load_device = "cpu" if pickled else str(device)
     for name, tensor in _read_tensors(files, pickled, load_device, assigned):
         if _IGNORED_KEYS.search(name):
@@ -184,18 +144,6 @@ def load_checkpoint(
     if tied:
         model.lm_head.weight = model.model.embed_tokens.weight
     return model.eval()
-
-
-def _all_keys(files: list[Path], pickled: bool, assigned: dict[str, set[str]] | None = None) -> set[str]:
-    if assigned is not None:
-        return set().union(*assigned.values())
-    if pickled:
-        return {k for f in files for k in torch.load(f, map_location="meta", weights_only=True, mmap=True)}
-    keys: set[str] = set()
-    for file in files:
-        with _open_safetensors(file) as f:
-            keys.update(f.keys())
-    return keys
 
 
 def _head_hint(cls, keys: set[str]) -> str:
@@ -277,13 +225,6 @@ def _atomic_write_text(file: Path, text: str) -> None:
         f.write(text)
     os.replace(tmp, file)
 
-
-
-def checkpoint_heads(path: Path, allow_pickle: bool = False) -> set[str]:
-    """Which heads a checkpoint carries ("lm_head", "score"), from tensor names only (no weights are read)."""
-    files, pickled, assigned = weight_sources(Path(path), allow_pickle)
-    keys = _all_keys(files, pickled, assigned)
-    return {head for head in ("lm_head", "score") if f"{head}.weight" in keys}
 
 
 HEAD_WEIGHTS = "score.safetensors"

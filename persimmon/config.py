@@ -15,17 +15,11 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-import torch
-
 CONFIG_NAME = "config.json"
 
-_DTYPES = {
-    "float32": torch.float32,
-    "float": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "float16": torch.float16,
-    "half": torch.float16,
-}
+# dtype names -> their canonical names; torch itself is imported only where a torch.dtype is needed, so that
+# reading a config (the job driver, the CLI) does not load torch
+_DTYPES = {"float32": "float32", "float": "float32", "bfloat16": "bfloat16", "float16": "float16", "half": "float16"}
 PROBLEM_TYPES = ("regression", "single_label_classification", "multi_label_classification")
 ROPE_TYPES = ("linear", "dynamic")
 
@@ -44,17 +38,27 @@ _IGNORED_KEYS = {
 }
 
 
-def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
-    """A dtype name or torch.dtype -> torch.dtype; None stays None. Unknown names raise with the choices."""
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
+def canonical_dtype(dtype) -> str | None:
+    """A dtype name or torch.dtype -> its canonical name ("float32", "bfloat16", "float16"); None stays None.
+    Unknown names raise with the choices."""
+    if dtype is None:
+        return None
     name = str(dtype).removeprefix("torch.")
     if name not in _DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; expected one of {sorted(set(_DTYPES))} or a torch.dtype")
     return _DTYPES[name]
 
 
-def dtype_name(dtype: torch.dtype) -> str:
+def resolve_dtype(dtype):
+    """A dtype name or torch.dtype -> torch.dtype; None stays None. Unknown names raise with the choices."""
+    import torch
+
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    return getattr(torch, canonical_dtype(dtype))
+
+
+def dtype_name(dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
@@ -95,7 +99,7 @@ class PersimmonConfig:
             if "type" not in self.rope_scaling and "rope_type" in self.rope_scaling:
                 self.rope_scaling["type"] = self.rope_scaling.pop("rope_type")
         if self.torch_dtype is not None:
-            self.torch_dtype = dtype_name(resolve_dtype(self.torch_dtype))
+            self.torch_dtype = canonical_dtype(self.torch_dtype)
         self.validate()
 
     # -- derived fields ---------------------------------------------------------------------------------

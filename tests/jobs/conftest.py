@@ -54,6 +54,9 @@ def ray_local():
     """Ray for one test module (a cluster of its own: address="local" never joins another one)."""
     import ray
 
+    from jobs.cluster_auth import refresh_ray_config
+
+    refresh_ray_config()  # an in-process CLI run before may have set RAY_AUTH_MODE
     ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING", log_to_driver=False)
     yield ray
     ray.shutdown()

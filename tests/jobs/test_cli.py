@@ -166,3 +166,23 @@ def test_ctrl_c_stops_cleanly_and_rerun_resumes(demo):
     assert rerun.returncode == 0, stderr
     assert ids_in(out) == input_ids(input) and (out / SUCCESS).exists()
     assert "complete" in runner.invoke(app, ["status", str(out)]).output
+
+
+def test_the_driver_plans_without_torch(demo_root):
+    """The CLI and the job driver never load torch (1.5 s of start-up and memory only the workers need):
+    parsing, validation, the checkpoint's dtype and heads, the output columns."""
+    code = (
+        "import sys\n"
+        "from jobs.cli import app\n"
+        "from jobs.runner import _output_columns\n"
+        "from jobs.spec import JobSpec\n"
+        "from persimmon.config import PersimmonConfig\n"
+        "from persimmon.files import load_dtype\n"
+        f"spec = JobSpec('classify', {str(demo_root / 'model')!r}, 'in', 'out')\n"
+        "spec.validate()\n"
+        "config = PersimmonConfig.from_pretrained(spec.model)\n"
+        "print(load_dtype(spec.model), _output_columns(spec, config), spec.fingerprint('x', 'float32', config))\n"
+        "print('torch' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split("\n")
+    assert out[0].startswith("float32 ['label', 'score', 'probs', 'error']") and out[1] == "False"

@@ -104,8 +104,9 @@ def test_examples_are_valid_with_a_real_model(demo_root, causal_model, tmp_path)
         real = causal_model if 'task = "generate"' in text else demo_root / "model"
         job = write_job(tmp_path, text.replace(model, str(real)))
         raw = read_job_file(job)
-        spec = job_spec(raw, run_dates(raw, "2026-11-23")[0])
-        assert "dt=2026-11-23" in spec.input and "dt=2026-11-23" in spec.output
+        spec = job_spec(raw, run_dates(raw, "2026-11-23")[0], folder=job.parent)
+        assert "dt=2026-11-23" in spec.output
+        assert "dt=2026-11-23" in spec.input or "{date}" not in raw["input"]
         spec.validate()
 
 

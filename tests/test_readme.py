@@ -1,0 +1,59 @@
+"""The README's commands that need no real Persimmon-8B checkpoint, run as written: the demo, then the quick
+start block, in a copy of the checkout (its own demo-data/), with the suite's .venv."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow.parquet as pq
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def bash_block(readme: str, heading: str) -> str:
+    """The first ```bash block under a `## heading`."""
+    section = readme.split(f"\n## {heading}\n", 1)[1].split("\n## ", 1)[0]
+    return re.search(r"```bash\n(.*?)```", section, re.S).group(1)
+
+
+def checkout_copy(dest: Path) -> Path:
+    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
+                           capture_output=True, text=True, check=True).stdout.split()
+    for name in files:
+        if (ROOT / name).is_file():
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, dest / name)
+    (dest / ".venv").symlink_to(Path(sys.executable).parents[1])  # the suite's environment, already set up
+    return dest
+
+
+def test_readme_demo_and_quick_start_run_as_written(tmp_path):
+    readme = (ROOT / "README.md").read_text()
+    repo = checkout_copy(tmp_path / "repo")
+    env = {k: v for k, v in os.environ.items() if k not in ("VENV", "PYTHONPATH")}
+
+    commands = bash_block(readme, "Commands").split("bash scripts/test.sh", 1)[1]  # not the suite itself
+    demo = subprocess.run(["bash", "-euo", "pipefail", "-c", commands], cwd=repo, env=env, capture_output=True,
+                          text=True, timeout=400)
+    assert demo.returncode == 0, demo.stdout[-3000:] + demo.stderr[-3000:]
+    out = demo.stdout
+    assert "base model: random weights; head: trained on" in out
+    accuracy, baseline = map(float, re.search(r"true source: ([\d.]+) \(majority class '\w+': ([\d.]+)\)", out).groups())
+    assert accuracy > baseline + 0.2, out[-2000:]
+    assert "stopping at the first full stop" in out and "finish" in out
+    completions = pq.read_table(repo / "demo-data" / "completions")
+    assert set(completions.column("finish_reason").to_pylist()) <= {"eos", "stop", "length"}
+    assert "Token authentication" not in demo.stderr
+
+    quick = subprocess.run(["bash", "-euo", "pipefail", "-c", bash_block(readme, "Quick start")], cwd=repo, env=env,
+                           capture_output=True, text=True, timeout=300)
+    assert quick.returncode == 0, quick.stdout[-3000:] + quick.stderr[-3000:]
+    assert "Usage: persimmon-batch" in quick.stdout and "complete" in quick.stdout
+    vectors = pq.read_table(repo / "demo-data" / "vectors")
+    assert vectors.num_rows == 900 and vectors.schema.field("embedding").type.list_size == 256
+    assert (repo / "demo-data" / "daily" / "dt=2026-11-24" / "_SUCCESS").exists()
