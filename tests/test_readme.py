@@ -15,10 +15,10 @@ import pyarrow.parquet as pq
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def bash_block(readme: str, heading: str) -> str:
-    """The first ```bash block under a `## heading`."""
+def bash_blocks(readme: str, heading: str) -> list[str]:
+    """The ```bash blocks under a `## heading`, in order."""
     section = readme.split(f"\n## {heading}\n", 1)[1].split("\n## ", 1)[0]
-    return re.search(r"```bash\n(.*?)```", section, re.S).group(1)
+    return re.findall(r"```bash\n(.*?)```", section, re.S)
 
 
 def checkout_copy(dest: Path) -> Path:
@@ -37,7 +37,10 @@ def test_readme_demo_and_quick_start_run_as_written(tmp_path):
     repo = checkout_copy(tmp_path / "repo")
     env = {k: v for k, v in os.environ.items() if k not in ("VENV", "PYTHONPATH")}
 
-    commands = bash_block(readme, "Commands").split("bash scripts/test.sh", 1)[1]  # not the suite itself
+    blocks = bash_blocks(readme, "Commands")
+    assert blocks[0].strip() == "bash scripts/test.sh"  # the suite itself: what runs this
+    commands = "\n".join(blocks[1:])
+    assert "scripts/demo.sh" in commands
     demo = subprocess.run(["bash", "-euo", "pipefail", "-c", commands], cwd=repo, env=env, capture_output=True,
                           text=True, timeout=400)
     assert demo.returncode == 0, demo.stdout[-3000:] + demo.stderr[-3000:]
@@ -50,7 +53,7 @@ def test_readme_demo_and_quick_start_run_as_written(tmp_path):
     assert set(completions.column("finish_reason").to_pylist()) <= {"eos", "stop", "length"}
     assert "Token authentication" not in demo.stderr
 
-    quick = subprocess.run(["bash", "-euo", "pipefail", "-c", bash_block(readme, "Quick start")], cwd=repo, env=env,
+    quick = subprocess.run(["bash", "-euo", "pipefail", "-c", "\n".join(bash_blocks(readme, "Quick start"))], cwd=repo, env=env,
                            capture_output=True, text=True, timeout=300)
     assert quick.returncode == 0, quick.stdout[-3000:] + quick.stderr[-3000:]
     assert "Usage: persimmon-batch" in quick.stdout and "complete" in quick.stdout

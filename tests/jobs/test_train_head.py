@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from tests.jobs.conftest import ids_of, run
+from tests.jobs.conftest import run
 
 GREEK = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda sigma omega".split()
 COLORS = "red green blue yellow purple orange black white brown pink grey violet".split()
@@ -76,16 +76,9 @@ def test_train_head_on_a_causal_base_then_classify(tmp_path, causal_model):
     assert "(2 already committed)" in again.stdout and "rows: 0 processed" in again.stdout, again.stdout
     assert json.loads((tmp_path / "head2" / "metrics.json").read_text())["seed"] == 3
 
-    # the new checkpoint classifies a dataset through the runner
-    unlabeled = tmp_path / "new"
-    unlabeled.mkdir()
-    pq.write_table(pa.table({"id": list(range(24)), "text": texts}), unlabeled / "x.parquet")
-    done = run("classify", "--model", head, "--input", unlabeled, "--output", tmp_path / "out")
-    assert done.returncode == 0, done.stderr
-    out = pq.read_table(tmp_path / "out" / "x.parquet")
-    assert ids_of(tmp_path / "out") == list(range(24))
+    # and it classifies (the demo's README test runs a trained head through `persimmon-batch classify`)
     truth = [r["topic"] for r in rows[:24]]
-    assert sum(a == b for a, b in zip(out.column("label").to_pylist(), truth)) >= 22
+    assert sum(a == b for a, b in zip(ours.column("label").to_pylist(), truth)) >= 22
 
 
 def test_multi_label_on_a_classifier_base(tmp_path, demo_root):
