@@ -5,7 +5,7 @@ The pipeline classes are imported on first use: `pipelines.options` and `pipelin
 
 from __future__ import annotations
 
-import importlib
+from persimmon.lazy import lazy_exports
 
 _EXPORTS = {
     "ClassificationPipeline": ".classify",
@@ -16,14 +16,4 @@ _EXPORTS = {
 }
 __all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name: str):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(_EXPORTS[name], __name__), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted([*globals(), *_EXPORTS])
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

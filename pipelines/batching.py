@@ -209,3 +209,14 @@ def check_vocabulary(tok: PersimmonTokenizer, config: PersimmonConfig) -> None:
     """A tokenizer with more pieces than the model has embeddings would index past the embedding table."""
     if tok.vocab_size > config.vocab_size:
         raise ValueError(f"tokenizer {tok.model_file} has {tok.vocab_size} pieces but the model only {config.vocab_size}")
+
+
+class ReportsRows:
+    """Pipelines call `on_rows(n)` as rows finish (each model batch; generation: each finished row), for
+    live progress; None: nobody listens."""
+
+    on_rows: Callable[[int], None] | None = None
+
+    def _report(self, rows: int) -> None:
+        if self.on_rows is not None and rows:
+            self.on_rows(rows)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Iterable, Iterator
 
 import pyarrow as pa
 import torch
@@ -19,15 +19,13 @@ import torch
 from persimmon import PersimmonForCausalLM, PersimmonForSequenceClassification, PersimmonTokenizer
 from persimmon.engine import prefill_prefix, prefill_rows, shares_prefix
 
-from .batching import (EncodedRow, PipelineStats, check_vocabulary, drop_nonfinite, encode_rows, pad_batch,
-                       plan_batches, text_column)
+from .batching import (EncodedRow, PipelineStats, ReportsRows, check_vocabulary, drop_nonfinite, encode_rows,
+                       pad_batch, plan_batches, text_column)
 from .options import ZERO_SHOT_TEMPLATE, ClassifyOptions
 from .prompts import PromptTemplate
 from .schema import ZERO_SHOT, append_columns, classification_kind, task_schema
 
-class ClassificationPipeline:
-    on_rows: Callable[[int], None] | None = None  # called with a row count as model batches finish (progress)
-
+class ClassificationPipeline(ReportsRows):
     def __init__(
         self,
         model_dir: str | Path,
@@ -115,10 +113,6 @@ class ClassificationPipeline:
         self.stats.record(errors, rows, time.perf_counter() - start)
         self._report(n - len(rows))  # rows that never reached the model
         return append_columns(batch, self.schema, columns, errors)
-
-    def _report(self, rows: int) -> None:
-        if self.on_rows is not None and rows:
-            self.on_rows(rows)
 
     def stream(self, batches: Iterable[pa.RecordBatch | pa.Table]) -> Iterator[pa.Table]:
         """Each input batch's output table, in order (the same interface as GenerationPipeline.stream)."""

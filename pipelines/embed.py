@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Iterable, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -19,7 +19,8 @@ import torch
 
 from persimmon import PersimmonModel, PersimmonTokenizer
 
-from .batching import PipelineStats, check_vocabulary, drop_nonfinite, encode_rows, pad_batch, plan_batches, text_column
+from .batching import (PipelineStats, ReportsRows, check_vocabulary, drop_nonfinite, encode_rows, pad_batch,
+                       plan_batches, text_column)
 from .options import EmbedOptions
 from .schema import append_columns, embedding_schema
 
@@ -37,9 +38,7 @@ def pool(hidden: torch.Tensor, mask: torch.Tensor, pooling: str) -> torch.Tensor
     raise ValueError(f"pooling must be 'last' or 'mean', got {pooling!r}")
 
 
-class EmbeddingPipeline:
-    on_rows: Callable[[int], None] | None = None  # called with a row count as model batches finish (progress)
-
+class EmbeddingPipeline(ReportsRows):
     def __init__(
         self,
         model_dir: str | Path,
@@ -96,10 +95,6 @@ class EmbeddingPipeline:
         self._report(len(texts) - len(rows))  # rows that never reached the model
         vectors = pa.FixedSizeListArray.from_arrays(pa.array(flat.reshape(-1)), size, mask=pa.array(~filled))
         return append_columns(batch, self.schema, {"embedding": vectors}, errors)
-
-    def _report(self, rows: int) -> None:
-        if self.on_rows is not None and rows:
-            self.on_rows(rows)
 
     def stream(self, batches: Iterable[pa.RecordBatch | pa.Table]) -> Iterator[pa.Table]:
         """Each input batch's output table, in order (the interface the runner's workers use)."""

@@ -13,7 +13,7 @@ import dataclasses
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Iterable, Iterator
 
 import pyarrow as pa
 import torch
@@ -22,15 +22,13 @@ from persimmon import PersimmonForCausalLM, PersimmonTokenizer, SamplingParams
 from persimmon.engine import GenerationEngine, Request
 from persimmon.generate import FINISH_NONFINITE
 
-from .batching import NONFINITE, PipelineStats, check_vocabulary, encode_rows, text_column
+from .batching import NONFINITE, PipelineStats, ReportsRows, check_vocabulary, encode_rows, text_column
 from .options import GenerateOptions
 from .prompts import PromptTemplate
 from .schema import GENERATION, append_columns
 
 
-class GenerationPipeline:
-    on_rows: Callable[[int], None] | None = None  # called with a row count as rows finish (progress)
-
+class GenerationPipeline(ReportsRows):
     def __init__(
         self,
         model_dir: str | Path,
@@ -100,8 +98,7 @@ class GenerationPipeline:
                 yield append_columns(entry.batch, GENERATION, entry.columns, entry.errors)
 
         def drain(completions) -> None:
-            if completions and self.on_rows is not None:
-                self.on_rows(len(completions))
+            self._report(len(completions))
             for c in completions:
                 entry, index = c.key
                 entry.left -= 1
@@ -132,8 +129,7 @@ class GenerationPipeline:
         texts, errors = text_column(batch, self.text_column)
         rows = encode_rows(texts, errors, self._encode, self.max_length, self.truncation_side)
         entry = _InFlight(batch, errors, rows, {name: [None] * len(texts) for name in GENERATION.names}, len(rows))
-        if self.on_rows is not None and len(texts) > len(rows):
-            self.on_rows(len(texts) - len(rows))  # rows that never reach the model
+        self._report(len(texts) - len(rows))  # rows that never reach the model
         for row in rows:
             self.engine.add(Request((entry, row.index), row.ids))
         return entry
