@@ -4,6 +4,7 @@ their safetensors headers, its heads. The job driver and the CLI plan with these
 from __future__ import annotations
 
 import json
+import os
 import struct
 from pathlib import Path
 
@@ -45,6 +46,11 @@ def weight_sources(path: Path, allow_pickle: bool = False) -> tuple[list[Path], 
             assigned = {}
             for key, name in weight_map.items():
                 assigned.setdefault(name, set()).add(key)
+            broken = [f for f in files if f.is_symlink() and not f.exists()]
+            if broken:  # a train-head checkpoint links its base's weight files
+                raise CheckpointError(f"{broken[0]} links to {os.readlink(broken[0])}, which is gone: this "
+                                      "checkpoint uses the weight files of a base model that was moved or removed; "
+                                      "put it back there (or retrain the head on its new path)")
             missing = [f.name for f in files if not f.is_file()]
             if missing:
                 raise CheckpointError(f"{path / index_name} names shard files that are missing: {missing}")

@@ -182,3 +182,21 @@ def test_weights_exist_once_in_memory(tmp_path):
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
     size, grown = map(int, out.stdout.split())
     assert grown < 1.3 * size, f"loading grew anonymous memory by {grown / 1e6:.0f} MB for a {size / 1e6:.0f} MB model"
+
+
+def test_a_checkpoint_whose_linked_base_moved_says_so(tmp_path):
+    """A train-head checkpoint links its base's weight files: when the base moves, loading says what happened."""
+    import json
+
+    from persimmon.files import CheckpointError, weight_sources
+
+    base, head = tmp_path / "base", tmp_path / "head"
+    base.mkdir()
+    head.mkdir()
+    (base / "model-1.safetensors").write_bytes(b"x")
+    (head / "model-1.safetensors").symlink_to(base / "model-1.safetensors")
+    (head / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"a": "model-1.safetensors"}}))
+    assert weight_sources(head)[0] == [head / "model-1.safetensors"]
+    base.rename(tmp_path / "elsewhere")
+    with pytest.raises(CheckpointError, match="links to .*base/model-1.safetensors, which is gone: .*moved or removed"):
+        weight_sources(head)
