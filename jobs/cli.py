@@ -191,7 +191,7 @@ def train_head(
 ) -> None:
     """Train a classifier head on a base checkpoint's frozen features of labeled rows; write a new
     PersimmonForSequenceClassification checkpoint (the base's weights linked, not copied)."""
-    from .train_head import TrainHeadError, TrainHeadSpec, train_head as run_train_head
+    from .train_head import FeatureJobUnfinished, TrainHeadError, TrainHeadSpec, train_head as run_train_head
 
     spec = TrainHeadSpec(str(model), input, label_column, str(output), text_column, holdout, multi_label, seed,
                          features, penalty, options, runner)
@@ -199,8 +199,10 @@ def train_head(
         run_train_head(spec, lambda embed: _run(embed, exit_at_end=False), typer.echo)
     except (TrainHeadError, FileNotFoundError) as exc:
         _fail(str(exc))
-    except RuntimeError as exc:
-        _fail(str(exc), code=1)
+    except FeatureJobUnfinished as exc:
+        _fail(str(exc), code=exc.code)
+    except KeyboardInterrupt:  # while fitting or writing: the features are kept, the output is untouched
+        _fail("interrupted: rerun the same command (the features computed so far are kept)", code=130)
 
 
 JobFile = Annotated[Path, typer.Argument(help="A job file (TOML).", exists=True, dir_okay=False, resolve_path=True)]

@@ -35,6 +35,14 @@ class TrainHeadError(ValueError):
     """The labeled input or the arguments cannot give a head; the message says why (one line)."""
 
 
+class FeatureJobUnfinished(RuntimeError):
+    """The embed job behind train-head did not finish; `code` is its exit status (1, 75, 130, 143)."""
+
+    def __init__(self, code: int) -> None:
+        self.code = code
+        super().__init__(f"the feature job did not finish (exit {code}); rerun the same command to resume it")
+
+
 @dataclass
 class TrainHeadSpec:
     base: str
@@ -258,7 +266,7 @@ def train_head(spec: TrainHeadSpec, run_embed: Callable[[JobSpec], int], echo: C
     echo(f"features (last-token hidden states) -> {embed.output}")
     code = run_embed(embed)
     if code != 0:
-        raise RuntimeError(f"the feature job did not finish (exit {code}); rerun the same command to resume it")
+        raise FeatureJobUnfinished(code)
 
     rows = read_features(spec)
     if rows.unusable:

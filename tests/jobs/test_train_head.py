@@ -133,3 +133,18 @@ def test_bad_labels_are_refused_before_any_work(tmp_path, causal_model, case, me
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], proc.stderr
     assert not (tmp_path / "head").exists()
+
+
+def test_an_unfinished_feature_job_passes_its_exit_status_on(tmp_path, causal_model):
+    """Ctrl-C / SIGTERM / a busy features folder during the embed job: train-head ends with that job's status
+    (130, 143, 75) and writes nothing."""
+    from jobs.train_head import FeatureJobUnfinished, TrainHeadSpec, train_head
+
+    labeled(tmp_path / "labeled", rows=40)
+    spec = TrainHeadSpec(str(causal_model), str(tmp_path / "labeled"), "topic", str(tmp_path / "head"),
+                         features=str(tmp_path / "features"))
+    for code in (130, 143, 75):
+        with pytest.raises(FeatureJobUnfinished, match=f"exit {code}.*rerun the same command") as caught:
+            train_head(spec, lambda embed: code, echo=lambda line: None)
+        assert caught.value.code == code
+    assert not (tmp_path / "head").exists()
