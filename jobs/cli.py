@@ -191,6 +191,7 @@ def train_head(
 ) -> None:
     """Train a classifier head on a base checkpoint's frozen features of labeled rows; write a new
     PersimmonForSequenceClassification checkpoint (the base's weights linked, not copied)."""
+    from .lease import OutputBusy
     from .train_head import FeatureJobUnfinished, TrainHeadError, TrainHeadSpec, train_head as run_train_head
 
     spec = TrainHeadSpec(str(model), input, label_column, str(output), text_column, holdout, multi_label, seed,
@@ -201,6 +202,8 @@ def train_head(
         _fail(str(exc))
     except FeatureJobUnfinished as exc:
         _fail(str(exc), code=exc.code)
+    except OutputBusy as exc:
+        _fail(str(exc), code=EXIT_BUSY)
     except KeyboardInterrupt:  # while fitting or writing: the features are kept, the output is untouched
         _fail("interrupted: rerun the same command (the features computed so far are kept)", code=130)
 

@@ -21,14 +21,18 @@ from pathlib import Path
 from typing import Any, Callable
 
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from persimmon.files import TOKENIZER_FILES
 from pipelines.options import EmbedOptions, ModelOptions
 
 from .shards import discover, join, output_name, resolve
 from .spec import JobSpec, RunnerSettings
 
 METRICS = "metrics.json"
+FEATURES_JOB = "train-head features"  # the embed job's name: a features folder train-head may replace
+WRITTEN_BY = "persimmon-batch train-head"  # metrics.json's mark: a directory train-head may replace
 
 
 class TrainHeadError(ValueError):
@@ -69,12 +73,33 @@ class TrainHeadSpec:
         key = json.dumps([str(Path(self.base).resolve()), _absolute(self.input), self.text_column])
         return str(cache_dir() / "features" / hashlib.sha256(key.encode()).hexdigest()[:16])
 
+    def check_features(self) -> None:
+        """The features folder is replaced when the base or the rows change: only one that holds train-head
+        features (or nothing) may be used, never another job's output or the user's files."""
+        from .manifest import Manifest
+
+        fs, base = resolve(self.features_dir())
+        info = fs.get_file_info(base)
+        if info.type == pafs.FileType.NotFound:
+            return
+        if info.type == pafs.FileType.File:
+            raise TrainHeadError(f"--features {self.features_dir()} is a file; give a folder")
+        manifest = Manifest.load(fs, base)
+        if manifest is not None:
+            if manifest.data.get("spec", {}).get("name") != FEATURES_JOB:
+                raise TrainHeadError(f"--features {self.features_dir()} holds the output of another job "
+                                     f"({manifest.data.get('spec', {}).get('task')} job "
+                                     f"{manifest.data.get('spec', {}).get('name')!r}); give a folder of its own")
+        elif fs.get_file_info(pafs.FileSelector(base)):
+            raise TrainHeadError(f"--features {self.features_dir()} is not empty and holds no train-head features; "
+                                 "give a new folder")
+
     def embed_spec(self) -> JobSpec:
         options = EmbedOptions(dtype=self.options.dtype, max_length=self.options.max_length,
                                batch_tokens=self.options.batch_tokens, pooling="last", normalize=False)
         # overwrite: the features follow the base model; an earlier model's features are replaced
         return JobSpec("embed", self.base, self.input, self.features_dir(), self.text_column, options, self.runner,
-                       name="train-head features", overwrite=True)
+                       name=FEATURES_JOB, overwrite=True)
 
 
 def _absolute(uri: str) -> str:
@@ -135,6 +160,16 @@ def _label_order(names) -> list[str]:
     return sorted(names, key=key)
 
 
+def _short(label: str, width: int = 40) -> str:
+    return repr(label if len(label) <= width else label[:width] + "...")
+
+
+def describe_counts(counts: collections.Counter, shown: int = 20) -> str:
+    names = _label_order(counts)
+    text = ", ".join(f"{_short(n)[1:-1]} {counts[n]}" for n in names[:shown])
+    return text + (f" and {len(names) - shown} more labels" if len(names) > shown else "")
+
+
 @dataclass
 class LabelCheck:
     counts: collections.Counter
@@ -150,11 +185,11 @@ def check_labels(labels: list[list[str] | None], column: str) -> LabelCheck:
                              "null or empty")
     if len(counts) < 2:
         only = next(iter(counts))
-        raise TrainHeadError(f"label column {column!r} has one label only ({only!r} on {counts[only]} rows); "
+        raise TrainHeadError(f"label column {column!r} has one label only ({_short(only)} on {counts[only]} rows); "
                              "a classifier needs at least two")
     rare = sorted(name for name, n in counts.items() if n < 2)
     if rare:
-        shown = ", ".join(repr(n) for n in rare[:10]) + (f" and {len(rare) - 10} more" if len(rare) > 10 else "")
+        shown = ", ".join(_short(n) for n in rare[:10]) + (f" and {len(rare) - 10} more" if len(rare) > 10 else "")
         raise TrainHeadError(f"label(s) {shown} of column {column!r} have fewer than 2 rows; give each label at "
                              "least 2 rows (better dozens) or drop those rows")
     return LabelCheck(counts, len(labels), unlabeled)
@@ -176,6 +211,15 @@ def read_input_labels(spec: TrainHeadSpec) -> LabelCheck:
                 if spec.text_column not in names:
                     raise TrainHeadError(f"input shard {shard} has no text column {spec.text_column!r}; its "
                                          f"columns are {names}")
+                clash = [c for c in ("embedding", "error") if c in names]
+                if clash:
+                    raise TrainHeadError(f"input shard {shard} has column(s) {clash}, which the features job adds; "
+                                         "rename them first")
+                text_type = parquet.schema_arrow.field(spec.text_column).type
+                if not (pa.types.is_string(text_type) or pa.types.is_large_string(text_type)
+                        or pa.types.is_binary(text_type) or pa.types.is_large_binary(text_type)
+                        or pa.types.is_dictionary(text_type)):
+                    raise TrainHeadError(f"text column {spec.text_column!r} of {shard} holds {text_type}, not text")
                 check_label_type(spec.label_column, parquet.schema_arrow.field(spec.label_column).type,
                                  spec.multi_label)
                 values = parquet.read(columns=[spec.label_column]).column(0).to_pylist()
@@ -228,6 +272,21 @@ def read_features(spec: TrainHeadSpec) -> Rows:
 
 # -- the whole command ----------------------------------------------------------------------------------------
 
+def _foreign_files(out: Path) -> list[str] | None:
+    """For a directory train-head wrote (its metrics.json says so): the entries in it that train-head did
+    not write (empty: safe to replace); None when it is not a train-head output at all."""
+    try:
+        metrics = json.loads((out / METRICS).read_text())
+        index = json.loads((out / "model.safetensors.index.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(metrics, dict) or metrics.get("written_by") != WRITTEN_BY:
+        return None
+    ours = {METRICS, "README.md", "config.json", "model.safetensors.index.json", *TOKENIZER_FILES,
+            *index.get("weight_map", {}).values()}
+    return sorted(entry.name for entry in out.iterdir() if entry.name not in ours)
+
+
 def check_output(spec: TrainHeadSpec) -> Path:
     out, base = Path(spec.output).resolve(), Path(spec.base).resolve()
     if "://" in spec.output:
@@ -235,8 +294,24 @@ def check_output(spec: TrainHeadSpec) -> Path:
                              f"files), got {spec.output}")
     if out == base or base in out.parents or out in base.parents:
         raise TrainHeadError(f"--output {spec.output} must be outside the base model {spec.base} (and not contain it)")
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / METRICS).is_file())):
-        raise TrainHeadError(f"--output {spec.output} exists and is not a train-head output; choose a new directory")
+    if out.exists() and not out.is_dir():
+        raise TrainHeadError(f"--output {spec.output} is a file; choose a new directory")
+    if out.exists() and any(out.iterdir()):
+        foreign = _foreign_files(out)
+        if foreign is None:
+            raise TrainHeadError(f"--output {spec.output} exists and is not a train-head output; choose a new directory")
+        if foreign:
+            raise TrainHeadError(f"--output {spec.output} is a train-head output that now also holds "
+                                 f"{', '.join(foreign[:5])}: retraining would replace them; move them or choose "
+                                 "another directory")
+    features = spec.features_dir()
+    if "://" not in features:
+        where = Path(features).resolve()
+        if where == out or out in where.parents or where in out.parents:
+            raise TrainHeadError(f"--features {features} must be outside --output {spec.output} (the model "
+                                 "directory is replaced as a whole)")
+        if where == base or base in where.parents:
+            raise TrainHeadError(f"--features {features} must be outside the base model {spec.base}")
     if not 0 <= spec.holdout < 1:
         raise TrainHeadError(f"--holdout must be in [0, 1), got {spec.holdout}")
     return out
@@ -254,8 +329,34 @@ def train_head(spec: TrainHeadSpec, run_embed: Callable[[JobSpec], int], echo: C
 
     out = check_output(spec)
     checked = read_input_labels(spec)
-    echo(f"labels in {spec.label_column!r}: " + ", ".join(f"{n} {checked.counts[n]}" for n in _label_order(checked.counts))
+    echo(f"labels in {spec.label_column!r}: {describe_counts(checked.counts)}"
          + (f"; {checked.unlabeled} rows without a label are skipped" if checked.unlabeled else ""))
+    spec.check_features()
+    lease = _lock(out)
+    try:
+        return _train(spec, out, checked, run_embed, echo)
+    finally:
+        lease.release()
+
+
+def _lock(out: Path):
+    """One train-head at a time per output directory: a lease beside it (the directory itself is replaced)."""
+    from .lease import OutputLease
+
+    fs, base = resolve(str(out.parent / f".{out.name}.train-head"))
+    lease = OutputLease(fs, base, str(out))
+    lease.acquire()  # OutputBusy names the run holding it
+    return lease
+
+
+def _train(spec: TrainHeadSpec, out: Path, checked: LabelCheck, run_embed, echo) -> dict:
+    import torch
+
+    from persimmon import __version__
+    from persimmon.checkpoint import checkpoint_heads, save_with_head
+    from persimmon.config import PersimmonConfig
+    from pipelines import head
+
     base_config = PersimmonConfig.from_pretrained(spec.base)
     notes = []
     if "score" in checkpoint_heads(Path(spec.base)):
@@ -272,7 +373,12 @@ def train_head(spec: TrainHeadSpec, run_embed: Callable[[JobSpec], int], echo: C
     if rows.unusable:
         echo(f"skipped {sum(rows.unusable.values())} labeled rows whose text gave no features: "
              + "; ".join(f"{message} ({n})" for message, n in rows.unusable.most_common()))
+    wanted = set(checked.counts)
     checked = check_labels(rows.labels, spec.label_column)  # the rows that are left must still make a task
+    lost = sorted(wanted - set(checked.counts))
+    if lost:
+        raise TrainHeadError(f"label(s) {', '.join(_short(n) for n in lost[:10])} have no rows left once rows whose "
+                             "text gave no features are skipped; fix those texts or drop the label")
     names = _label_order(checked.counts)
     ids = {n: i for i, n in enumerate(names)}
     K = len(names)
@@ -313,13 +419,15 @@ def train_head(spec: TrainHeadSpec, run_embed: Callable[[JobSpec], int], echo: C
         "features": "last-token final hidden state (after the final LayerNorm)", "feature_dir": embed.output,
         "train": train_metrics, "holdout": held_metrics, "majority_baseline": baseline,
         "created_at": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "package_version": __version__, "notes": notes,
+        "package_version": __version__, "notes": notes, "written_by": WRITTEN_BY,
     }
 
     staging = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     try:
         notes += save_with_head(spec.base, staging, fitted.weight, dict(enumerate(names)), problem)
+        linked = sorted({str(p.resolve().parent) for p in staging.iterdir() if p.is_symlink()})
+        metrics["weights_linked_from"] = linked
         (staging / METRICS).write_text(json.dumps(metrics, indent=2) + "\n")
         (staging / "README.md").write_text(model_card(metrics))
         if out.exists():
@@ -338,10 +446,13 @@ def train_head(spec: TrainHeadSpec, run_embed: Callable[[JobSpec], int], echo: C
         kind = "exact-match accuracy" if spec.multi_label else "accuracy"
         echo(f"held-out {kind} {held_metrics['accuracy']:.3f}, macro-F1 {held_metrics['macro_f1']:.3f}; "
              f"majority-class baseline {baseline['accuracy']:.3f}, macro-F1 {baseline['macro_f1']:.3f}")
-    else:
+    elif spec.holdout == 0:
         echo("no rows held out (--holdout 0): no held-out figures")
+    else:
+        echo(f"no rows held out: every label has too few rows for --holdout {spec.holdout:g} (each label keeps "
+             "round(holdout x its rows) rows aside); no held-out figures")
     echo(f"wrote {spec.output}: PersimmonForSequenceClassification, {K} labels, {problem}; the base's weights "
-         f"are linked from {Path(spec.base).resolve()} (keep it in place)")
+         f"are linked from {', '.join(metrics['weights_linked_from']) or '(nothing: all copied)'} (keep them in place)")
     return metrics
 
 
@@ -349,8 +460,8 @@ def model_card(m: dict) -> str:
     lines = [
         f"# Persimmon classifier: {m['label_column']}", "",
         f"A linear head (`score.weight`, no bias, L2 {m['l2_penalty']:g}) trained by `persimmon-batch train-head` "
-        f"on the frozen last-token features of `{m['base_model']}`, whose weights this checkpoint links to "
-        "(its weight files are symbolic links: keep the base in place).", "",
+        f"on the frozen last-token features of `{m['base_model']}`. Its weight files are symbolic links to "
+        f"{', '.join(f'`{d}`' for d in m.get('weights_linked_from', [])) or 'nothing (copies)'}: keep those in place.", "",
         f"- task: {m['problem_type']}; labels: {', '.join(m['labels'])}",
         f"- data: `{m['input']}`, text column `{m['text_column']}`, label column `{m['label_column']}`",
         f"- rows: {m['rows']['train']} trained on, {m['rows']['holdout']} held out (seed {m['seed']}); skipped: "

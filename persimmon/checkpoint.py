@@ -9,6 +9,7 @@ Pickled `pytorch_model*.bin` files are read only on explicit opt-in, and then wi
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -23,7 +24,7 @@ from safetensors.torch import save_file
 
 from .config import PersimmonConfig, dtype_name, resolve_dtype
 from .files import (SAFE_INDEX, SAFE_WEIGHTS, CheckpointError, checkpoint_heads, load_dtype,  # noqa: F401 (API)
-                    stored_dtype_name, tensor_names, weight_files, weight_sources)
+                    TOKENIZER_FILES, stored_dtype_name, tensor_names, weight_files, weight_sources)
 
 _IGNORED_KEYS = re.compile(r"(^|\.)rotary_emb\.inv_freq$")  # non-persistent buffer some old exports carry
 
@@ -229,8 +230,6 @@ def _atomic_write_text(file: Path, text: str) -> None:
 
 HEAD_WEIGHTS = "score.safetensors"
 HEAD_KEYS = ("lm_head.weight", "score.weight")
-TOKENIZER_FILES = ("tokenizer.model", "adept_vocab.model", "tokenizer_config.json", "special_tokens_map.json",
-                   "tokenizer.json", "added_tokens.json")
 
 
 def save_with_head(base: str | Path, path: str | Path, weight: torch.Tensor, id2label: dict[int, str],
@@ -261,6 +260,12 @@ def save_with_head(base: str | Path, path: str | Path, weight: torch.Tensor, id2
                 continue
             name = "base.safetensors" if file.name == SAFE_WEIGHTS else file.name  # an index, not a single file
             if "score.weight" in present:
+                # a copy, named after the file it came from: a checkpoint that links this copy (a head trained
+                # on top of this one) finds it gone, never silently replaced, if this one is retrained from
+                # another base
+                st = file.resolve().stat()
+                source = hashlib.sha256(f"{file.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()
+                name = f"{Path(name).stem}-{source[:12]}.safetensors"
                 _atomic_save({k: f.get_tensor(k).contiguous() for k in keys}, path / name)
                 notes.append(f"{file.name} of the base holds its old head: written here without it (a copy, "
                              "not a link)")

@@ -12,6 +12,8 @@ SAFE_WEIGHTS = "model.safetensors"
 SAFE_INDEX = "model.safetensors.index.json"
 PICKLE_WEIGHTS = "pytorch_model.bin"
 PICKLE_INDEX = "pytorch_model.bin.index.json"
+TOKENIZER_FILES = ("tokenizer.model", "adept_vocab.model", "tokenizer_config.json", "special_tokens_map.json",
+                   "tokenizer.json", "added_tokens.json")
 # safetensors dtype codes of floating tensors -> torch dtype names
 FLOAT_CODES = {"F64": "float64", "F32": "float32", "BF16": "bfloat16", "F16": "float16"}
 

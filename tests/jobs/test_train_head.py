@@ -114,6 +114,8 @@ def test_multi_label_on_a_classifier_base(tmp_path, demo_root):
     ("list without --multi-label", "for a list of labels per row use --multi-label"),
     ("no label column", "has no column 'topic'"),
     ("output is the base", "must be outside the base model"),
+    ("an embedding column", "has column(s) ['embedding'], which the features job adds"),
+    ("numbers as text", "text column 'text' of part-0.parquet holds int64, not text"),
 ])
 def test_bad_labels_are_refused_before_any_work(tmp_path, causal_model, case, message):
     folder = tmp_path / "labeled"
@@ -122,8 +124,11 @@ def test_bad_labels_are_refused_before_any_work(tmp_path, causal_model, case, me
         "one label": ["greek"] * 40, "rare label": ["greek"] * 20 + ["color"] * 19 + ["x"],
         "all null": pa.array([None] * 40, pa.string()), "float labels": [0.5] * 40,
         "list without --multi-label": [["a"]] * 40, "no label column": None, "output is the base": ["a", "b"] * 20,
+        "an embedding column": ["a", "b"] * 20, "numbers as text": ["a", "b"] * 20,
     }[case]
-    table = pa.table({"text": ["alpha beta"] * 40})
+    table = pa.table({"text": list(range(40)) if case == "numbers as text" else ["alpha beta"] * 40})
+    if case == "an embedding column":
+        table = table.append_column("embedding", pa.array([1.0] * 40))
     if values is not None:
         table = table.append_column("topic", values if isinstance(values, pa.Array) else pa.array(values))
     pq.write_table(table, folder / "part-0.parquet")
@@ -148,3 +153,52 @@ def test_an_unfinished_feature_job_passes_its_exit_status_on(tmp_path, causal_mo
             train_head(spec, lambda embed: code, echo=lambda line: None)
         assert caught.value.code == code
     assert not (tmp_path / "head").exists()
+
+
+def test_what_train_head_may_replace(tmp_path, causal_model):
+    """Its own output and features folders only: never a folder of the user's that happens to hold a
+    metrics.json, files added to an earlier output, another job's output given as --features, or an output
+    another train-head is writing."""
+    from jobs.lease import OutputBusy, OutputLease
+    from jobs.shards import resolve
+    from jobs.train_head import TrainHeadError, TrainHeadSpec, train_head
+
+    labeled(tmp_path / "labeled", rows=40)
+
+    def attempt(output, features=None):
+        spec = TrainHeadSpec(str(causal_model), str(tmp_path / "labeled"), "topic", str(output),
+                             features=str(features or tmp_path / "features"))
+        return train_head(spec, lambda embed: 1, echo=lambda line: None)
+
+    experiment = tmp_path / "experiment"
+    experiment.mkdir()
+    (experiment / "metrics.json").write_text("{}")
+    (experiment / "results.csv").write_text("precious")
+    with pytest.raises(TrainHeadError, match="exists and is not a train-head output"):
+        attempt(experiment)
+    earlier = tmp_path / "earlier"
+    earlier.mkdir()
+    (earlier / "metrics.json").write_text('{"written_by": "persimmon-batch train-head"}')
+    (earlier / "model.safetensors.index.json").write_text('{"weight_map": {"score.weight": "score.safetensors"}}')
+    (earlier / "notes.txt").write_text("mine")
+    with pytest.raises(TrainHeadError, match="also holds notes.txt"):
+        attempt(earlier)
+    other_job = tmp_path / "labels_out"
+    other_job.mkdir()
+    (other_job / "_manifest.json").write_text('{"spec": {"task": "classify", "name": null}, "shards": {}}')
+    with pytest.raises(TrainHeadError, match="holds the output of another job"):
+        attempt(tmp_path / "head", features=other_job)
+    (tmp_path / "stuff").mkdir()
+    (tmp_path / "stuff" / "part-0.parquet").write_text("x")
+    with pytest.raises(TrainHeadError, match="not empty and holds no train-head features"):
+        attempt(tmp_path / "head", features=tmp_path / "stuff")
+    with pytest.raises(TrainHeadError, match="must be outside --output"):
+        attempt(tmp_path / "head", features=tmp_path / "head" / "features")
+    held = OutputLease(*resolve(str(tmp_path / ".head.train-head")), str(tmp_path / "head"))
+    held.acquire()  # another train-head (this live process) is writing tmp_path/head
+    try:
+        with pytest.raises(OutputBusy):
+            attempt(tmp_path / "head")
+    finally:
+        held.release()
+    assert (experiment / "results.csv").read_text() == "precious" and (earlier / "notes.txt").exists()
