@@ -87,6 +87,10 @@ def plan_run(spec: JobSpec, discovery: Discovery, manifest: Manifest, out_fs: pa
             continue
         if final in outputs:
             meta, rows = committed_metadata(out_fs, out_base, final)
+            if META_FINGERPRINT not in meta and not entry and not spec.overwrite:
+                # neither in the manifest nor marked as ours: a file of the user's that happens to sit there
+                raise ValueError(f"output {spec.output} already holds {final}, which persimmon-batch did not "
+                                 "write; use an empty output folder (or --overwrite to replace it)")
             if meta.get(META_FINGERPRINT, b"").decode() == fingerprint and \
                     json.loads(meta.get(META_IDENTITY, b"null")) == info.identity:
                 manifest.shards[shard] = {**entry, "state": "done", "output": final, "adopted": True,

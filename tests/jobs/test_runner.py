@@ -230,3 +230,18 @@ def test_progress_bar_on_a_terminal():
     progress.close()
     text = stream.getvalue()
     assert "\r[" in text and "50/100 rows" in text and "shards 1/2 done, 0 failed" in text and "ETA" in text
+
+
+def test_a_file_of_the_users_in_the_output_is_never_replaced(ray_local, demo):
+    """An output folder that already holds a file named like an output shard, written by someone else: the
+    job is refused before anything is written; --overwrite replaces it."""
+    model, input, out = demo
+    out.mkdir()
+    pq.write_table(pa.table({"mine": [1, 2, 3]}), out / "part-00002.parquet")
+    with pytest.raises(ValueError, match="already holds part-00002.parquet, which persimmon-batch did not write"):
+        run_job(spec_for(model, input, out))
+    assert pq.read_table(out / "part-00002.parquet").column_names == ["mine"]
+    assert not any(out.glob("part-00000.parquet"))
+    replace = spec_for(model, input, out)
+    replace.overwrite = True
+    assert run_job(replace).ok and "label" in pq.read_table(out / "part-00002.parquet").column_names
