@@ -32,7 +32,7 @@ from .cluster_auth import refresh_ray_config, token_available, use_token_auth
 from .lease import OutputBusy, OutputLease
 from .manifest import Manifest
 from .plan import Plan, check_text_column, plan_run
-from .shards import WorkUnit, commit, discover, output_name, output_overlap, remove_temporaries, resolve
+from .shards import WorkUnit, absolute, commit, discover, output_name, output_overlap, remove_temporaries, resolve
 from .spec import JobSpec
 from .worker import UNIT_COUNTS, ShardWorker, UnitResult
 
@@ -256,10 +256,6 @@ def _stop_on_sigterm() -> None:
         signal.signal(signal.SIGTERM, handler)
 
 
-def _absolute(uri: str) -> str:
-    return uri if "://" in uri else str(Path(uri).resolve())
-
-
 def _output_columns(spec: JobSpec, config) -> list[str]:
     from pipelines.schema import added_columns, task_schema
 
@@ -317,7 +313,7 @@ def run_job(spec: JobSpec, stream=None, tty: bool | None = None,
             manifest.data["shards"] = {s: {**e, "state": "pending"} for s, e in manifest.shards.items()}
         manifest.data.update(
             fingerprint=fingerprint, model={"path": str(Path(spec.model).resolve()), "checksum": checksum},
-            spec=spec.to_dict(), package_version=__version__, input=_absolute(spec.input), output=_absolute(spec.output),
+            spec=spec.to_dict(), package_version=__version__, input=absolute(spec.input), output=absolute(spec.output),
             started_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), lease=lease.holder.describe(),
         )
         plan = plan_run(spec, discovery, manifest, out_fs, out_base, fingerprint, _output_columns(spec, config))

@@ -21,7 +21,7 @@ import os
 import re
 import uuid
 from dataclasses import dataclass, field
-from pathlib import PurePosixPath
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import pyarrow.fs as pafs
@@ -44,6 +44,11 @@ def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
     if fs.type_name == "local":
         path = os.path.realpath(path)
     return fs, path
+
+
+def absolute(uri: str) -> str:
+    """A local path made absolute (symlinks resolved); a URI as it is."""
+    return uri if "://" in uri else str(Path(uri).resolve())
 
 
 def join(base: str, rel: str) -> str:

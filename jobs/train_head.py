@@ -26,8 +26,9 @@ import pyarrow.parquet as pq
 
 from persimmon.files import TOKENIZER_FILES
 from pipelines.options import EmbedOptions, ModelOptions
+from pipelines.schema import is_text_type
 
-from .shards import discover, join, output_name, resolve
+from .shards import absolute, discover, join, output_name, resolve
 from .spec import JobSpec, RunnerSettings
 
 METRICS = "metrics.json"
@@ -70,7 +71,7 @@ class TrainHeadSpec:
                                  "(shared storage or an object store URI) for the rows' features")
         from .checksum import cache_dir
 
-        key = json.dumps([str(Path(self.base).resolve()), _absolute(self.input), self.text_column])
+        key = json.dumps([str(Path(self.base).resolve()), absolute(self.input), self.text_column])
         return str(cache_dir() / "features" / hashlib.sha256(key.encode()).hexdigest()[:16])
 
     def check_features(self) -> None:
@@ -100,10 +101,6 @@ class TrainHeadSpec:
         # overwrite: the features follow the base model; an earlier model's features are replaced
         return JobSpec("embed", self.base, self.input, self.features_dir(), self.text_column, options, self.runner,
                        name=FEATURES_JOB, overwrite=True)
-
-
-def _absolute(uri: str) -> str:
-    return uri if "://" in uri else str(Path(uri).resolve())
 
 
 # -- labels ---------------------------------------------------------------------------------------------------
@@ -216,9 +213,7 @@ def read_input_labels(spec: TrainHeadSpec) -> LabelCheck:
                     raise TrainHeadError(f"input shard {shard} has column(s) {clash}, which the features job adds; "
                                          "rename them first")
                 text_type = parquet.schema_arrow.field(spec.text_column).type
-                if not (pa.types.is_string(text_type) or pa.types.is_large_string(text_type)
-                        or pa.types.is_binary(text_type) or pa.types.is_large_binary(text_type)
-                        or pa.types.is_dictionary(text_type)):
+                if not is_text_type(text_type):
                     raise TrainHeadError(f"text column {spec.text_column!r} of {shard} holds {text_type}, not text")
                 check_label_type(spec.label_column, parquet.schema_arrow.field(spec.label_column).type,
                                  spec.multi_label)
@@ -320,13 +315,6 @@ def check_output(spec: TrainHeadSpec) -> Path:
 def train_head(spec: TrainHeadSpec, run_embed: Callable[[JobSpec], int], echo: Callable[[str], None] = print) -> dict:
     """The whole train-head; run_embed runs the feature job and returns its exit status. Returns the metrics
     written to metrics.json. Raises TrainHeadError with a one-line message for bad input."""
-    import torch
-
-    from persimmon import __version__
-    from persimmon.checkpoint import checkpoint_heads, save_with_head
-    from persimmon.config import PersimmonConfig
-    from pipelines import head
-
     out = check_output(spec)
     checked = read_input_labels(spec)
     echo(f"labels in {spec.label_column!r}: {describe_counts(checked.counts)}"
@@ -411,7 +399,7 @@ def _train(spec: TrainHeadSpec, out: Path, checked: LabelCheck, run_embed, echo)
             for n in rows.labels[r]:
                 part_counts[n][key] += 1
     metrics = {
-        "base_model": str(Path(spec.base).resolve()), "input": _absolute(spec.input),
+        "base_model": str(Path(spec.base).resolve()), "input": absolute(spec.input),
         "label_column": spec.label_column, "text_column": spec.text_column, "problem_type": problem,
         "labels": names, "label_counts": part_counts, "rows": {"train": len(kept), "holdout": len(held),
         "skipped_without_label": rows.unlabeled, "skipped_unusable_text": sum(rows.unusable.values())},

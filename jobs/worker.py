@@ -123,7 +123,7 @@ class ShardWorker:
             metadata.pop(b"pandas", None)  # describes the input's columns, not ours
             writer = None
             rows = 0
-            progress = self._progress(unit.key)
+            progress = _Progress(unit.key, self.report)
             self.pipeline.on_rows = progress
             try:
                 batches = parquet.iter_batches(batch_size=self.spec.runner.batch_rows, row_groups=unit.row_groups)
@@ -143,9 +143,6 @@ class ShardWorker:
                 if writer is not None:
                     writer.close()
         return rows
-
-    def _progress(self, key: str) -> "_Progress":
-        return _Progress(key, self.report)
 
     def merge(self, shard: str, temps: list[str]) -> UnitResult:
         """Concatenate a sliced shard's part files, in order, into one temporary file (streamed by row group)."""

@@ -24,7 +24,8 @@ from safetensors.torch import save_file
 
 from .config import PersimmonConfig, dtype_name, resolve_dtype
 from .files import (SAFE_INDEX, SAFE_WEIGHTS, CheckpointError, checkpoint_heads, load_dtype,  # noqa: F401 (API)
-                    TOKENIZER_FILES, stored_dtype_name, tensor_names, weight_files, weight_sources)
+                    TOKENIZER_FILES, stored_dtype_name, target_dtype_name, tensor_names, weight_files,
+                    weight_sources)
 
 _IGNORED_KEYS = re.compile(r"(^|\.)rotary_emb\.inv_freq$")  # non-persistent buffer some old exports carry
 
@@ -72,10 +73,7 @@ def _stored_dtype(files: list[Path], pickled: bool) -> torch.dtype:
 
 
 def _target_dtype(config: PersimmonConfig, files: list[Path], pickled: bool, dtype) -> torch.dtype:
-    """The dtype a load gives: "auto" = config.json's torch_dtype, else the stored one; None = float32."""
-    if dtype == "auto":
-        return resolve_dtype(config.torch_dtype) if config.torch_dtype else _stored_dtype(files, pickled)
-    return resolve_dtype(dtype) or torch.float32
+    return resolve_dtype(target_dtype_name(config, files, pickled, dtype))
 
 
 def _key_mapper(expected: set[str], found: set[str]):

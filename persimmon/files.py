@@ -105,17 +105,24 @@ def stored_dtype_name(files: list[Path], pickled: bool) -> str:
     return "float32"
 
 
+def target_dtype_name(config, files: list[Path], pickled: bool, dtype) -> str:
+    """The dtype a load gives, by name: "auto" = config.json's torch_dtype, else the stored one; None =
+    float32; otherwise the one named."""
+    from .config import canonical_dtype
+
+    if dtype == "auto":
+        return config.torch_dtype or stored_dtype_name(files, pickled)
+    return canonical_dtype(dtype) or "float32"
+
+
 def load_dtype(path: str | Path, dtype="auto", allow_pickle: bool = False) -> str:
     """The name of the dtype `from_pretrained(path, dtype=dtype)` would give ("auto" resolved), without
     loading weights: a job asking for "auto" and one naming the checkpoint's own dtype are the same job."""
-    from .config import PersimmonConfig, canonical_dtype
+    from .config import PersimmonConfig
 
     path = Path(path)
     files, pickled = weight_files(path, allow_pickle)
-    if dtype == "auto":
-        config = PersimmonConfig.from_pretrained(path)
-        return config.torch_dtype or stored_dtype_name(files, pickled)
-    return canonical_dtype(dtype) or "float32"
+    return target_dtype_name(PersimmonConfig.from_pretrained(path) if dtype == "auto" else None, files, pickled, dtype)
 
 
 def checkpoint_heads(path: Path, allow_pickle: bool = False) -> set[str]:

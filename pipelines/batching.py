@@ -15,6 +15,8 @@ import torch
 
 from persimmon import PersimmonConfig, PersimmonTokenizer
 
+from .schema import is_text_type
+
 # A piece of the sentencepiece vocabulary is at most this many characters (its max_piece_length default),
 # so max_length tokens never need more than this many characters per token of text.
 MAX_CHARS_PER_TOKEN = 16
@@ -85,20 +87,18 @@ def text_column(batch: pa.RecordBatch | pa.Table, name: str) -> tuple[list[str |
         raise ValueError(f"text column {name!r} not in the input; columns are {batch.schema.names}")
     column = batch.column(name)
     kind = column.type
-    if pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_string_view(kind):
-        values = column.to_pylist()
-    elif pa.types.is_binary(kind) or pa.types.is_large_binary(kind):
+    if not is_text_type(kind):
+        message = f"text column {name!r} holds {kind}, not strings"
+        return [None] * len(column), [message] * len(column)
+    if pa.types.is_binary(kind) or pa.types.is_large_binary(kind):
         values = []
         for raw in column.to_pylist():
             try:
                 values.append(None if raw is None else raw.decode("utf-8"))
             except UnicodeDecodeError as exc:
                 values.append(exc)  # reported below
-    elif pa.types.is_dictionary(kind) and pa.types.is_string(kind.value_type):
-        values = column.to_pylist()
     else:
-        message = f"text column {name!r} holds {kind}, not strings"
-        return [None] * len(column), [message] * len(column)
+        values = column.to_pylist()
     texts: list[str | None] = []
     errors: list[str | None] = []
     for value in values:

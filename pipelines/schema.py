@@ -19,6 +19,15 @@ GENERATION = pa.schema([
 ERROR = pa.field("error", pa.string())
 
 
+def is_text_type(kind: pa.DataType) -> bool:
+    """Whether a column of this type holds text a pipeline can read (strings, UTF-8 bytes, dictionary strings)."""
+    if pa.types.is_dictionary(kind):
+        kind = kind.value_type
+        return pa.types.is_string(kind)
+    return (pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_string_view(kind)
+            or pa.types.is_binary(kind) or pa.types.is_large_binary(kind))
+
+
 def embedding_schema(hidden_size: int) -> pa.Schema:
     """One fixed-size float32 vector per row, the model's hidden size."""
     return pa.schema([("embedding", pa.list_(pa.float32(), hidden_size))])
