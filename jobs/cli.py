@@ -1,4 +1,8 @@
-"""persimmon-batch: the command line. It parses and validates, builds a JobSpec and calls one function."""
+"""persimmon-batch: the command line. It parses and validates, builds a JobSpec and calls one function.
+
+Every command ends in one `error:` line for any exception, with the exit status of jobs/errors.py (the
+traceback only under --debug): usage errors of the parser included.
+"""
 
 from __future__ import annotations
 
@@ -7,32 +11,137 @@ import enum
 import functools
 import inspect
 import json
+import os
 import sys
 import typing
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from typer.core import TyperGroup
 
 from pipelines.options import (ClassifyOptions, EmbedOptions, GenerateOptions, ModelOptions, Options, _value_type,
                                default_of)
 
-from .cluster_auth import use_token_auth
-from .manifest import Manifest
-from .shards import resolve
+from .errors import (EXIT_FAILED, EXIT_INCOMPLETE, EXIT_OK, EXIT_USAGE, BatchError, ClusterFailed, ShardState,
+                     UsageError)
+from .execution.cluster_auth import use_token_auth
 from .spec import JobSpec, RunnerSettings
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+DEBUG = {"on": bool(os.environ.get("PERSIMMON_BATCH_DEBUG"))}
+
+
+def _parser_errors() -> tuple[tuple[type, ...], tuple[type, ...], tuple[type, ...]]:
+    """(usage errors, "no arguments: show help", exits) of the parser: typer >= 0.20 carries its own copy of
+    click, older ones use click itself."""
+    import click.exceptions as plain
+
+    kinds = [plain]
+    try:
+        from typer._click import exceptions as vendored
+
+        kinds.append(vendored)
+    except ImportError:
+        pass
+    usage = tuple(k.ClickException for k in kinds)
+    no_args = tuple(k.NoArgsIsHelpError for k in kinds if hasattr(k, "NoArgsIsHelpError"))
+    exits = (typer.Exit, plain.Exit, typer.Abort, plain.Abort)
+    return usage, no_args, exits
+
+
+PARSER_ERRORS, NO_ARGS, EXITS = _parser_errors()
+
+
+class _Group(TyperGroup):
+    """The parser's own errors (a missing option, a bad value) as one `error:` line, like every other error."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        try:
+            code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except NO_ARGS as exc:
+            typer.echo(exc.ctx.get_help() if getattr(exc, "ctx", None) else str(exc))
+            code = EXIT_OK
+        except PARSER_ERRORS as exc:
+            where = f" (see: {exc.ctx.command_path} --help)" if getattr(exc, "ctx", None) else ""
+            typer.echo(f"error: {_one_line(exc.format_message())}{where}", err=True)
+            code = exc.exit_code
+        except (typer.Abort, KeyboardInterrupt):
+            typer.echo("error: aborted", err=True)
+            code = 130
+        if not standalone_mode:
+            return code
+        sys.exit(code if isinstance(code, int) else EXIT_OK)
+
+
+app = typer.Typer(cls=_Group, add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Run the Persimmon language model over Parquet datasets on Ray.")
 
-EXIT_BUSY = 75  # EX_TEMPFAIL: another run holds the output; try again later
+
+@app.callback()
+def _options(debug: Annotated[bool, typer.Option("--debug", help="Show the traceback of an error (also: "
+                                                                   "PERSIMMON_BATCH_DEBUG=1).")] = False) -> None:
+    """Run the Persimmon language model over Parquet datasets on Ray."""
+    DEBUG["on"] = DEBUG["on"] or debug
 
 
-class DType(str, enum.Enum):
-    auto = "auto"
-    float32 = "float32"
-    bfloat16 = "bfloat16"
-    float16 = "float16"
+def _one_line(text: str) -> str:
+    return "; ".join(part.strip() for part in str(text).strip().splitlines() if part.strip())
+
+
+def _report(exc: BaseException) -> int:
+    """The exit status for an exception, after its one `error:` line (and a failed run's summary)."""
+    from .errors import Interrupted
+
+    result = getattr(exc, "result", None)
+    if result is not None:
+        typer.echo(result.summary())
+    if isinstance(exc, KeyboardInterrupt) and not isinstance(exc, BatchError):
+        from .runner import signal_of
+
+        typer.echo("interrupted: rerun the same command to resume", err=True)
+        return 128 + signal_of(exc)
+    if isinstance(exc, Interrupted):
+        typer.echo("interrupted: rerun the same command to resume", err=True)
+        return exc.exit_code
+    if isinstance(exc, BatchError):
+        message = str(exc) if "\n  " in str(exc) else _one_line(str(exc))  # a job file's problems: one per line
+        typer.echo(f"error: {message}", err=True)
+        return exc.exit_code
+    name = type(exc).__name__
+    if name == "AuthenticationError":  # ray.exceptions: a cluster that wants a token this client lacks
+        typer.echo(f"error: the cluster refused this client: {_one_line(exc)[:300]} (set RAY_AUTH_TOKEN to the head "
+                   "node's token, or copy its ~/.ray/auth_token here)", err=True)
+        return EXIT_USAGE
+    typer.echo(f"error: {name}: {_one_line(exc)[:500]} (an unexpected error: --debug shows where)", err=True)
+    return EXIT_FAILED
+
+
+def _handled(func):
+    """A command whose every exception ends in one `error:` line and its exit status."""
+    @functools.wraps(func)
+    def command(*args, **kwargs):
+        try:
+            return func(*args, **kwargs)
+        except EXITS + PARSER_ERRORS:
+            raise
+        except BaseException as exc:  # noqa: B902 - the point: nothing reaches the user as a traceback
+            if DEBUG["on"] or isinstance(exc, SystemExit):
+                raise
+            code = _report(exc)
+            if isinstance(exc, ClusterFailed) and DEBUG.get("program"):
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(code)  # Ray's own exit hooks would wait for the dead cluster
+            raise typer.Exit(code) from None
+
+    return command
+
+
+def command(*args, **kwargs):
+    """app.command with the one error handler."""
+    def register(func):
+        return app.command(*args, **kwargs)(_handled(func))
+    return register
 
 
 Model = Annotated[Path, typer.Option("--model", help="Checkpoint directory (config.json, safetensors, tokenizer.model).",
@@ -40,8 +149,15 @@ Model = Annotated[Path, typer.Option("--model", help="Checkpoint directory (conf
 Input = Annotated[str, typer.Option("--input", help="Parquet file, directory or glob; local or a URI (s3://, gs://, hdfs://).")]
 Output = Annotated[str, typer.Option("--output", help="Output directory (local or URI): one file per input shard.")]
 TextColumn = Annotated[str, typer.Option(help="Column holding the text.")]
-Overwrite = Annotated[bool, typer.Option(help="Replace outputs of a different model or options, and remove the "
-                                              "outputs of shards gone from the input.")]
+Overwrite = Annotated[bool, typer.Option(help="Replace this tool's outputs of a different model or options, and "
+                                              "remove the outputs of shards gone from the input.")]
+
+
+class DType(str, enum.Enum):
+    auto = "auto"
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+    float16 = "float16"
 
 
 def _unescape(text: str) -> str:
@@ -111,41 +227,30 @@ def with_options(**groups: type[Options]):
     return wrap
 
 
-def _fail(message: str, code: int = 2) -> None:
+def _fail(message: str, code: int = EXIT_USAGE) -> None:
     typer.echo(f"error: {message}", err=True)
     raise typer.Exit(code)
 
 
 def _run(spec: JobSpec, exit_at_end: bool = True) -> int:
     """Run one job; returns its exit status (0, 1 failed shards, 75 output busy, 128 + signal when stopped)
-    or exits with it."""
+    or exits with it. A job refused or failed under way raises its BatchError (the handler reports it)."""
     use_token_auth(spec.runner.address)  # before Ray is imported: it reads RAY_AUTH_MODE then
-    from .runner import JobConflict, OutputBusy, run_job, signal_of  # imports Ray: only once arguments are good
+    spec.validate()
+    from .runner import run_job  # imports Ray: only once arguments are good
 
-    try:
-        spec.validate()
-    except ValueError as exc:
-        _fail(str(exc))
-    try:
-        result = run_job(spec)
-    except OutputBusy as exc:
-        _fail(str(exc), code=EXIT_BUSY)
-    except (JobConflict, ConnectionError, FileNotFoundError, ValueError) as exc:
-        _fail(str(exc))
-    except RuntimeError as exc:  # the job could not start on the cluster, or Ray failed under it
-        _fail(str(exc), code=1)
-    except KeyboardInterrupt as exc:  # stopped before the work began
-        typer.echo("interrupted: rerun the same command to resume", err=True)
-        raise typer.Exit(128 + signal_of(exc))
+    result = run_job(spec)
     typer.echo(result.summary())
     for warning in result.warnings():
         typer.echo(warning, err=True)
+    if result.lost:
+        typer.echo(f"error: {_one_line(result.lost)}: this run stopped; what it committed is kept", err=True)
     if exit_at_end and result.exit_code:
         raise typer.Exit(result.exit_code)
     return result.exit_code
 
 
-@app.command()
+@command()
 @with_options(options=ClassifyOptions, runner=RunnerSettings)
 def classify(model: Model, input: Input, output: Output, text_column: TextColumn = "text",
              overwrite: Overwrite = False, *, options: ClassifyOptions, runner: RunnerSettings) -> None:
@@ -153,7 +258,7 @@ def classify(model: Model, input: Input, output: Output, text_column: TextColumn
     _run(JobSpec("classify", str(model), input, output, text_column, options, runner, overwrite=overwrite))
 
 
-@app.command()
+@command()
 @with_options(options=GenerateOptions, runner=RunnerSettings)
 def generate(model: Model, input: Input, output: Output, text_column: TextColumn = "text",
              overwrite: Overwrite = False, *, options: GenerateOptions, runner: RunnerSettings) -> None:
@@ -161,7 +266,7 @@ def generate(model: Model, input: Input, output: Output, text_column: TextColumn
     _run(JobSpec("generate", str(model), input, output, text_column, options, runner, overwrite=overwrite))
 
 
-@app.command()
+@command()
 @with_options(options=EmbedOptions, runner=RunnerSettings)
 def embed(model: Model, input: Input, output: Output, text_column: TextColumn = "text",
           overwrite: Overwrite = False, *, options: EmbedOptions, runner: RunnerSettings) -> None:
@@ -169,7 +274,7 @@ def embed(model: Model, input: Input, output: Output, text_column: TextColumn = 
     _run(JobSpec("embed", str(model), input, output, text_column, options, runner, overwrite=overwrite))
 
 
-@app.command("train-head")
+@command("train-head")
 @with_options(options=ModelOptions, runner=RunnerSettings)
 def train_head(
     model: Model,
@@ -191,19 +296,12 @@ def train_head(
 ) -> None:
     """Train a classifier head on a base checkpoint's frozen features of labeled rows; write a new
     PersimmonForSequenceClassification checkpoint (the base's weights linked, not copied)."""
-    from .lease import OutputBusy
-    from .train_head import FeatureJobUnfinished, TrainHeadError, TrainHeadSpec, train_head as run_train_head
+    from .train_head import TrainHeadSpec, train_head as run_train_head
 
     spec = TrainHeadSpec(str(model), input, label_column, str(output), text_column, holdout, multi_label, seed,
                          features, penalty, options, runner)
     try:
         run_train_head(spec, lambda embed: _run(embed, exit_at_end=False), typer.echo)
-    except (TrainHeadError, FileNotFoundError) as exc:
-        _fail(str(exc))
-    except FeatureJobUnfinished as exc:
-        _fail(str(exc), code=exc.code)
-    except OutputBusy as exc:
-        _fail(str(exc), code=EXIT_BUSY)
     except KeyboardInterrupt:  # while fitting or writing: the features are kept, the output is untouched
         _fail("interrupted: rerun the same command (the features computed so far are kept)", code=130)
 
@@ -212,15 +310,12 @@ JobFile = Annotated[Path, typer.Argument(help="A job file (TOML).", exists=True,
 
 
 def _read(job: Path, check_model: bool = True) -> dict:
-    from .jobfile import JobFileError, read_job_file
+    from .jobfile import read_job_file
 
-    try:
-        return read_job_file(job, check_model)
-    except JobFileError as exc:
-        _fail(str(exc))
+    return read_job_file(job, check_model)
 
 
-@app.command()
+@command()
 def run(
     job: JobFile,
     date: Annotated[Optional[str], typer.Option(help="The run's date, YYYY-MM-DD / today / yesterday "
@@ -237,7 +332,7 @@ def run(
     try:
         dates = run_dates(raw, date, start, end)
     except ValueError as exc:
-        _fail(str(exc))
+        raise UsageError(str(exc)) from None
     worst = 0
     for day in dates:
         typer.echo(f"== {raw['name']} for {day}")
@@ -246,8 +341,10 @@ def run(
             spec.runner.address = address
         try:  # a date that is refused (no input yet, output busy) does not stop the other dates
             code = _run(spec, exit_at_end=False)
-        except typer.Exit as exc:
-            code = exc.exit_code
+        except BatchError as exc:
+            if isinstance(exc, ClusterFailed) or isinstance(exc, KeyboardInterrupt):
+                raise
+            code = _report(exc)
         worst = max(worst, code)
         if code >= 128:  # stopped by a signal: the remaining dates are not started
             break
@@ -255,14 +352,14 @@ def run(
         raise typer.Exit(worst)
 
 
-@app.command()
+@command()
 def validate(job: JobFile) -> None:
     """Check a job file (keys, types, values, model directory) without running anything."""
     raw = _read(job)
     typer.echo(f"{job}: valid {raw['task']} job {raw['name']!r}")
 
 
-@app.command()
+@command()
 def submit(
     job: JobFile,
     address: Annotated[str, typer.Option(help="The cluster's Ray dashboard, e.g. http://HEAD:8265.")],
@@ -277,16 +374,16 @@ def submit(
     try:
         day = run_dates(raw, date)[0].isoformat()
     except ValueError as exc:
-        _fail(str(exc))
+        raise UsageError(str(exc)) from None
     use_token_auth(address)
-    from .runner import AlreadySubmitted, follow_job, submit_job
+    from .execution.submit import AlreadySubmitted, follow_job, submit_job
 
     try:
         sid = submit_job(job.read_text(), raw["name"], day, address)
-    except AlreadySubmitted as exc:
-        _fail(str(exc), code=1)
+    except AlreadySubmitted:
+        raise
     except (ConnectionError, RuntimeError) as exc:
-        _fail(f"cannot submit to {address}: {exc}")
+        _fail(f"cannot submit to {address}: {_one_line(exc)}")
     typer.echo(f"submitted {sid}")
     if wait and not follow_job(sid, address):
         raise typer.Exit(1)
@@ -298,7 +395,7 @@ class ScheduleFormat(str, enum.Enum):
     k8s = "k8s"
 
 
-@app.command()
+@command()
 def schedule(
     job: JobFile,
     format: Annotated[ScheduleFormat, typer.Option(help="cron line, systemd service + timer, or Kubernetes CronJob.")] = ScheduleFormat.cron,
@@ -312,43 +409,48 @@ def schedule(
     try:
         typer.echo(render(job, raw["name"], format.value, at=at, image=image), nl=False)
     except ValueError as exc:
-        _fail(str(exc))
+        raise UsageError(str(exc)) from None
 
 
-@app.command()
+@command()
 def status(output: Annotated[str, typer.Argument(help="A job's output directory.")]) -> None:
-    """What is done, what is left, what failed, with row counts."""
+    """What is done, what is left, what failed, with row counts. Exit status: 0 complete, 1 shards failed,
+    3 incomplete (shards left to do), 2 no job's output there."""
+    from .output.discovery import resolve
+    from .output.lease import OutputLease
+    from .output.manifest import Manifest
+
     fs, base = resolve(output)
-    try:
-        manifest = Manifest.load(fs, base)
-    except ValueError as exc:
-        _fail(str(exc))
+    manifest = Manifest.load(fs, base)
     if manifest is None:
-        _fail(f"no manifest in {output}: no job has written there")
+        raise UsageError(f"no manifest in {output}: no job has written there")
     counts = manifest.counts()
     shards = manifest.shards
-    rows = sum(s.get("rows", 0) for s in shards.values() if s.get("state") == "done")
-    errors = sum(s.get("errors", 0) for s in shards.values() if s.get("state") == "done")
-    spec = manifest.data.get("spec", {})
-    typer.echo(f"job: {spec.get('task')} with {manifest.data.get('model', {}).get('path')} "
-               f"(fingerprint {manifest.data.get('fingerprint')})")
-    total = len(shards) - counts["input_removed"]
+    done = [s for s in shards.values() if s.get("state") == ShardState.DONE.value]
+    rows = sum(s.get("rows", 0) for s in done)
+    errors = sum(s.get("errors", 0) for s in done)
+    spec = manifest.data.get("spec", {}) if isinstance(manifest.data.get("spec"), dict) else {}
+    model = manifest.data.get("model") if isinstance(manifest.data.get("model"), dict) else {}
+    typer.echo(f"job: {spec.get('task')} with {model.get('path')} (fingerprint {manifest.data.get('fingerprint')})")
+    total = len(shards) - counts[ShardState.INPUT_REMOVED.value]
     typer.echo(f"shards: {counts['done']} done, {counts['failed']} failed, {counts['pending']} left, of {total}")
     typer.echo(f"rows: {rows} written, {errors} with errors")
     for name, entry in sorted(shards.items()):
-        if entry.get("state") == "failed":
+        if entry.get("state") == ShardState.FAILED.value:
             typer.echo(f"failed: {name}: {entry.get('error')}")
-        elif entry.get("state") == "input_removed":
+        elif entry.get("state") == ShardState.INPUT_REMOVED.value:
             typer.echo(f"input removed: {name} (its output is kept; rerun with --overwrite to remove it)")
-    from .lease import OutputLease
-
     holder = OutputLease(fs, base, output).holder_now()
     if holder:
         typer.echo(f"running now: {holder}")
-    typer.echo("complete" if counts["done"] == total else "incomplete: rerun the job to finish it")
+    if counts["done"] == total:
+        typer.echo("complete")
+        return
+    typer.echo("incomplete: rerun the job to finish it")
+    raise typer.Exit(EXIT_FAILED if counts["failed"] else EXIT_INCOMPLETE)
 
 
-@app.command()
+@command()
 def convert(
     release_dir: Annotated[Path, typer.Argument(help="Adept release tar contents (iter_*/mp_rank_00/model_optim_rng.pt).",
                                                 exists=True, resolve_path=True)],
@@ -361,11 +463,12 @@ def convert(
     try:
         out = convert_release(release_dir, out_dir, dtype="bfloat16" if dtype == DType.auto else dtype.value)
     except (ConversionError, ValueError, FileNotFoundError) as exc:
-        _fail(str(exc))
+        raise UsageError(str(exc)) from None
     typer.echo(json.dumps({"converted": str(out)}))
 
 
 def main() -> None:
+    DEBUG["program"] = True  # the real command, not a test's in-process call: it may end the process at once
     app(prog_name="persimmon-batch")
 
 

@@ -9,6 +9,7 @@ relative to the job file's folder.
 from __future__ import annotations
 
 import datetime as dt
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ except ModuleNotFoundError:  # Python 3.10
 
 from pipelines.options import TASK_OPTIONS, ClassifyOptions
 
+from .errors import UsageError
 from .spec import TASKS, JobSpec, RunnerSettings
 
 TOP = {"name": str, "task": str, "model": str, "input": str, "output": str, "text_column": str, "date": str,
@@ -27,9 +29,10 @@ TOP = {"name": str, "task": str, "model": str, "input": str, "output": str, "tex
 REQUIRED = ("name", "task", "model", "input", "output")
 PLACEHOLDERS = re.compile(r"\{([^{}]*)\}")
 KNOWN_PLACEHOLDERS = {"date", "ds", "ds_nodash"}
+NAME = re.compile(r"[A-Za-z0-9._-]+")  # job names land in cron lines, unit names and submission ids
 
 
-class JobFileError(ValueError):
+class JobFileError(UsageError):
     """A job file with problems; `problems` lists each, prefixed by its key."""
 
     def __init__(self, path: str, problems: list[str]) -> None:
@@ -76,6 +79,9 @@ def read_job_file(path: str | Path, check_model: bool = True) -> dict[str, Any]:
     for key, kind in TOP.items():
         if key in raw:
             _check_type(key, raw[key], kind, problems)
+    if isinstance(raw.get("name"), str) and not NAME.fullmatch(raw["name"]):
+        problems.append(f"name: only letters, digits and . _ - (A-Za-z0-9._-), got {raw['name']!r}: a job name "
+                        "goes into schedule recipes and job ids")
     task = raw.get("task")
     if isinstance(task, str) and task not in TASKS:
         problems.append(f"task: expected one of {list(TASKS)}, got {task!r}")
@@ -115,8 +121,12 @@ def render(value: str, date: dt.date) -> str:
 
 
 def local_path(value: str, folder: Path | None) -> str:
-    """A relative local path in a job file is relative to the file's folder, wherever `run` is started."""
-    if folder is None or "://" in value or Path(value).is_absolute():
+    """A relative local path in a job file is relative to the file's folder, wherever `run` is started; `~` is
+    the user's home."""
+    if "://" in value:
+        return value
+    value = os.path.expanduser(value)
+    if folder is None or Path(value).is_absolute():
         return value
     return str(folder / value)
 

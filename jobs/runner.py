@@ -1,22 +1,22 @@
-"""The runner: the only module that drives Ray.
+"""run_job: one run of a job from its checks to its verified end. The only module that starts or joins Ray.
 
-run_job checks the input and output, takes the output's lease (one run per output directory), reads the
-manifest (refusing a changed model or options unless overwrite), plans the run (jobs/plan.py), starts Ray on
-this machine or joins a cluster, and keeps a pool of ShardWorker actors busy: each actor pulls the next work
-unit when it is free. A finished unit is committed (atomic rename) and recorded; a unit whose actor died
-(killed, out of memory) is redone on a fresh actor; a unit that cannot succeed (the input itself is wrong) is
-failed at once, and one that fails max_attempts times is failed with its reason while the others finish.
-Progress is best effort: losing the progress actor never decides a job's fate. The driver only moves
-file names and counts, never a shard's rows.
+1. Before anything is written: the spec, the input (discovered by identity), the output (not a system folder,
+   not inside the input or another job's output, holding nothing of anyone else's), the model (checksum and
+   pin of its files).
+2. The output's lease (one owner per output, for every command); under it, the manifest is read again, the
+   ownership checked again, and the run planned (jobs/output/plan.py).
+3. Ray is started here or joined; only then is the manifest written (a run refused by the cluster leaves
+   nothing behind in an output it created).
+4. The dispatcher (policy) and the pool (Ray) process the units; each finished unit is committed (atomic
+   rename) and journaled, with the lease confirmed first.
+5. Before `_SUCCESS`: one listing of the output; a committed file that is gone or changed is redone once, and
+   named as failed if it goes again.
 """
 
 from __future__ import annotations
 
-import collections
-import re
 import signal
 import sys
-import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -27,35 +27,28 @@ import ray
 
 from persimmon import __version__
 
-from .checksum import model_checksum
-from .cluster_auth import refresh_ray_config, token_available, use_token_auth
-from .lease import OutputBusy, OutputLease
-from .manifest import Manifest
-from .plan import Plan, check_text_column, plan_run
-from .shards import WorkUnit, absolute, commit, discover, output_name, output_overlap, remove_temporaries, resolve
+from .errors import (BatchError, ClusterFailed, Interrupted, JobConflict, JobFailed, LeaseLost, ModelChanged,
+                     OutputBusy, UsageError, write_error)
+from .execution.cluster_auth import refresh_ray_config, token_available, use_token_auth
+from .execution.dispatcher import UNIT_COUNTS, Commit, Dispatcher, Failure
+from .execution.pool import Pool
+from .execution.progress import Progress
+from .execution.submit import AlreadySubmitted, follow_job, submission_id, submit_job
+from .output.checksum import model_checksum, pin_model
+from .output.commit import commit, output_name, remove_temporaries
+from .output.discovery import Discovery, absolute, discover, inspect_shard, join, output_overlap, resolve
+from .output.lease import OutputLease
+from .output.manifest import Manifest
+from .output.ownership import enclosing_job, system_folder
+from .output.plan import (Plan, WorkUnit, check_ownership, check_text_column, list_output, missing_outputs, plan_run,
+                          plan_units)
 from .spec import JobSpec
-from .worker import UNIT_COUNTS, ShardWorker, UnitResult
 
 CPU_THREADS_PER_ACTOR = 4  # default CPU actor size when the number of actors is not given
 LISTED = 20  # shards named one by one in a summary section before "and N more"
 
-__all__ = ["JobConflict", "JobResult", "OutputBusy", "run_job", "signal_of", "submit_job", "follow_job"]
-
-
-class JobConflict(ValueError):
-    """The output holds results of a different model or options; rerun with overwrite to replace them."""
-
-
-class Interrupted(KeyboardInterrupt):
-    """Ctrl-C or SIGTERM (how schedulers and Kubernetes stop a job): stop, keep what is committed."""
-
-    def __init__(self, signum: int = signal.SIGINT) -> None:
-        super().__init__(signal.Signals(signum).name)
-        self.signum = signum
-
-
-class LeaseLost(RuntimeError):
-    """Another run took the output over (this run's heartbeat stalled past its TTL)."""
+__all__ = ["AlreadySubmitted", "JobConflict", "JobResult", "OutputBusy", "follow_job", "run_job", "signal_of",
+           "submission_id", "submit_job"]
 
 
 @dataclass
@@ -124,86 +117,6 @@ def _listed(names: list[str], line: Callable[[str], str]) -> list[str]:
     return shown + ([f"... and {len(names) - LISTED} more"] if len(names) > LISTED else [])
 
 
-class Progress:
-    """A progress line on a terminal, or a plain log line per committed shard elsewhere."""
-
-    def __init__(self, total_rows: int, total_shards: int, stream=None, tty: bool | None = None) -> None:
-        self.stream = stream or sys.stderr
-        self.tty = self.stream.isatty() if tty is None else tty
-        self.total_rows, self.total_shards = total_rows, total_shards
-        self.rows = self.done = self.failed = 0
-        self.start = time.perf_counter()
-        self.last_draw = 0.0
-
-    def update(self, rows: int) -> None:
-        """Rows processed so far, all units together."""
-        self.rows = max(self.rows, rows)
-        self.draw()
-
-    def shard_done(self, shard: str, entry: dict[str, Any]) -> None:
-        self.done += 1
-        if not self.tty:
-            self.stream.write(f"committed {shard}: {entry['rows']} rows, {entry['errors']} errors, "
-                              f"{entry['seconds']:.1f} s on node {entry['node'][:12]}\n")
-        self.draw(force=True)
-
-    def shard_failed(self, shard: str, reason: str) -> None:
-        self.failed += 1
-        if not self.tty:
-            self.stream.write(f"FAILED {shard}: {reason}\n")
-        self.draw(force=True)
-
-    def draw(self, force: bool = False) -> None:
-        now = time.perf_counter()
-        if not self.tty or (not force and now - self.last_draw < 0.5):
-            return
-        self.last_draw = now
-        elapsed = now - self.start
-        rate = self.rows / elapsed if elapsed else 0.0
-        left = max(self.total_rows - self.rows, 0)
-        eta = time.strftime("%H:%M:%S", time.gmtime(left / rate)) if rate else "--:--:--"
-        width = 24
-        filled = min(width, int(width * self.rows / self.total_rows)) if self.total_rows else width
-        self.stream.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {self.rows}/{self.total_rows} rows "
-                          f"{rate:.1f} rows/s | shards {self.done}/{self.total_shards} done, {self.failed} failed "
-                          f"| ETA {eta} ")
-        self.stream.flush()
-
-    def close(self) -> None:
-        if self.tty:
-            self.draw(force=True)
-            self.stream.write("\n")
-
-
-class RowCounter:
-    """Rows processed so far per work unit, reported by the workers after each record batch (a Ray actor)."""
-
-    def __init__(self) -> None:
-        self.rows: dict[str, int] = {}
-        self.sum = 0
-
-    def add(self, key: str, rows: int) -> None:
-        self.rows[key] = self.rows.get(key, 0) + rows
-        self.sum += rows
-
-    def reset(self, key: str) -> None:
-        self.sum -= self.rows.pop(key, 0)  # a failed attempt's rows will be processed again
-
-    def total(self) -> int:
-        return self.sum
-
-
-def reporter(counter):
-    """A picklable report(key, rows) for the workers that feeds the counter actor without waiting; a dead
-    counter only costs the live row count."""
-    def report(key: str, rows: int) -> None:
-        try:
-            counter.add.remote(key, rows)
-        except Exception:
-            pass
-    return report
-
-
 def connect(address: str | None) -> None:
     """Start Ray here (address None) or join a cluster."""
     if ray.is_initialized():
@@ -213,13 +126,43 @@ def connect(address: str | None) -> None:
     if address is None:
         ray.init(address="local", include_dashboard=False, logging_level="WARNING", log_to_driver=True)
         return
+    _reachable(address)
     try:
         ray.init(address=address, logging_level="WARNING")
-    except ConnectionError as exc:
+    except (ConnectionError, ray.exceptions.RayError) as exc:
         hint = "" if token_available() else (
             " (clusters started with `ray start` use token authentication: set RAY_AUTH_TOKEN to the head "
             "node's token, or copy its ~/.ray/auth_token here)")
-        raise ConnectionError(f"cannot join the Ray cluster at {address}: {exc}{hint}") from exc
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UsageError(f"cannot join the Ray cluster at {address}: {first}{hint}") from None
+
+
+def _reachable(address: str, timeout: float = 5.0) -> None:
+    """Refuse at once a cluster address where nothing answers (ray.init would retry for minutes)."""
+    import socket
+
+    if address.startswith("ray://"):
+        return
+    try:
+        from ray._private.services import canonicalize_bootstrap_address
+
+        bootstrap = canonicalize_bootstrap_address(address)
+    except Exception as exc:
+        raise UsageError(f"cannot join the Ray cluster at {address}: {_first_line(exc)}") from None
+    if not bootstrap:
+        raise UsageError(f"cannot join the Ray cluster at {address}: no running cluster found on this machine")
+    host, _, port = bootstrap.rpartition(":")
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout):
+            pass
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"cannot join the Ray cluster at {address}: nothing answers at {bootstrap} "
+                         f"({getattr(exc, 'strerror', None) or exc})") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def actor_layout(spec: JobSpec) -> tuple[int, dict[str, Any], str, int | None]:
@@ -230,8 +173,8 @@ def actor_layout(spec: JobSpec) -> tuple[int, dict[str, Any], str, int | None]:
     if gpus >= 1 and r.gpus_per_actor > 0:
         actors = r.actors or max(1, int(gpus // r.gpus_per_actor))
         if actors * r.gpus_per_actor > gpus:  # the rest would wait for GPUs forever
-            raise RuntimeError(f"{actors} actors x {r.gpus_per_actor} GPUs each need {actors * r.gpus_per_actor:g} "
-                               f"GPUs; the cluster has {gpus:g}: lower --actors or --gpus-per-actor")
+            raise UsageError(f"{actors} actors x {r.gpus_per_actor} GPUs each need {actors * r.gpus_per_actor:g} "
+                             f"GPUs; the cluster has {gpus:g}: lower --actors or --gpus-per-actor")
         return actors, {"num_gpus": r.gpus_per_actor, "num_cpus": 1}, "cuda", None
     actors = r.actors or max(1, cpus // CPU_THREADS_PER_ACTOR)
     # more actors than CPUs share them (fractional CPUs) rather than wait for CPUs that never come
@@ -262,46 +205,66 @@ def _output_columns(spec: JobSpec, config) -> list[str]:
     return added_columns(task_schema(spec.task, config, spec.wants_lm and spec.task == "classify")).names
 
 
-def _check_output(spec: JobSpec, out_fs, out_base: str, overlap: str | None) -> None:
-    """An output that would overwrite the input, or that cannot be a directory we write to: say so now."""
+def check_output_place(spec: JobSpec, out_fs, out_base: str, discovery: Discovery) -> None:
+    """An output that is a system folder, a file, inside the input or inside another job's output: refused
+    before anything is written."""
     import pyarrow.fs as pafs
 
+    from .errors import ForeignOutput
+
+    if out_fs.type_name == "local":
+        why = system_folder(out_base)
+        if why:
+            raise ForeignOutput(why)
+    overlap = output_overlap(discovery, out_fs, out_base)
     if overlap:
-        raise ValueError(overlap)
-    if out_fs.get_file_info(out_base).type == pafs.FileType.File:
-        raise ValueError(f"output {spec.output} is a file, not a directory")
-    try:
-        out_fs.create_dir(out_base, recursive=True)
-    except OSError as exc:
-        raise ValueError(f"cannot write to output {spec.output}: {exc}") from None
+        raise UsageError(overlap)
+    info = out_fs.get_file_info(out_base)
+    if info.type == pafs.FileType.File:
+        raise UsageError(f"output {spec.output} is a file, not a directory")
+    enclosing = enclosing_job(out_fs, out_base)
+    if enclosing:
+        raise ForeignOutput(f"output {spec.output} is inside the output of another job ({enclosing}): its files "
+                            "would become that job's foreign files; give a folder outside it")
+
+
+def _read_manifest(out_fs, out_base: str, discovery: Discovery, spec: JobSpec):
+    """(manifest or None, listing, recognised unrecorded files): the output's state, ownership checked."""
+    listing = list_output(out_fs, out_base)
+    manifest = Manifest.load(out_fs, out_base)
+    recognised = check_ownership(spec.output, out_fs, out_base, listing, manifest, discovery)
+    return manifest, listing, recognised
 
 
 def run_job(spec: JobSpec, stream=None, tty: bool | None = None,
             on_commit: Callable[[str], None] | None = None) -> JobResult:
-    """Run a job to the end (or Ctrl-C / SIGTERM); returns its counts. Raises ValueError /
-    FileNotFoundError / JobConflict / OutputBusy / ConnectionError before any work when the spec, input,
-    output or cluster are wrong, or another run holds the output."""
+    """Run a job to the end (or Ctrl-C / SIGTERM); returns its counts. Raises a BatchError (UsageError,
+    JobConflict, ForeignOutput, OutputBusy ...) before any work when the spec, input, output or cluster are
+    wrong, or another run holds the output; ClusterFailed / JobFailed (with `.result`) when the run ends
+    under way."""
     spec.validate()
     _stop_on_sigterm()
     started = time.perf_counter()
-    from persimmon.files import load_dtype
     from persimmon.config import PersimmonConfig
+    from persimmon.files import load_dtype
 
     out_fs, out_base = resolve(spec.output)
     discovery = discover(spec.input, output=(out_fs, out_base))
     check_text_column(spec, discovery)
-    _check_output(spec, out_fs, out_base, output_overlap(discovery, out_fs, out_base))
+    check_output_place(spec, out_fs, out_base, discovery)
+    _read_manifest(out_fs, out_base, discovery, spec)  # refuse someone else's folder before writing into it
     checksum = model_checksum(spec.model)
+    pin = pin_model(spec.model, checksum)
     config = PersimmonConfig.from_pretrained(spec.model)
     fingerprint = spec.fingerprint(checksum, load_dtype(spec.model, spec.options.dtype), config)
-    lease = OutputLease(out_fs, out_base, spec.output, ttl=spec.runner.lease_ttl)
+    lease = OutputLease(out_fs, out_base, spec.output, ttl=spec.runner.lease_ttl, command=spec.task)
     try:
         takeover = lease.acquire()
     except OSError as exc:
-        raise ValueError(f"cannot write to output {spec.output}: {exc}") from None
+        raise UsageError(f"cannot write to output {spec.output}: {exc.strerror or exc}") from None
+    written = False
     try:
-        lease.start_heartbeat()
-        manifest = Manifest.load(out_fs, out_base)
+        manifest, listing, recognised = _read_manifest(out_fs, out_base, discovery, spec)  # now under the lease
         if manifest is not None and manifest.data.get("fingerprint") != fingerprint and not spec.overwrite:
             raise JobConflict(
                 f"{spec.output} holds results of another model or options (fingerprint "
@@ -311,27 +274,36 @@ def run_job(spec: JobSpec, stream=None, tty: bool | None = None,
             manifest = Manifest(out_fs, out_base, {"shards": {}})
         elif manifest.data.get("fingerprint") != fingerprint:  # overwrite: the old results are replaced
             manifest.data["shards"] = {s: {**e, "state": "pending"} for s, e in manifest.shards.items()}
-        manifest.data.update(
-            fingerprint=fingerprint, model={"path": str(Path(spec.model).resolve()), "checksum": checksum},
-            spec=spec.to_dict(), package_version=__version__, input=absolute(spec.input), output=absolute(spec.output),
-            started_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), lease=lease.holder.describe(),
-        )
-        plan = plan_run(spec, discovery, manifest, out_fs, out_base, fingerprint, _output_columns(spec, config))
-        remove_temporaries(out_fs, out_base)  # every earlier run's: this run owns the output now
-        manifest.clear_success()
-        manifest.save()
-        result = _result_of(plan, len(discovery.shards), discovery.skipped, takeover)
-        if not plan.units:
-            result.startup_seconds = time.perf_counter() - started
-            _finish(manifest, result, len(discovery.shards))
-            return result
+        plan = plan_run(spec, discovery, manifest, listing, recognised, fingerprint, _output_columns(spec, config))
+        result = _result_of(plan, discovery, takeover)
         embedded = spec.runner.address is None and not ray.is_initialized()
         result.startup_parts["plan"] = time.perf_counter() - started  # discovery, model checksum, lease, manifest
         try:
-            connect(spec.runner.address)
-            result.startup_parts["ray"] = time.perf_counter() - started - result.startup_parts["plan"]
-            _stop_on_sigterm()
-            return JobRun(spec, fingerprint, manifest, lease, discovery, out_fs, out_base, result, started,
+            if plan.units:
+                connect(spec.runner.address)
+                result.startup_parts["ray"] = time.perf_counter() - started - result.startup_parts["plan"]
+                _stop_on_sigterm()
+            written = True
+            try:
+                manifest.data.update(
+                    fingerprint=fingerprint, model={"path": str(Path(spec.model).resolve()), "checksum": checksum,
+                                                    "files": pin["files"]},
+                    spec=spec.to_dict(), package_version=__version__, input=absolute(spec.input),
+                    output=absolute(spec.output), started_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                    lease=lease.holder.describe())
+                manifest.add_run(lease.holder.run_id)
+                for shard, output in plan.delete.items():
+                    out_fs.delete_file(join(out_base, output))
+                remove_temporaries(out_fs, out_base)  # every earlier run's: this run owns the output now
+                manifest.clear_success()
+                manifest.save()
+            except OSError as exc:
+                raise write_error(exc, spec.output) from None
+            if not plan.units:
+                result.startup_seconds = time.perf_counter() - started
+                _finish(manifest, result, spec)
+                return result
+            return JobRun(spec, fingerprint, pin, manifest, lease, discovery, out_fs, out_base, result, started,
                           stream, tty, on_commit).run(plan.units)
         except SystemExit as exc:  # Ray's own SIGTERM handler, while ray.init runs, exits with the signal
             if exc.code in (signal.SIGTERM, signal.SIGINT):
@@ -339,33 +311,40 @@ def run_job(spec: JobSpec, stream=None, tty: bool | None = None,
                 raise Interrupted(exc.code) from None
             raise
         finally:
-            if embedded:  # Ray was started here (even if its start was cut short)
+            if embedded and ray.is_initialized() and not _cluster_gone:
                 ray.shutdown()
     finally:
         # the owner removes every run's temporaries (an actor of a killed run may have written after this run
         # started); a run that lost the output removes only its own
-        remove_temporaries(out_fs, out_base, lease.holder.run_id if lease.lost else None)
-        lease.release()
+        if written:
+            remove_temporaries(out_fs, out_base, lease.holder.run_id if lease.lost else None)
+        lease.release(discard=not written)
 
 
-def _result_of(plan: Plan, shards: int, skipped_files: int, takeover: str | None) -> JobResult:
-    result = JobResult(shards=shards, skipped=len(plan.done) + len(plan.adopted))
+_cluster_gone: list[str] = []  # set when the cluster died under a run: no more Ray calls in this process
+
+
+def _result_of(plan: Plan, discovery: Discovery, takeover: str | None) -> JobResult:
+    result = JobResult(shards=len(discovery.shards), skipped=len(plan.done) + len(plan.adopted))
     result.done = result.skipped
     result.notes = [takeover] if takeover else []
-    if skipped_files:
-        result.notes.append(f"input: {skipped_files} files skipped (hidden, _-prefixed or not .parquet)")
+    if discovery.skipped:
+        result.notes.append(f"input: {discovery.skipped} files or folders skipped (hidden, _-prefixed, not .parquet "
+                            "or not regular files)")
+    result.notes += _listed(discovery.notes, lambda s: s)
     result.notes += _listed(plan.changed, lambda s: f"{s} changed since its output was committed: reprocessed")
     result.notes += _listed(plan.removed, lambda s: f"{s} is no longer in the input; its output is kept "
                                                     "(--overwrite removes it)")
-    result.notes += _listed(plan.deleted, lambda s: f"removed the output of {s} (its input is gone)")
+    result.notes += _listed(list(plan.delete), lambda s: f"removed the output of {s} (its input is gone)")
     for shard, reason in plan.rejected.items():
         result.failed += 1
         result.failures[shard] = reason
     return result
 
 
-def _finish(manifest: Manifest, result: JobResult, shards: int) -> None:
-    """Write the manifest whole (with the journal folded in) and `_SUCCESS` when every shard is committed."""
+def _finish(manifest: Manifest, result: JobResult, spec: JobSpec) -> None:
+    """Write the manifest whole (with the journal folded in) and `_SUCCESS` when every shard is committed
+    (and, for a run that did work, found on disk: JobRun checks that before)."""
     counts = manifest.counts()
     manifest.data["summary"] = {**counts, "rows": result.rows, "errors": result.errors,
                                 "truncated": result.truncated, "nonfinite": result.nonfinite,
@@ -373,230 +352,134 @@ def _finish(manifest: Manifest, result: JobResult, shards: int) -> None:
                                 "startup_seconds": round(result.startup_seconds, 3),
                                 "startup_parts": {k: round(v, 3) for k, v in result.startup_parts.items()}}
     manifest.data["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    manifest.save()
-    if result.done == shards and not result.failed:
-        manifest.mark_success()
-
-
-@dataclass
-class MergeTask:
-    """Concatenate a sliced shard's finished parts into its one output file."""
-
-    shard: str
-    temps: list[str]
-    stats: dict[str, Any]
+    try:
+        manifest.save()
+        if result.done == result.shards and not result.failed and not result.interrupted and not result.lost:
+            manifest.mark_success()
+    except OSError as exc:
+        raise write_error(exc, spec.output) from None
 
 
 class JobRun:
-    """The dispatch loop of one run: a state machine over work units, merges and actors."""
+    """The dispatch loop of one run: the dispatcher decides, the pool runs, this executes the decisions."""
 
-    def __init__(self, spec: JobSpec, fingerprint: str, manifest: Manifest, lease: OutputLease, discovery,
-                 out_fs, out_base: str, result: JobResult, started: float, stream, tty, on_commit) -> None:
-        self.spec, self.fingerprint, self.manifest, self.lease = spec, fingerprint, manifest, lease
+    def __init__(self, spec: JobSpec, fingerprint: str, pin: dict, manifest: Manifest, lease: OutputLease,
+                 discovery: Discovery, out_fs, out_base: str, result: JobResult, started: float, stream, tty,
+                 on_commit) -> None:
+        self.spec, self.fingerprint, self.pin, self.manifest, self.lease = spec, fingerprint, pin, manifest, lease
         self.discovery, self.out_fs, self.out_base = discovery, out_fs, out_base
         self.result, self.started, self.on_commit = result, started, on_commit
         self.stream, self.tty = stream, tty
-        self.attempts: collections.Counter[str] = collections.Counter()
-        self.parts: dict[str, dict[int, UnitResult]] = collections.defaultdict(dict)
-        self.failed_shards: set[str] = set()
-        self.queue: collections.deque[WorkUnit | MergeTask] = collections.deque()
-        self.inflight: dict[Any, tuple[Any, WorkUnit | MergeTask]] = {}
-        self.actors: list[Any] = []
-        self.counter = None
-        self.counted = 0.0  # when the counter was last asked
 
     def run(self, units: list[WorkUnit]) -> JobResult:
         count, resources, device, threads = actor_layout(self.spec)
-        self.remote = ray.remote(ShardWorker).options(max_restarts=0, scheduling_strategy="SPREAD", **resources)
-        self.worker_args = (self.spec, self.fingerprint, self.lease.holder.run_id, self.discovery.fs,
-                            self.discovery.base, self.out_fs, self.out_base, device, threads)
-        try:
-            self.counter = ray.remote(RowCounter).options(num_cpus=0).remote()
-        except Exception:
-            self.counter = None
-        idle = [self._new_actor() for _ in range(min(count, len(units)))]
-        try:
-            ray.get([a.pid.remote() for a in idle])  # models loaded: what follows is processing time
-        except ray.exceptions.RayActorError as exc:
-            cause = getattr(exc, "cause", None) or getattr(exc, "error_msg", None) or exc
-            last = str(cause).strip().splitlines()[-1] if str(cause).strip() else repr(cause)
-            raise RuntimeError(f"the workers could not load the model: {last}") from None
-        self.result.startup_seconds = time.perf_counter() - self.started
-        self.result.startup_parts["workers"] = self.result.startup_seconds - sum(self.result.startup_parts.values())
-        processing = time.perf_counter()
-        self.queue.extend(units)
+        r = self.spec.runner
+        self.dispatcher = Dispatcher(units, r.max_attempts, r.stall_timeout, r.placement_timeout)
         self.progress = Progress(sum(u.rows for u in units), self.result.shards - self.result.skipped,
                                  self.stream, self.tty)
+        worker_args = (self.spec, self.fingerprint, self.lease.holder.run_id, self.pin, self.discovery.fs,
+                       self.discovery.base, self.out_fs, self.out_base, device, threads)
+        self.pool = Pool(self.dispatcher, worker_args, resources, min(count, len(units)), self.progress.note)
+        self.processing = None
+        failure: BaseException | None = None
         try:
-            self._loop(idle)
+            self.pool.request(self.pool.target)
+            self._loop()
+            if not self.dispatcher.stopped:
+                self._verify()
         except KeyboardInterrupt as exc:
             self.result.interrupted = signal_of(exc)
-            self._kill_actors()  # stops their units mid-way; the temporaries are removed by run_job
         except LeaseLost as exc:
             self.result.lost = str(exc)
-            self._kill_actors()
+        except ClusterFailed as exc:
+            _cluster_gone.append(str(exc))
+            failure = exc
+        except OSError as exc:
+            failure = write_error(exc, self.spec.output)
+        except BatchError as exc:
+            failure = exc
         except ray.exceptions.RayError as exc:
-            self._kill_actors()
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise RuntimeError(f"Ray failed during the job ({type(exc).__name__}: {first}); what is committed "
-                               "is kept: rerun the same command to resume") from None
+            failure = JobFailed(f"Ray failed during the job ({type(exc).__name__}: {first}); what is committed is "
+                                "kept: rerun the same command to resume")
         finally:
+            self.pool.kill_all()  # stops their units mid-way; the temporaries are removed by run_job
             self.progress.close()
-            self.result.seconds = time.perf_counter() - processing
-            if not self.result.lost:  # the output is another run's now: its manifest is not ours to write
-                _finish(self.manifest, self.result, self.result.shards)
+            self.result.seconds = time.perf_counter() - self.processing if self.processing else 0.0
+        if self.lease.lost and not self.result.lost:
+            self.result.lost = self.lease.lost
+        if self.dispatcher.fatal and failure is None:
+            failure = ModelChanged(self.dispatcher.fatal)
+        if not self.result.lost:  # the output is another run's now: its manifest is not ours to write
+            try:
+                _finish(self.manifest, self.result, self.spec)
+            except JobFailed as exc:
+                failure = failure or exc
+        if failure is not None:
+            failure.result = self.result  # the CLI prints the summary, then the error line
+            raise failure
         return self.result
 
-    def _new_actor(self):
-        actor = self.remote.remote(*self.worker_args, reporter(self.counter) if self.counter else None)
-        self.actors.append(actor)
-        return actor
-
-    def _kill_actors(self) -> None:
-        for actor in self.actors:
-            try:
-                ray.kill(actor)
-            except Exception:
-                pass
-
-    def _loop(self, idle: list[Any]) -> None:
-        while self.queue or self.inflight:
-            while idle and self.queue:
-                task = self.queue.popleft()
-                if task.shard in self.failed_shards:
-                    continue
-                actor = idle.pop()
-                if isinstance(task, MergeTask):
-                    ref = actor.merge.remote(task.shard, task.temps)
+    def _loop(self) -> None:
+        while not self.dispatcher.finished:
+            if self.lease.lost:
+                raise LeaseLost(self.lease.lost)
+            decisions = self.pool.step()
+            if self.processing is None and self.pool.loaded_once.is_set():
+                self.processing = time.perf_counter()
+                self.result.startup_seconds = self.processing - self.started
+                self.result.startup_parts["workers"] = self.result.startup_seconds - sum(
+                    self.result.startup_parts.values())
+            for decision in decisions:
+                if isinstance(decision, Commit):
+                    self._done(decision)
                 else:
-                    ref = actor.process.remote(task)
-                self.inflight[ref] = (actor, task)
-            if not self.inflight:
-                break
-            ready, _ = ray.wait(list(self.inflight), num_returns=1, timeout=0.5)
-            self._show_progress()
-            for ref in ready:
-                actor, task = self.inflight.pop(ref)
-                try:
-                    outcome = ray.get(ref)
-                except ray.exceptions.RayActorError as exc:  # killed, out of memory: a fresh actor redoes it
-                    outcome = UnitResult(False, error=f"actor died: {type(exc).__name__}: {str(exc)[:300]}")
-                    actor = self._new_actor()
-                except ray.exceptions.RayTaskError as exc:
-                    outcome = UnitResult(False, error=f"{type(exc).__name__}: {str(exc)[:300]}")
-                idle.append(actor)
-                self._handle(task, outcome)
+                    self._failed(decision)
+            self.progress.update(self.result.rows + self.dispatcher.rows_in_flight())
 
-    def _show_progress(self) -> None:
-        """Live rows from the counter actor, at most twice a second; without it, rows of committed shards."""
-        now = time.perf_counter()
-        if self.counter is not None and now - self.counted > 0.5:
-            self.counted = now
-            try:
-                self.progress.update(ray.get(self.counter.total.remote(), timeout=2))
-            except (ray.exceptions.RayError, TimeoutError):
-                self.counter = None
-        self.progress.update(self.result.rows)
+    def _verify(self) -> None:
+        """Every shard the manifest calls done is on disk as committed: what is gone is redone, once."""
+        for round in range(2):
+            missing = missing_outputs(self.out_fs, self.out_base, self.manifest)
+            if not missing:
+                return
+            for shard, why in missing.items():
+                entry = self.manifest.shards[shard]
+                if round == 1:
+                    reason = f"{why} (gone again after it was redone: something is removing this run's outputs)"
+                    self._failed(Failure(shard, reason, entry.get("attempts", 1)))
+                    continue
+                self.progress.note(f"{why}: redone")
+                self.result.notes.append(f"{why}: redone")
+                self.result.done -= 1
+                for key in UNIT_COUNTS:
+                    setattr(self.result, key, getattr(self.result, key) - entry.get(key, 0))
+                info = inspect_shard(self.discovery.fs, self.discovery.base, shard, self.discovery.files.get(shard))
+                self.manifest.mark_pending(shard, entry.get("output", output_name(shard)), info.identity,
+                                           "its committed output was gone before the run ended")
+                self.dispatcher.add(plan_units(shard, info, self.spec.runner.rows_per_unit))
+            if round == 1:
+                return
+            self._loop()
 
-    def _handle(self, task: WorkUnit | MergeTask, outcome: UnitResult) -> None:
-        key = task.shard if isinstance(task, MergeTask) else task.key
-        if not outcome.ok:
-            if self.counter is not None and isinstance(task, WorkUnit):
-                try:
-                    self.counter.reset.remote(key)
-                except Exception:
-                    pass
-            self.attempts[key] += 1
-            if not outcome.permanent and self.attempts[key] < self.spec.runner.max_attempts:
-                self.queue.append(task)
-            elif task.shard not in self.failed_shards:
-                self._failed(task.shard, outcome.error or "failed", self.attempts[key])
-            return
-        if isinstance(task, MergeTask):
-            self._done(task.shard, outcome.temp, task.stats)
-            return
-        if task.parts == 1:
-            self._done(task.shard, outcome.temp, outcome.stats, task.identity)
-            return
-        finished = self.parts[task.shard]
-        finished[task.part] = outcome
-        if len(finished) == task.parts:  # all slices in: one actor concatenates them, in order
-            slices = [finished[i] for i in range(task.parts)]
-            del self.parts[task.shard]
-            merged = {k: sum(s.stats.get(k, 0) for s in slices) for k in (*UNIT_COUNTS, "seconds")}
-            merged.update(node=",".join(sorted({s.stats["node"] for s in slices})), parts=task.parts,
-                          input_identity=task.identity)
-            self.queue.appendleft(MergeTask(task.shard, [s.temp for s in slices], merged))
-
-    def _done(self, shard: str, temp: str, stats: dict[str, Any], identity: dict | None = None) -> None:
-        if self.lease.lost:  # another run owns the output now: commit nothing more
-            raise LeaseLost(self.lease.lost)
-        final = output_name(shard)
-        commit(self.out_fs, self.out_base, temp, final)
-        entry = {"output": final, "attempts": self.attempts[shard] + 1, **stats}
-        if identity is not None:
-            entry["input_identity"] = identity
-        self.manifest.mark_done(shard, entry)
+    def _done(self, decision: Commit) -> None:
+        self.lease.confirm()  # raises LeaseLost: another run owns the output now, commit nothing more
+        final = output_name(decision.shard)
+        size = commit(self.out_fs, self.out_base, decision.temp, final)
+        entry = {"output": final, "attempts": decision.attempts, "size": size, **decision.stats}
+        entry.pop("input_identity", None)
+        if decision.identity is not None:
+            entry["input_identity"] = decision.identity
+        self.manifest.mark_done(decision.shard, entry)
         self.result.done += 1
         for key in UNIT_COUNTS:
-            setattr(self.result, key, getattr(self.result, key) + stats.get(key, 0))
-        self.progress.shard_done(shard, {**entry, "errors": stats.get("errors", 0)})
+            setattr(self.result, key, getattr(self.result, key) + decision.stats.get(key, 0))
+        self.progress.shard_done(decision.shard, entry)
         if self.on_commit is not None:
-            self.on_commit(shard)
+            self.on_commit(decision.shard)
 
-    def _failed(self, shard: str, reason: str, attempts: int) -> None:
-        self.failed_shards.add(shard)
-        self.manifest.mark_failed(shard, output_name(shard), reason, attempts)
+    def _failed(self, decision: Failure) -> None:
+        self.manifest.mark_failed(decision.shard, output_name(decision.shard), decision.reason, decision.attempts)
         self.result.failed += 1
-        self.result.failures[shard] = reason
-        self.progress.shard_failed(shard, reason)
-
-
-def submission_id(name: str, date: str) -> str:
-    """The Ray job id of a job file's run for a date: the same trigger twice gets the same id."""
-    return re.sub(r"[^A-Za-z0-9_-]+", "-", f"{name}-{date}").strip("-")
-
-
-class AlreadySubmitted(RuntimeError):
-    """Ray already has a job with this submission id: this date's run was triggered before."""
-
-
-def submit_job(job_text: str, name: str, date: str, address: str) -> str:
-    """Send `persimmon-batch run` of a job file for one date to a cluster through the Ray Jobs API; the
-    job file travels as the job's working directory. Returns the submission id."""
-    from ray.job_submission import JobSubmissionClient
-
-    sid = submission_id(name, date)
-    client = JobSubmissionClient(address)
-    with tempfile.TemporaryDirectory(prefix="persimmon-batch-job-") as folder:
-        Path(folder, "job.toml").write_text(job_text)
-        try:
-            client.submit_job(
-                entrypoint=f"persimmon-batch run job.toml --date {date} --address auto",
-                runtime_env={"working_dir": folder}, submission_id=sid,
-                metadata={"persimmon_batch_job": name, "date": date},
-            )
-        except RuntimeError as exc:
-            if "already exists" in str(exc) or "already been submitted" in str(exc):
-                raise AlreadySubmitted(f"job {sid} was already submitted to {address}; Ray refused it again "
-                                       f"(status: {client.get_job_status(sid)})") from None
-            raise
-    return sid
-
-
-def follow_job(sid: str, address: str, stream=None) -> bool:
-    """Print a submitted job's logs as they grow until it ends; returns whether it succeeded."""
-    from ray.job_submission import JobStatus, JobSubmissionClient
-
-    stream = stream or sys.stdout
-    client = JobSubmissionClient(address)
-    shown = 0
-    while True:
-        status = client.get_job_status(sid)
-        logs = client.get_job_logs(sid)
-        stream.write(logs[shown:])
-        stream.flush()
-        shown = len(logs)
-        if status in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
-            return status == JobStatus.SUCCEEDED
-        time.sleep(1.0)
+        self.result.failures[decision.shard] = decision.reason
+        self.progress.shard_failed(decision.shard, decision.reason)

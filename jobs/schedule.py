@@ -30,6 +30,10 @@ def render(job: Path, name: str, fmt: str, at: str = "02:00", image: str = "pers
     if not match:
         raise ValueError(f"--at must be HH:MM (UTC), got {at!r}")
     hour, minute = int(match.group(1)), int(match.group(2))
+    # every value printed into a recipe is one line of plain characters: nothing can start a line of its own
+    for what, value in (("job name", name), ("job file path", str(job.resolve())), ("image", image)):
+        if any(ord(c) < 32 or ord(c) == 127 for c in value):
+            raise ValueError(f"{what} {value!r} holds control characters (a newline would add lines to the recipe)")
     command = _command(job)
     if fmt == "cron":
         log = log or f"/var/log/{_unit_name(name)}.log"

@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from pipelines.options import TASK_OPTIONS, ModelOptions, Options, option
+
+from .errors import UsageError
 
 TASKS = tuple(TASK_OPTIONS)
 
@@ -29,8 +32,13 @@ class RunnerSettings(Options):
     max_attempts: int = option(3, "Tries per work unit whose actor died, before the unit is marked failed.", min=1)
     rows_per_unit: int = option(200_000, "Shards over this many rows are split into row-group slices.", min=1)
     batch_rows: int = option(1024, "Rows per record batch read from Parquet.", min=1)
-    lease_ttl: float = option(120.0, "Seconds without a heartbeat after which another run may take over the "
-                                     "output from this one.", min=1.0)
+    lease_ttl: float = option(120.0, "Seconds a lease must be seen unchanged (on the observer's clock) before "
+                                     "another run may take the output over from this one.", min=1.0, max=3600.0)
+    stall_timeout: float | None = option(None, "Seconds without progress after which an actor counts as stalled "
+                                               "and is replaced (default: the longer of 600 s and 20x the slowest "
+                                               "model batch so far).", min=1.0)
+    placement_timeout: float = option(300.0, "Seconds an actor may wait to be placed on the cluster (e.g. for a "
+                                             "GPU node to join) before the run gives up on it.", min=1.0)
 
 
 @dataclass
@@ -47,6 +55,8 @@ class JobSpec:
     date: str | None = None  # the run's date, for jobs from a job file
 
     def __post_init__(self) -> None:
+        self.model, self.input, self.output = (p if "://" in p else os.path.expanduser(p)
+                                               for p in (str(self.model), str(self.input), str(self.output)))
         if self.task not in TASKS:
             raise ValueError(f"task must be one of {TASKS}, got {self.task!r}")
         kind = TASK_OPTIONS[self.task]
@@ -55,7 +65,7 @@ class JobSpec:
         elif isinstance(self.options, dict):
             options, problems = kind.from_mapping(self.options)
             if problems:
-                raise ValueError("; ".join(problems))
+                raise UsageError("; ".join(problems))
             self.options = options
         elif not isinstance(self.options, kind):
             raise TypeError(f"a {self.task} job takes {kind.__name__}, got {type(self.options).__name__}")
@@ -75,9 +85,9 @@ class JobSpec:
                 if not has_tokenizer:
                     problems.append(f"model directory {self.model} has no tokenizer.model")
                 if has_config and has_tokenizer:
-                    problems += self._head_problems(model)
+                    problems += self._model_problems(model)
         if problems:
-            raise ValueError("; ".join(problems))
+            raise UsageError("; ".join(problems))
 
     @property
     def wants_lm(self) -> bool:
@@ -85,16 +95,23 @@ class JobSpec:
         runs the base model of either."""
         return self.task == "generate" or bool(getattr(self.options, "zero_shot", False))
 
-    def _head_problems(self, model: Path) -> list[str]:
-        """Say before any actor tries to load the wrong head."""
-        from persimmon.files import CheckpointError, checkpoint_heads
+    def _model_problems(self, model: Path) -> list[str]:
+        """Say before any actor tries to load the wrong head, a config that does not fit its weights, or a
+        generation longer than the model's window."""
         from persimmon.config import PersimmonConfig
+        from persimmon.files import CheckpointError, check_config_fits, checkpoint_heads
 
         try:
+            config = PersimmonConfig.from_pretrained(model)
+            check_config_fits(config, model)
             heads = checkpoint_heads(model)
-            tied = PersimmonConfig.from_pretrained(model).tie_word_embeddings
+            tied = config.tie_word_embeddings
         except (CheckpointError, ValueError, OSError) as exc:
-            return [str(exc)]
+            return [f"{model / 'config.json'}: {exc}" if "config field" in str(exc) else str(exc)]
+        new = getattr(self.options, "max_new_tokens", None)
+        if new is not None and new >= config.max_position_embeddings:
+            return [f"max_new_tokens: {new} does not fit the model's window of {config.max_position_embeddings} "
+                    "tokens (prompt and completion together); give fewer"]
         if self.wants_lm and "lm_head" not in heads and not tied:
             use = "generate" if self.task == "generate" else "zero-shot classification (--candidate-labels)"
             return [f"{use} needs a causal LM, but {model} is a sequence classifier (it has score.weight, "

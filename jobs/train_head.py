@@ -28,7 +28,11 @@ from persimmon.files import TOKENIZER_FILES
 from pipelines.options import EmbedOptions, ModelOptions
 from pipelines.schema import is_text_type
 
-from .shards import absolute, discover, join, output_name, resolve
+from .errors import BatchError, UsageError
+from .output.commit import output_name
+from .output.discovery import absolute, discover, join, resolve
+from .output.lease import LEASE_DIR
+from .output.ownership import check_train_head_folder
 from .spec import JobSpec, RunnerSettings
 
 METRICS = "metrics.json"
@@ -36,15 +40,15 @@ FEATURES_JOB = "train-head features"  # the embed job's name: a features folder 
 WRITTEN_BY = "persimmon-batch train-head"  # metrics.json's mark: a directory train-head may replace
 
 
-class TrainHeadError(ValueError):
+class TrainHeadError(UsageError):
     """The labeled input or the arguments cannot give a head; the message says why (one line)."""
 
 
-class FeatureJobUnfinished(RuntimeError):
+class FeatureJobUnfinished(BatchError):
     """The embed job behind train-head did not finish; `code` is its exit status (1, 75, 130, 143)."""
 
     def __init__(self, code: int) -> None:
-        self.code = code
+        self.code = self.exit_code = code
         super().__init__(f"the feature job did not finish (exit {code}); rerun the same command to resume it")
 
 
@@ -69,7 +73,7 @@ class TrainHeadSpec:
         if self.runner.address is not None:
             raise TrainHeadError("on a cluster, give --features DIR: a folder every node can write "
                                  "(shared storage or an object store URI) for the rows' features")
-        from .checksum import cache_dir
+        from .output.checksum import cache_dir
 
         key = json.dumps([str(Path(self.base).resolve()), absolute(self.input), self.text_column])
         return str(cache_dir() / "features" / hashlib.sha256(key.encode()).hexdigest()[:16])
@@ -77,7 +81,7 @@ class TrainHeadSpec:
     def check_features(self) -> None:
         """The features folder is replaced when the base or the rows change: only one that holds train-head
         features (or nothing) may be used, never another job's output or the user's files."""
-        from .manifest import Manifest
+        from .output.manifest import Manifest
 
         fs, base = resolve(self.features_dir())
         info = fs.get_file_info(base)
@@ -277,7 +281,7 @@ def _foreign_files(out: Path) -> list[str] | None:
         return None
     if not isinstance(metrics, dict) or metrics.get("written_by") != WRITTEN_BY:
         return None
-    ours = {METRICS, "README.md", "config.json", "model.safetensors.index.json", *TOKENIZER_FILES,
+    ours = {METRICS, "README.md", "config.json", "model.safetensors.index.json", LEASE_DIR, *TOKENIZER_FILES,
             *index.get("weight_map", {}).values()}
     return sorted(entry.name for entry in out.iterdir() if entry.name not in ours)
 
@@ -291,7 +295,8 @@ def check_output(spec: TrainHeadSpec) -> Path:
         raise TrainHeadError(f"--output {spec.output} must be outside the base model {spec.base} (and not contain it)")
     if out.exists() and not out.is_dir():
         raise TrainHeadError(f"--output {spec.output} is a file; choose a new directory")
-    if out.exists() and any(out.iterdir()):
+    check_train_head_folder(out)
+    if out.exists() and any(e.name != LEASE_DIR for e in out.iterdir()):
         foreign = _foreign_files(out)
         if foreign is None:
             raise TrainHeadError(f"--output {spec.output} exists and is not a train-head output; choose a new directory")
@@ -315,25 +320,34 @@ def check_output(spec: TrainHeadSpec) -> Path:
 def train_head(spec: TrainHeadSpec, run_embed: Callable[[JobSpec], int], echo: Callable[[str], None] = print) -> dict:
     """The whole train-head; run_embed runs the feature job and returns its exit status. Returns the metrics
     written to metrics.json. Raises TrainHeadError with a one-line message for bad input."""
+    out = Path(spec.output).resolve()
+    if (out / LEASE_DIR).is_dir():  # a folder some run of ours holds or held: who holds it says more
+        _lock(out, spec).release()
     out = check_output(spec)
     checked = read_input_labels(spec)
     echo(f"labels in {spec.label_column!r}: {describe_counts(checked.counts)}"
          + (f"; {checked.unlabeled} rows without a label are skipped" if checked.unlabeled else ""))
     spec.check_features()
-    lease = _lock(out)
+    lease = _lock(out, spec)
+    written = False
     try:
-        return _train(spec, out, checked, run_embed, echo)
+        check_output(spec)  # again, now that no other command can write there
+        metrics = _train(spec, out, checked, run_embed, echo)
+        written = True
+        return metrics
     finally:
-        lease.release()
+        lease.release(discard=not written)
 
 
-def _lock(out: Path):
-    """One train-head at a time per output directory: a lease beside it (the directory itself is replaced)."""
-    from .lease import OutputLease
+def _lock(out: Path, spec: TrainHeadSpec):
+    """One owner of the output folder, whatever the command: the same lease as a classify job's, in the same
+    place (`OUT/_lease/`), held for the whole command, the features job included."""
+    from .output.lease import OutputLease
 
-    fs, base = resolve(str(out.parent / f".{out.name}.train-head"))
-    lease = OutputLease(fs, base, str(out))
+    fs, base = resolve(str(out))
+    lease = OutputLease(fs, base, str(out), ttl=spec.runner.lease_ttl, command="train-head")
     lease.acquire()  # OutputBusy names the run holding it
+    lease.start_heartbeat()
     return lease
 
 
@@ -418,13 +432,7 @@ def _train(spec: TrainHeadSpec, out: Path, checked: LabelCheck, run_embed, echo)
         metrics["weights_linked_from"] = linked
         (staging / METRICS).write_text(json.dumps(metrics, indent=2) + "\n")
         (staging / "README.md").write_text(model_card(metrics))
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
-            out.rename(old)
-            staging.rename(out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            staging.rename(out)
+        _install(staging, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
@@ -442,6 +450,23 @@ def _train(spec: TrainHeadSpec, out: Path, checked: LabelCheck, run_embed, echo)
     echo(f"wrote {spec.output}: PersimmonForSequenceClassification, {K} labels, {problem}; the base's weights "
          f"are linked from {', '.join(metrics['weights_linked_from']) or '(nothing: all copied)'} (keep them in place)")
     return metrics
+
+
+def _install(staging: Path, out: Path) -> None:
+    """Move the new checkpoint's files into the output folder, which stays in place (its lease lives in it):
+    each file replaces its old version atomically, weights first and config.json last, then files of the old
+    checkpoint that the new one does not have are removed."""
+    new = sorted(staging.iterdir(), key=lambda p: (p.name in (METRICS, "config.json"), p.name))
+    out.mkdir(parents=True, exist_ok=True)
+    old = {p.name for p in out.iterdir() if p.name != LEASE_DIR}
+    for path in new:
+        os.replace(path, out / path.name)
+    for name in sorted(old - {p.name for p in new}):
+        target = out / name
+        if target.is_dir() and not target.is_symlink():
+            shutil.rmtree(target)
+        else:
+            target.unlink()
 
 
 def model_card(m: dict) -> str:

@@ -25,7 +25,7 @@ from safetensors.torch import save_file
 from .config import PersimmonConfig, dtype_name, resolve_dtype
 from .files import (SAFE_INDEX, SAFE_WEIGHTS, CheckpointError, checkpoint_heads, load_dtype,  # noqa: F401 (API)
                     TOKENIZER_FILES, stored_dtype_name, target_dtype_name, tensor_names, weight_files,
-                    weight_sources)
+                    weight_sources, check_config_fits)
 
 _IGNORED_KEYS = re.compile(r"(^|\.)rotary_emb\.inv_freq$")  # non-persistent buffer some old exports carry
 
@@ -97,6 +97,7 @@ def load_checkpoint(
 ):
     config = config if config is not None else PersimmonConfig.from_pretrained(path)
     files, pickled, assigned = weight_sources(path, allow_pickle)
+    check_config_fits(config, path, allow_pickle)  # before a model of the config's size is built
     target = _target_dtype(config, files, pickled, dtype)
     device = torch.device(device)
     with torch.device("meta"), _no_init():

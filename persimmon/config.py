@@ -38,6 +38,35 @@ _IGNORED_KEYS = {
 }
 
 
+# what each config.json value must be, checked field by field before anything is built from it
+_INTEGERS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+             "max_position_embeddings", "num_labels")
+_OPTIONAL_INTEGERS = ("pad_token_id", "bos_token_id", "eos_token_id")
+_NUMBERS = ("initializer_range", "layer_norm_eps", "rope_theta", "hidden_dropout", "attention_dropout",
+            "partial_rotary_factor")
+_BOOLEANS = ("use_cache", "tie_word_embeddings", "qk_layernorm")
+_OPTIONAL_STRINGS = ("hidden_act", "problem_type", "torch_dtype")
+_OPTIONAL_OBJECTS = ("rope_scaling", "id2label", "label2id", "rope_parameters")
+
+
+def _type_problem(name: str, value: Any) -> str | None:
+    """Why a config.json value has the wrong JSON type for its field, or None."""
+    is_int = isinstance(value, int) and not isinstance(value, bool)
+    if name in _INTEGERS and not is_int:
+        return f"config field {name}: expected an integer, got {value!r}"
+    if name in _OPTIONAL_INTEGERS and value is not None and not is_int:
+        return f"config field {name}: expected an integer or null, got {value!r}"
+    if name in _NUMBERS and not (is_int or isinstance(value, float)):
+        return f"config field {name}: expected a number, got {value!r}"
+    if name in _BOOLEANS and not isinstance(value, bool):
+        return f"config field {name}: expected true or false, got {value!r}"
+    if name in _OPTIONAL_STRINGS and value is not None and not isinstance(value, str):
+        return f"config field {name}: expected a string, got {value!r}"
+    if name in _OPTIONAL_OBJECTS and value is not None and not isinstance(value, dict):
+        return f"config field {name}: expected an object, got {value!r}"
+    return None
+
+
 def canonical_dtype(dtype) -> str | None:
     """A dtype name or torch.dtype -> its canonical name ("float32", "bfloat16", "float16"); None stays None.
     Unknown names raise with the choices."""
@@ -180,6 +209,13 @@ class PersimmonConfig:
     def from_dict(cls, raw: dict[str, Any]) -> "PersimmonConfig":
         """Build from a config.json dict in the Hub (4.37) or transformers 5.x layout."""
         raw = dict(raw)
+        eos = raw.get("eos_token_id")
+        if isinstance(eos, list) and all(isinstance(e, int) and not isinstance(e, bool) for e in eos):
+            raw["eos_token_id"] = eos[0] if eos else None  # some configs list several; the first is the primary
+        for name, value in raw.items():
+            problem = _type_problem(name, value)
+            if problem:
+                raise ValueError(problem)
         if raw.get("model_type", "persimmon") != "persimmon":
             raise ValueError(f"config field model_type is {raw['model_type']!r}, not 'persimmon'")
         if "rope_parameters" in raw:  # transformers 5.x
@@ -196,9 +232,10 @@ class PersimmonConfig:
         if "dtype" in raw and "torch_dtype" not in raw:
             raw["torch_dtype"] = raw.pop("dtype")
         raw.pop("dtype", None)
-        eos = raw.get("eos_token_id")
-        if isinstance(eos, list):  # some configs list several; the first is the primary one
-            raw["eos_token_id"] = eos[0] if eos else None
+        for name in ("rope_theta", "partial_rotary_factor", "torch_dtype"):  # from rope_parameters / dtype
+            problem = _type_problem(name, raw.get(name))
+            if name in raw and problem:
+                raise ValueError(problem)
         known = {f.name for f in fields(cls)} - {"extra"}
         kwargs = {k: v for k, v in raw.items() if k in known}
         extra = {k: v for k, v in raw.items() if k not in known and k not in _IGNORED_KEYS}

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import struct
 from pathlib import Path
 
@@ -14,6 +15,8 @@ PICKLE_WEIGHTS = "pytorch_model.bin"
 PICKLE_INDEX = "pytorch_model.bin.index.json"
 TOKENIZER_FILES = ("tokenizer.model", "adept_vocab.model", "tokenizer_config.json", "special_tokens_map.json",
                    "tokenizer.json", "added_tokens.json")
+_LAYER = re.compile(r"(?:model\.)?layers\.(\d+)\.")
+VOCAB_FILES = ("tokenizer.model", "adept_vocab.model")  # what the tokenizer loads, in its order of preference
 # safetensors dtype codes of floating tensors -> torch dtype names
 FLOAT_CODES = {"F64": "float64", "F32": "float32", "BF16": "bfloat16", "F16": "float16"}
 
@@ -130,3 +133,38 @@ def checkpoint_heads(path: Path, allow_pickle: bool = False) -> set[str]:
     files, pickled, assigned = weight_sources(Path(path), allow_pickle)
     keys = tensor_names(files, pickled, assigned)
     return {head for head in ("lm_head", "score") if f"{head}.weight" in keys}
+
+
+def model_files(path: str | Path, allow_pickle: bool = False) -> list[Path]:
+    """The files a load of this checkpoint reads: config.json, the tokenizer, the weight files and their index.
+    What else sits in the folder (a model card, train-head's metrics.json, a lease) is not the model."""
+    path = Path(path)
+    files, _, assigned = weight_sources(path, allow_pickle)
+    found = [path / "config.json", *files]
+    found += [path / name for name in VOCAB_FILES if (path / name).is_file()][:1]
+    if assigned is not None:
+        found += [path / name for name in (SAFE_INDEX, PICKLE_INDEX) if (path / name).is_file()][:1]
+    return sorted(set(found), key=lambda p: p.name)
+
+
+def check_config_fits(config, path: str | Path, allow_pickle: bool = False) -> None:
+    """Refuse a config.json that does not describe the weights beside it (layer count, vocabulary and hidden
+    sizes from the safetensors headers), before a model of its size is built: a `num_hidden_layers` of
+    100000 over a 4-layer checkpoint is a typo to report in a second, not a build to run out of memory on."""
+    files, pickled, assigned = weight_sources(Path(path), allow_pickle)
+    if pickled:
+        return
+    shapes: dict[str, list[int]] = {}
+    for file in files:
+        wanted = assigned.get(file.name) if assigned is not None else None
+        for name, entry in safetensors_header(file).items():
+            if wanted is None or name in wanted:
+                shapes[name] = entry.get("shape", [])
+    layers = {int(m.group(1)) for m in (_LAYER.match(n) for n in shapes) if m}
+    if layers and max(layers) + 1 != config.num_hidden_layers:
+        raise CheckpointError(f"config.json of {path} says num_hidden_layers {config.num_hidden_layers}, but its "
+                              f"weights hold {max(layers) + 1} layers")
+    embed = next((shapes[n] for n in ("model.embed_tokens.weight", "embed_tokens.weight") if n in shapes), None)
+    if embed is not None and list(embed) != [config.vocab_size, config.hidden_size]:
+        raise CheckpointError(f"config.json of {path} says vocab_size {config.vocab_size} and hidden_size "
+                              f"{config.hidden_size}, but the weights' embedding is {list(embed)}")

@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from jobs.demo import build_demo
-from jobs.manifest import MANIFEST
+from jobs.output.manifest import MANIFEST
 
 
 @pytest.fixture(scope="session")
@@ -54,7 +54,7 @@ def ray_local():
     """Ray for one test module (a cluster of its own: address="local" never joins another one)."""
     import ray
 
-    from jobs.cluster_auth import refresh_ray_config
+    from jobs.execution.cluster_auth import refresh_ray_config
 
     refresh_ray_config()  # an in-process CLI run before may have set RAY_AUTH_MODE
     ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING", log_to_driver=False)

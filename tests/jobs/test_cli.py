@@ -18,8 +18,8 @@ from typer.testing import CliRunner
 
 from jobs.cli import app
 from tests.jobs.conftest import RayCluster, add_shards, cli, wait_for_commits
-from jobs.manifest import MANIFEST, SUCCESS
-from jobs.shards import TEMPORARY
+from jobs.output.manifest import MANIFEST, SUCCESS
+from jobs.output.commit import TEMPORARY
 
 BIN = Path(sys.executable).parent
 runner = CliRunner()

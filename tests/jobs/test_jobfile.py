@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 
 from jobs.cli import app
 from jobs.jobfile import JobFileError, job_spec, read_job_file, run_dates
-from jobs.manifest import MANIFEST
+from jobs.output.manifest import MANIFEST
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "jobs" / "examples"
 runner = CliRunner()

@@ -1,5 +1,6 @@
 """The output lease on a local filesystem: one holder, refusal naming it, takeover of a stale one (process
-gone, heartbeat stopped), one winner when several runs race for a stale lease, a holder that learns it lost."""
+gone, heartbeat unchanged for its TTL on the observer's clock), one winner when several runs race for a stale
+lease, a holder that learns it lost."""
 
 from __future__ import annotations
 
@@ -12,19 +13,12 @@ from pathlib import Path
 import pyarrow.fs as pafs
 import pytest
 
-from jobs.lease import LEASE_DIR, Holder, OutputBusy, OutputLease, _process_start
+from jobs.output.lease import LEASE_DIR, Holder, Observations, OutputBusy, OutputLease, _process_start
 
 
 def lease_for(out: Path, ttl: float = 60.0, **holder) -> OutputLease:
     return OutputLease(pafs.LocalFileSystem(), str(out), str(out), ttl=ttl,
-                       holder=Holder(**holder) if holder else None)
-
-
-def age(out: Path, seconds: float) -> None:
-    """Make every lease file look `seconds` old (its holder stopped beating that long ago)."""
-    for file in (out / LEASE_DIR).iterdir():
-        then = time.time() - seconds
-        os.utime(file, (then, then))
+                       holder=Holder(**holder) if holder else None, observations=Observations(out.parent / "seen"))
 
 
 def test_one_holder_and_the_refusal_names_it(tmp_path):
@@ -50,23 +44,58 @@ def test_a_holder_whose_process_is_gone_is_taken_over_at_once(tmp_path):
     assert note.startswith("took the output over from an earlier run: its process is gone") and str(child.pid) in note
 
 
-def test_a_holder_elsewhere_is_taken_over_only_after_its_ttl(tmp_path):
-    remote = lease_for(tmp_path, ttl=30, host="other-host", machine="other-host|boot|pid:[1]")
+def test_a_holder_elsewhere_is_judged_on_the_observers_clock(tmp_path):
+    """Another machine's holder: its timestamps are never compared; its record must be seen unchanged for its
+    TTL on this machine's clock. A record whose file looks a year old but keeps changing is alive."""
+    remote = lease_for(tmp_path, ttl=2, host="other-host", machine="other-host|boot|pid:[1]")
     remote.acquire()
-    age(tmp_path, 10)
-    with pytest.raises(OutputBusy, match="host other-host.* last heartbeat 10 s ago.*stale after 30 s"):
-        lease_for(tmp_path).acquire()
-    age(tmp_path, 45)
-    note = lease_for(tmp_path).acquire()
-    assert "no heartbeat for 45 s, over its 30 s TTL (host other-host" in note
-    # the old holder learns at its next heartbeat that it no longer owns the output
-    remote.heartbeat()
+    for file in (tmp_path / LEASE_DIR).iterdir():
+        os.utime(file, (1.0, 1.0))  # a clock far behind: the file looks 56 years old
+    stop = threading.Event()
+
+    def beat():
+        while not stop.wait(0.3):
+            remote.heartbeat()
+
+    beating = threading.Thread(target=beat)
+    beating.start()
+    try:
+        started = time.monotonic()
+        with pytest.raises(OutputBusy, match="host other-host.*whose heartbeat changed while this run watched"):
+            lease_for(tmp_path).acquire()
+        assert time.monotonic() - started < 2.0
+    finally:
+        stop.set()
+        beating.join()
+    started = time.monotonic()
+    note = lease_for(tmp_path).acquire()  # it stopped beating: unchanged for its 2 s TTL, watched here
+    assert time.monotonic() - started >= 1.9
+    assert "stayed unchanged for 2 s, over its 2 s TTL" in note and "host other-host" in note
+    remote.heartbeat()  # the old holder learns at its next heartbeat that it no longer owns the output
     assert remote.lost and "took the output over" in remote.lost
 
 
+def test_what_was_seen_adds_up_across_runs_and_a_stated_ttl_is_bounded(tmp_path):
+    remote = lease_for(tmp_path, ttl=3, host="other-host", machine="other-host|boot|pid:[1]")
+    remote.acquire()
+    with pytest.raises(OutputBusy, match="unchanged for 1 s so far; the lease goes stale after 3 s"):
+        lease_for(tmp_path).acquire(wait=1)
+    time.sleep(1.2)
+    with pytest.raises(OutputBusy, match="unchanged for 2 s so far"):
+        lease_for(tmp_path).acquire(wait=0)  # no watching: the earlier look counts
+    time.sleep(1.0)
+    assert "over its 3 s TTL" in lease_for(tmp_path).acquire(wait=0)
+
+    other = tmp_path / "other"
+    huge = lease_for(other, ttl=3, host="x", machine="x|y|z")
+    huge.holder.ttl = 1e12  # what a record may claim
+    huge.acquire()
+    with pytest.raises(OutputBusy, match="stale after 3600 s"):
+        lease_for(other).acquire(wait=0)
+
+
 def test_runs_racing_for_a_stale_lease_have_one_winner(tmp_path):
-    lease_for(tmp_path, host="gone", machine="gone|x|y", ttl=5).acquire()
-    age(tmp_path, 60)
+    lease_for(tmp_path, host="gone", machine="gone|x|y", ttl=1).acquire()
     winners, busy = [], []
     start = threading.Barrier(8)
 

@@ -17,10 +17,12 @@ import pyarrow.compute  # noqa: F401  (pa.compute)
 import pyarrow.parquet as pq
 import pytest
 
+from jobs.errors import ForeignOutput
 from jobs.runner import JobConflict, run_job
 from tests.jobs.conftest import add_shards, descendants, process_title
-from jobs.manifest import MANIFEST, SUCCESS, Manifest
-from jobs.shards import TEMPORARY, resolve
+from jobs.output.manifest import MANIFEST, SUCCESS, Manifest
+from jobs.output.commit import TEMPORARY
+from jobs.output.discovery import resolve
 from jobs.spec import JobSpec, RunnerSettings
 from pipelines import ClassificationPipeline, EmbeddingPipeline
 
@@ -221,7 +223,7 @@ def test_embed_job_matches_pipeline_once_and_reruns_nothing(ray_local, demo, cau
 def test_progress_bar_on_a_terminal():
     import io
 
-    from jobs.runner import Progress
+    from jobs.execution.progress import Progress
 
     stream = io.StringIO()
     progress = Progress(total_rows=100, total_shards=2, stream=stream, tty=True)
@@ -234,14 +236,14 @@ def test_progress_bar_on_a_terminal():
 
 def test_a_file_of_the_users_in_the_output_is_never_replaced(ray_local, demo):
     """An output folder that already holds a file named like an output shard, written by someone else: the
-    job is refused before anything is written; --overwrite replaces it."""
+    job is refused before anything is written, --overwrite included (it replaces this tool's outputs only)."""
     model, input, out = demo
     out.mkdir()
     pq.write_table(pa.table({"mine": [1, 2, 3]}), out / "part-00002.parquet")
-    with pytest.raises(ValueError, match="already holds part-00002.parquet, which persimmon-batch did not write"):
-        run_job(spec_for(model, input, out))
+    for overwrite in (False, True):
+        spec = spec_for(model, input, out)
+        spec.overwrite = overwrite
+        with pytest.raises(ForeignOutput, match=r"holds files persimmon-batch did not write \(part-00002.parquet\)"):
+            run_job(spec)
     assert pq.read_table(out / "part-00002.parquet").column_names == ["mine"]
-    assert not any(out.glob("part-00000.parquet"))
-    replace = spec_for(model, input, out)
-    replace.overwrite = True
-    assert run_job(replace).ok and "label" in pq.read_table(out / "part-00002.parquet").column_names
+    assert sorted(p.name for p in out.iterdir()) == ["part-00002.parquet"]

@@ -17,8 +17,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from jobs.lease import OutputBusy, OutputLease
-from jobs.shards import resolve
+from jobs.output.lease import OutputBusy, OutputLease
+from jobs.output.discovery import resolve
 from tests.jobs.conftest import add_shards, classify, cli, run
 
 moto_server = pytest.importorskip("moto.server")

@@ -9,8 +9,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from jobs import checksum
-from jobs.shards import discover, inspect_shard, output_overlap, plan_units, resolve
+from jobs.errors import UsageError
+from jobs.output import checksum
+from jobs.output.discovery import discover, inspect_shard, output_overlap, resolve
+from jobs.output.plan import plan_units
 
 
 def shard(path: Path, rows: int = 3, row_group_size: int | None = None) -> None:
@@ -35,7 +37,7 @@ def test_discovery_takes_existing_paths_literally_and_globs_by_segment(tmp_path)
     assert discover(f"{tmp_path}/run1/**/*.parquet").shards == ["deeper/y.parquet", "x.parquet"]
     assert discover(f"{tmp_path}/run[1]/*.parquet").shards == ["run1/x.parquet"]  # no such path: a glob
     assert discover(f"{tmp_path}/run?/*.parquet").shards == ["run1/x.parquet"]
-    with pytest.raises(FileNotFoundError, match="does not exist"):
+    with pytest.raises(UsageError, match="does not exist"):
         discover(str(tmp_path / "nothing-here"))
 
 

@@ -159,8 +159,8 @@ def test_what_train_head_may_replace(tmp_path, causal_model):
     """Its own output and features folders only: never a folder of the user's that happens to hold a
     metrics.json, files added to an earlier output, another job's output given as --features, or an output
     another train-head is writing."""
-    from jobs.lease import OutputBusy, OutputLease
-    from jobs.shards import resolve
+    from jobs.output.lease import OutputBusy, OutputLease
+    from jobs.output.discovery import resolve
     from jobs.train_head import TrainHeadError, TrainHeadSpec, train_head
 
     labeled(tmp_path / "labeled", rows=40)
@@ -194,7 +194,7 @@ def test_what_train_head_may_replace(tmp_path, causal_model):
         attempt(tmp_path / "head", features=tmp_path / "stuff")
     with pytest.raises(TrainHeadError, match="must be outside --output"):
         attempt(tmp_path / "head", features=tmp_path / "head" / "features")
-    held = OutputLease(*resolve(str(tmp_path / ".head.train-head")), str(tmp_path / "head"))
+    held = OutputLease(*resolve(str(tmp_path / "head")), str(tmp_path / "head"))  # in the output, as every command
     held.acquire()  # another train-head (this live process) is writing tmp_path/head
     try:
         with pytest.raises(OutputBusy):

@@ -1,6 +1,12 @@
-"""ShardWorker: what one Ray actor does. It loads the pipeline once, then streams each work unit's record
-batches from Parquet through it into an attempt-unique temporary output file. It holds one record batch
-window at a time, and reports the outcome of a unit as a UnitResult (the runner decides about retries)."""
+"""ShardWorker: what one Ray actor does. Created cheaply (the pool sees it placed), it loads the pipeline once
+(after checking the model is the one the job pinned), then streams each work unit's record batches from
+Parquet through it into an attempt-unique temporary output file, one record batch window at a time. It
+reports each unit's outcome as a UnitResult (the dispatcher decides about retries).
+
+Its methods run in two concurrency groups: "work" (load, process, merge: one at a time, on one thread) and
+"control" (ready, ping): a ping is answered while a long model batch runs, with the rows done so far and how
+long the current batch has been running, which is how the driver tells a slow actor from a stalled one.
+"""
 
 from __future__ import annotations
 
@@ -9,19 +15,23 @@ import os
 import resource
 import socket
 import time
-from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
+import ray
 
-from .shards import META_FINGERPRINT, META_IDENTITY, META_INPUT, WorkUnit, join, temporary_name
-from .spec import JobSpec
+from ..errors import ModelChanged
+from ..output.checksum import check_pin
+from ..output.commit import META_FINGERPRINT, META_IDENTITY, META_INPUT, temporary_name
+from ..output.discovery import join
+from ..output.lease import _machine
+from ..output.plan import WorkUnit
+from ..spec import JobSpec
+from .dispatcher import UNIT_COUNTS, UnitResult
 
-# the counters a work unit's result carries (summed over slices and over the job by the runner)
-UNIT_COUNTS = ("rows", "errors", "truncated", "real_tokens", "padded_tokens", "generated_tokens", "nonfinite")
-PROGRESS_SECONDS = 0.5
+CONCURRENCY_GROUPS = {"work": 1, "control": 1}
 PIPELINES = {"classify": "ClassificationPipeline", "generate": "GenerationPipeline", "embed": "EmbeddingPipeline"}
 
 
@@ -30,19 +40,10 @@ class InputProblem(ValueError):
     job ran): another attempt would fail the same way."""
 
 
-@dataclass
-class UnitResult:
-    ok: bool
-    temp: str | None = None  # the finished temporary file, relative to the output
-    stats: dict[str, Any] = field(default_factory=dict)  # UNIT_COUNTS, seconds, node, host, pid, peak memory
-    error: str | None = None
-    permanent: bool = False  # retrying cannot help
-
-    @classmethod
-    def failed(cls, exc: BaseException, context: str = "") -> "UnitResult":
-        # pyarrow's ArrowInvalid (not Parquet, corrupt pages) is a ValueError, like the pipelines' column errors
-        permanent = isinstance(exc, ValueError)
-        return cls(False, error=f"{context}{type(exc).__name__}: {exc}", permanent=permanent)
+def failed(exc: BaseException, context: str = "") -> UnitResult:
+    # pyarrow's ArrowInvalid (not Parquet, corrupt pages) is a ValueError, like the pipelines' column errors
+    return UnitResult(False, error=f"{context}{type(exc).__name__}: {exc}", permanent=isinstance(exc, ValueError),
+                      fatal=isinstance(exc, ModelChanged))
 
 
 def build_pipeline(spec: JobSpec, device: str):
@@ -55,45 +56,72 @@ def build_pipeline(spec: JobSpec, device: str):
 
 def current_node() -> str:
     """The Ray node this process runs on (its host name outside Ray), for the manifest's audit trail."""
-    try:
-        import ray
-
-        if ray.is_initialized():
-            return ray.get_runtime_context().get_node_id()
-    except ImportError:
-        pass
+    if ray.is_initialized():
+        return ray.get_runtime_context().get_node_id()
     return socket.gethostname()
 
 
 class ShardWorker:
-    def __init__(self, spec: JobSpec, fingerprint: str, run_id: str, in_fs: pafs.FileSystem, in_base: str,
-                 out_fs: pafs.FileSystem, out_base: str, device: str, threads: int | None,
-                 report: Callable[[str, int], None] | None = None) -> None:
-        """report(unit key, rows): called as model batches finish (at most every PROGRESS_SECONDS), for
-        live progress."""
-        if threads:
-            import torch
-
-            torch.set_num_threads(threads)
-        self.spec, self.fingerprint, self.run_id = spec, fingerprint, run_id
+    def __init__(self, spec: JobSpec, fingerprint: str, run_id: str, pin: dict[str, Any], in_fs: pafs.FileSystem,
+                 in_base: str, out_fs: pafs.FileSystem, out_base: str, device: str, threads: int | None) -> None:
+        self.spec, self.fingerprint, self.run_id, self.pin = spec, fingerprint, run_id, pin
         self.in_fs, self.in_base, self.out_fs, self.out_base = in_fs, in_base, out_fs, out_base
+        self.device, self.threads = device, threads
+        self.pipeline = None
         self.node = current_node()
-        self.report = report
-        self.pipeline = build_pipeline(spec, device)
+        # what a ping reports (written by the work thread, read by the control thread)
+        self._rows = 0
+        self._progress_at = time.monotonic()
+        self._slowest = 0.0
 
-    def pid(self) -> int:
-        return os.getpid()
+    @ray.method(concurrency_group="control")
+    def ready(self) -> dict[str, Any]:
+        """Placed: where this actor runs (the pool kills a stalled one by pid when it is on the driver's machine)."""
+        return {"pid": os.getpid(), "machine": _machine(), "node": self.node}
 
+    @ray.method(concurrency_group="control")
+    def ping(self) -> dict[str, float]:
+        return {"rows": self._rows, "busy_for": time.monotonic() - self._progress_at, "slowest": self._slowest}
+
+    @ray.method(concurrency_group="work")
+    def load(self) -> UnitResult:
+        """Load the pipeline, refusing a model that is not the job's (checked before and after loading)."""
+        self._progress_at = time.monotonic()
+        try:
+            check_pin(self.spec.model, self.pin)
+            if self.threads:
+                import torch
+
+                torch.set_num_threads(self.threads)
+            self.pipeline = build_pipeline(self.spec, self.device)
+            check_pin(self.spec.model, self.pin)
+        except ModelChanged as exc:
+            return UnitResult(False, error=str(exc), fatal=True)
+        except Exception as exc:
+            text = str(exc).strip().splitlines()
+            return UnitResult(False, error=f"{type(exc).__name__}: {text[-1] if text else exc}")
+        self._progress_at = time.monotonic()
+        return UnitResult(True)
+
+    def _on_rows(self, rows: int) -> None:
+        now = time.monotonic()
+        self._slowest = max(self._slowest, now - self._progress_at)
+        self._progress_at = now
+        self._rows += rows
+
+    @ray.method(concurrency_group="work")
     def process(self, unit: WorkUnit) -> UnitResult:
         """Run one unit into a temporary file."""
         start = time.perf_counter()
+        self._rows, self._progress_at = 0, time.monotonic()
         before = self.pipeline.stats.as_dict()
-        temp = temporary_name(unit, self.run_id)
+        temp = temporary_name(unit.key, self.run_id)
         try:
             rows = self._run(unit, temp)
+            check_pin(self.spec.model, self.pin)  # weights read through a memory map change with the file
         except Exception as exc:  # a bad shard is a result to report, not a crash of the actor
             self._discard(temp)
-            return UnitResult.failed(exc)
+            return failed(exc)
         after = self.pipeline.stats.as_dict()
         delta = {k: after[k] - before[k] for k in UNIT_COUNTS if k != "rows"}  # rows: counted by _run
         peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
@@ -123,8 +151,7 @@ class ShardWorker:
             metadata.pop(b"pandas", None)  # describes the input's columns, not ours
             writer = None
             rows = 0
-            progress = _Progress(unit.key, self.report)
-            self.pipeline.on_rows = progress
+            self.pipeline.on_rows = self._on_rows
             try:
                 batches = parquet.iter_batches(batch_size=self.spec.runner.batch_rows, row_groups=unit.row_groups)
                 for out in self.pipeline.stream(batches):  # generation overlaps one batch's tail with the next
@@ -139,14 +166,15 @@ class ShardWorker:
                     writer.write_table(out)
             finally:
                 self.pipeline.on_rows = None
-                progress.flush()
                 if writer is not None:
                     writer.close()
         return rows
 
+    @ray.method(concurrency_group="work")
     def merge(self, shard: str, temps: list[str]) -> UnitResult:
         """Concatenate a sliced shard's part files, in order, into one temporary file (streamed by row group)."""
-        temp = temporary_name(WorkUnit(shard), self.run_id)
+        temp = temporary_name(shard, self.run_id)
+        self._rows, self._progress_at = 0, time.monotonic()
         try:
             writer, rows = None, 0
             for part in temps:
@@ -158,13 +186,14 @@ class ShardWorker:
                             writer = self._writer(temp, table.schema)
                         writer.write_table(table)
                         rows += table.num_rows
+                        self._progress_at = time.monotonic()
             if writer is not None:
                 writer.close()
             for part in temps:
                 self._discard(part)
         except Exception as exc:
             self._discard(temp)
-            result = UnitResult.failed(exc, f"merging parts of {shard}: ")
+            result = failed(exc, f"merging parts of {shard}: ")
             result.permanent = False  # the parts are ours: a storage hiccup, worth another try
             return result
         return UnitResult(True, temp, {"rows": rows})
@@ -176,25 +205,5 @@ class ShardWorker:
     def _discard(self, temp: str) -> None:
         try:
             self.out_fs.delete_file(join(self.out_base, temp))
-        except (FileNotFoundError, OSError):
+        except OSError:
             pass
-
-
-class _Progress:
-    """Rows a unit has processed, passed on to the runner's counter as model batches finish, at most every
-    PROGRESS_SECONDS (a report is a Ray call)."""
-
-    def __init__(self, key: str, report: Callable[[str, int], None] | None) -> None:
-        self.key, self.report = key, report
-        self.pending, self.last = 0, time.monotonic()
-
-    def __call__(self, rows: int) -> None:
-        self.pending += rows
-        if time.monotonic() - self.last >= PROGRESS_SECONDS:
-            self.flush()
-
-    def flush(self) -> None:
-        if self.report is not None and self.pending:
-            self.report(self.key, self.pending)
-        self.pending, self.last = 0, time.monotonic()
-

@@ -1,0 +1,297 @@
+"""The Ray side of a run: actors, `ray.wait`, pings, and deaths turned into results for the dispatcher.
+
+Nothing here decides: the dispatcher says which task an idle actor gets, which actors are stalled or unplaced
+and what a result means; the pool submits, waits (never without a deadline) and reports. It also watches the
+cluster itself: the GCS by a TCP connection to its address every second (Ray would otherwise end this
+process with only its own log line after 60 s without it), and, when an actor dies with its node, whether any
+node that can host an actor is left.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import ray
+
+from ..errors import ClusterFailed, JobFailed
+from ..output.lease import _machine
+from .dispatcher import ActorState, Commit, Dispatcher, Failure, MergeTask, UnitResult
+from .worker import CONCURRENCY_GROUPS, ShardWorker
+
+GCS_GRACE = 10.0  # seconds of refused connections before the GCS counts as dead
+WAIT = 0.5  # the longest single wait of the loop
+
+
+@dataclass
+class Actor:
+    handle: Any
+    number: int
+    pid: int | None = None
+    machine: str | None = None
+    node: str | None = None
+
+    def __hash__(self) -> int:
+        return self.number
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, Actor) and other.number == self.number
+
+    def __repr__(self) -> str:
+        return f"actor {self.number}" + (f" (pid {self.pid})" if self.pid else "")
+
+
+def describe_death(exc: BaseException) -> str:
+    """One line for an actor that died: out of memory said so, with what to do about it."""
+    text = str(exc)
+    lowered = text.lower()
+    if isinstance(exc, getattr(ray.exceptions, "OutOfMemoryError", ())) or "out of memory" in lowered or \
+            "low on memory" in lowered or "memory pressure" in lowered or "oom" in lowered.split():
+        return ("actor died: out of memory (Ray or the kernel killed it for using too much memory): lower "
+                "--batch-tokens, or use fewer --actors per node")
+    if "node" in lowered and ("died" in lowered or "dead" in lowered or "crashed" in lowered):
+        return "actor died: its node died"
+    for line in text.splitlines():
+        line = line.strip()
+        if line and not line.startswith(("class_name", "actor_id", "pid:", "namespace", "ip:")) and \
+                "died unexpectedly before finishing" not in line:
+            return f"actor died: {line[:200]}"
+    return f"actor died: {type(exc).__name__}"
+
+
+class GcsWatch:
+    """A thread that connects to the GCS every second; `dead` once it has refused for GCS_GRACE seconds."""
+
+    def __init__(self, address: str | None) -> None:
+        self.dead: str | None = None
+        self._stop = threading.Event()
+        if not address or ":" not in address:
+            return
+        host, port = address.rsplit(":", 1)
+        self.address = address
+        threading.Thread(target=self._watch, args=(host, int(port)), name="persimmon-batch-gcs", daemon=True).start()
+
+    def _watch(self, host: str, port: int) -> None:
+        failing_since = None
+        while not self._stop.wait(1.0):
+            try:
+                with socket.create_connection((host, port), timeout=2):
+                    failing_since = None
+            except OSError:
+                failing_since = failing_since or time.monotonic()
+                if time.monotonic() - failing_since > GCS_GRACE:
+                    self.dead = (f"the Ray cluster's GCS at {self.address} stopped answering "
+                                 f"({GCS_GRACE:.0f} s without a connection): the cluster is gone")
+                    return
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+def gcs_address() -> str | None:
+    try:
+        return ray.get_runtime_context().gcs_address
+    except Exception:
+        return None
+
+
+class Pool:
+    """Actors of one run. `step()` moves the run forward by at most WAIT seconds and returns what to commit
+    or fail; `on_note` hears what the user should see (an actor stalled, replaced, given up)."""
+
+    def __init__(self, dispatcher: Dispatcher, worker_args: tuple, resources: dict[str, Any], target: int,
+                 on_note: Callable[[str], None]) -> None:
+        self.dispatcher, self.worker_args, self.target, self.on_note = dispatcher, worker_args, target, on_note
+        self.remote = ray.remote(concurrency_groups=CONCURRENCY_GROUPS, max_restarts=0)(ShardWorker).options(
+            scheduling_strategy="SPREAD", **resources)
+        self.resources = resources
+        self.refs: dict[Any, tuple[str, Actor]] = {}  # object ref -> (kind, actor)
+        self.pinged: dict[Actor, float] = {}  # actor -> when its outstanding ping was sent
+        self.actors: dict[int, Actor] = {}
+        self.numbers = 0
+        self.loaded_once = threading.Event()
+        self.gcs = GcsWatch(gcs_address())
+        self.abandoned = False  # the cluster is gone: no more Ray calls
+        self.deaths = 0
+        self.start_failures = 0
+
+    # -- actors -------------------------------------------------------------------------------------------------
+    def request(self, count: int) -> None:
+        for _ in range(count):
+            self.numbers += 1
+            actor = Actor(self.remote.remote(*self.worker_args), self.numbers)
+            self.actors[actor.number] = actor
+            self.dispatcher.requested(actor)
+            self.refs[actor.handle.ready.remote()] = ("ready", actor)
+
+    def _forget(self, actor: Actor) -> None:
+        self.actors.pop(actor.number, None)
+        self.pinged.pop(actor, None)
+        for ref in [r for r, (_, a) in self.refs.items() if a == actor]:
+            del self.refs[ref]
+
+    def kill(self, actor: Actor, stalled: bool = False) -> None:
+        """Kill an actor for good. A stalled process may never handle Ray's request (a SIGSTOPped one does not),
+        so a stalled actor on this machine also gets SIGKILL by pid."""
+        self._forget(actor)
+        try:
+            ray.kill(actor.handle, no_restart=True)
+        except Exception:
+            pass
+        if stalled and actor.pid and actor.machine == _machine():
+            try:
+                os.kill(actor.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+
+    def kill_all(self) -> None:
+        if self.abandoned:
+            return
+        for actor in list(self.actors.values()):
+            self.kill(actor)
+        self.gcs.stop()
+
+    # -- one step -----------------------------------------------------------------------------------------------
+    def step(self) -> list[Commit | Failure]:
+        if self.gcs.dead:
+            self.abandoned = True
+            raise ClusterFailed(f"{self.gcs.dead}; what is committed is kept: rerun the same command to resume")
+        decisions: list[Commit | Failure] = []
+        self._assign()
+        self._ping()
+        if self.refs:
+            ready, _ = ray.wait(list(self.refs), num_returns=1, timeout=WAIT)
+            if ready:
+                ready, _ = ray.wait(list(self.refs), num_returns=len(self.refs), timeout=0)
+            for ref in ready:
+                if ref in self.refs:
+                    decisions += self._handle(ref, *self.refs.pop(ref))
+        else:
+            time.sleep(WAIT / 5)
+        for stalled in self.dispatcher.stalled():
+            self.on_note(f"{stalled.actor}: {stalled.reason}; killed, its work is redone on a fresh actor")
+            self.kill(stalled.actor, stalled=True)
+            decisions += self.dispatcher.lost(stalled.actor, stalled.reason)
+        for actor in self.dispatcher.unplaced():
+            self.kill(actor)
+            self.dispatcher.lost(actor, "not placed")
+            self.target -= 1  # the cluster has no room for it: asking again would wait as long
+            if not self.actors:
+                self.abandoned = False
+                raise ClusterFailed(f"no actor could be placed on the cluster in {self.dispatcher.placement_timeout:.0f}"
+                                    f" s (each needs {self.resources}; e.g. no GPU node joined); what is committed "
+                                    "is kept: rerun the same command to resume")
+            self.on_note(f"{actor} could not be placed in {self.dispatcher.placement_timeout:.0f} s: going on with "
+                         f"{len(self.actors)} actors")
+        self._replace()
+        return decisions
+
+    def _assign(self) -> None:
+        for actor in self.dispatcher.idle():
+            task = self.dispatcher.next(actor)
+            if task is None:
+                break
+            if isinstance(task, MergeTask):
+                ref = actor.handle.merge.remote(task.shard, task.temps)
+            else:
+                ref = actor.handle.process.remote(task)
+            self.refs[ref] = ("work", actor)
+
+    def _ping(self) -> None:
+        interval = min(2.0, self.dispatcher.timeout / 5)
+        now = time.monotonic()
+        for actor in list(self.actors.values()):
+            if actor.pid is None or now - self.pinged.get(actor, 0.0) < interval:
+                continue
+            if any(kind == "ping" and a == actor for kind, a in self.refs.values()):
+                continue  # one outstanding ping per actor: an unanswered one is the signal
+            self.pinged[actor] = now
+            self.refs[actor.handle.ping.remote()] = ("ping", actor)
+
+    def _handle(self, ref, kind: str, actor: Actor) -> list[Commit | Failure]:
+        try:
+            value = ray.get(ref, timeout=10)
+        except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError,
+                ray.exceptions.OutOfMemoryError) as exc:
+            return self._died(actor, exc)
+        except ray.exceptions.GetTimeoutError:
+            return self._died(actor, TimeoutError("its result could not be fetched in 10 s"))
+        except ray.exceptions.RayTaskError as exc:  # a bug in the worker: the unit failed, the actor lives
+            if kind in ("work",):
+                return self.dispatcher.record(actor, UnitResult(False, error=f"{type(exc).__name__}: "
+                                                                             f"{str(exc)[:300]}"))
+            return self._died(actor, exc)
+        if kind == "ready":
+            actor.pid, actor.machine, actor.node = value["pid"], value["machine"], value["node"]
+            self.dispatcher.placed(actor)
+            self.refs[actor.handle.load.remote()] = ("load", actor)
+        elif kind == "load":
+            if value.ok:
+                self.dispatcher.loaded(actor)
+                self.loaded_once.set()
+            elif value.fatal:
+                self.dispatcher.fatal = value.error
+                self.dispatcher.stop(value.error)
+            else:
+                self.kill(actor)
+                self.dispatcher.lost(actor, value.error)
+                raise JobFailed(f"the workers could not load the model: {value.error}")
+        elif kind == "ping":
+            self.pinged[actor] = time.monotonic()
+            self.dispatcher.heartbeat(actor, value["rows"], value["busy_for"], value["slowest"])
+        else:
+            self.dispatcher.heartbeat(actor)
+            return self.dispatcher.record(actor, value)
+        return []
+
+    def _died(self, actor: Actor, exc: BaseException) -> list[Commit | Failure]:
+        reason = describe_death(exc)
+        self.deaths += 1
+        record = self.dispatcher.actors.get(actor)
+        if record is not None and record.state in (ActorState.REQUESTED, ActorState.LOADING):
+            self.start_failures += 1  # died before it could take any work
+            if self.start_failures >= self.dispatcher.max_attempts * max(1, self.target):
+                self._forget(actor)
+                self.dispatcher.lost(actor, reason)
+                raise JobFailed(f"the workers could not load the model: {reason}")
+        self._forget(actor)
+        decisions = self.dispatcher.lost(actor, reason)
+        if not self.dispatcher.stopped:
+            self.on_note(f"{actor}: {reason}; its work is redone on a fresh actor")
+        self._check_nodes(reason)
+        return decisions
+
+    def _check_nodes(self, reason: str) -> None:
+        """After a death: is any node left that can host an actor? Without one, the job cannot go on."""
+        try:
+            nodes = ray.nodes()
+        except Exception:
+            return  # the GCS watch decides about the GCS
+        alive = [n for n in nodes if n.get("Alive")]
+        dead = [n for n in nodes if not n.get("Alive")]
+        fits = [n for n in alive if all(n.get("Resources", {}).get(k, 0) >= v for k, v in
+                                        (("CPU", self.resources.get("num_cpus", 1)),
+                                         ("GPU", self.resources.get("num_gpus", 0))) if v)]
+        if not fits:
+            names = ", ".join(sorted(n.get("NodeManagerAddress", "?") for n in dead)) or "unknown"
+            self.abandoned = True
+            raise ClusterFailed(f"the Ray node {names} died ({reason}) and no node is left to run the actors; "
+                                "what is committed is kept: rerun the same command to resume")
+
+    def _replace(self) -> None:
+        """Keep the pool at its size while there is work for more actors."""
+        if self.dispatcher.stopped:
+            return
+        present = len(self.actors)
+        wanted = min(self.target - present, self.dispatcher.wants_actors())
+        if wanted > 0:
+            self.request(wanted)
+        if not self.actors and not self.dispatcher.finished:
+            raise ClusterFailed("no actor could be placed on the cluster for "
+                                f"{self.dispatcher.placement_timeout:.0f} s (resources per actor: "
+                                f"{self.resources}); what is committed is kept: rerun the same command to resume")

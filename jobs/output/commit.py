@@ -1,0 +1,73 @@
+"""Output files: attempt-unique temporaries, the atomic commit, and what a committed file carries.
+
+Each input shard gets one output file of the same relative name. An attempt writes to a unique name under
+`_temporary/<run id>/` and is committed by moving it to its final name: an atomic rename on local and HDFS
+filesystems; on object stores a server-side copy, whose object appears whole or not at all. Each committed
+file carries in its Parquet metadata the job's fingerprint and the identity of the input it was computed
+from (size, modification time, rows, row-group layout), so a rerun recognises what is done and what changed.
+"""
+
+from __future__ import annotations
+
+import uuid
+
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from .discovery import join
+
+TEMPORARY = "_temporary"
+META_FINGERPRINT = b"persimmon_batch.fingerprint"
+META_INPUT = b"persimmon_batch.input"
+META_IDENTITY = b"persimmon_batch.input_identity"
+
+
+def output_name(shard: str) -> str:
+    return shard if shard.endswith(".parquet") else shard + ".parquet"
+
+
+def temporary_name(key: str, run_id: str) -> str:
+    """An attempt-unique name under this run's _temporary/ folder: no two attempts write the same file."""
+    flat = key.replace("/", "__").replace("#", ".part")
+    return f"{TEMPORARY}/{run_id}/{flat}.{uuid.uuid4().hex[:12]}.parquet"
+
+
+def commit(fs: pafs.FileSystem, out_base: str, temp: str, final: str) -> int:
+    """Move a finished temporary file to its final name (a reader never sees a partial file); returns the
+    committed file's size, which the end-of-run check compares with what is on disk."""
+    target = join(out_base, final)
+    parent = target.rsplit("/", 1)[0]
+    source = join(out_base, temp)
+    size = fs.get_file_info(source).size
+    fs.create_dir(parent, recursive=True)
+    if fs.get_file_info(target).type == pafs.FileType.Directory:
+        raise IsADirectoryError(f"{target} is a folder, not a committed file")
+    fs.move(source, target)
+    return size
+
+
+def remove_temporaries(fs: pafs.FileSystem, out_base: str, run_id: str | None = None) -> None:
+    """Delete one run's temporaries (run_id), or every run's (None: only the lease holder may, when every
+    other run is gone); the _temporary/ folder goes once empty."""
+    top = join(out_base, TEMPORARY)
+    target = join(top, run_id) if run_id else top
+    try:
+        fs.delete_dir(target)
+    except OSError:
+        pass
+    if run_id:
+        try:
+            if not fs.get_file_info(pafs.FileSelector(top, allow_not_found=True)):
+                fs.delete_dir(top)
+        except OSError:
+            pass
+
+
+def committed_metadata(fs: pafs.FileSystem, out_base: str, final: str) -> tuple[dict[bytes, bytes], int]:
+    """The schema metadata and row count of a committed output file (({}, 0) when unreadable)."""
+    try:
+        with fs.open_input_file(join(out_base, final)) as f:
+            parquet = pq.ParquetFile(f)
+            return parquet.schema_arrow.metadata or {}, parquet.metadata.num_rows
+    except Exception:
+        return {}, 0

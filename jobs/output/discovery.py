@@ -1,0 +1,378 @@
+"""Input shards: where they are (discovery), what they are (identity, footer), and whether an output overlaps them.
+
+Input is a Parquet file, a directory of them or a glob, on any filesystem pyarrow knows (local, s3://,
+gs://, hdfs://). A path that exists is taken literally, glob characters and all; otherwise `*`, `?` and
+`[...]` match within one path segment and `**` across segments. Hidden and `_`-prefixed files and folders are
+skipped (and counted), and so are files without the .parquet suffix in a directory (a glob takes every file
+it matches); the job's output tree never counts as input.
+
+On a local filesystem the walk is by identity, not by path: every folder is entered once (by device and
+inode), so a link back up the tree (`sub/up -> ..`) or two links to one folder add nothing; each real file is
+listed once, under its first name; links into /proc, /sys and /dev are not followed; a folder that cannot be
+read stops the job (its rows would be lost silently otherwise). Whether an output lies inside the input is
+decided the same way: by the device and inode of the output's existing folders against the input's folders,
+which also sees through bind mounts (`-v /lake:/in -v /lake/out:/out`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import stat
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from ..errors import UsageError
+
+GLOB_CHARS = "*?["
+PSEUDO_FILESYSTEMS = ("/proc", "/sys", "/dev")
+
+
+def expand(uri: str) -> str:
+    """A local path with `~` expanded; a URI as it is."""
+    return uri if "://" in uri else os.path.expanduser(uri)
+
+
+def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
+    """(filesystem, path) for a local path or a URI pyarrow understands. Local paths are expanded (`~`) and
+    resolved through symlinks."""
+    if "://" in uri:
+        try:
+            return pafs.FileSystem.from_uri(uri)
+        except (ValueError, OSError) as exc:  # pyarrow: ArrowInvalid (a ValueError) for an unknown scheme
+            raise UsageError(f"cannot open {uri}: {exc}") from None
+    return pafs.LocalFileSystem(), os.path.realpath(expand(uri))
+
+
+def absolute(uri: str) -> str:
+    """A local path made absolute (`~` expanded, symlinks resolved); a URI as it is."""
+    return uri if "://" in uri else str(Path(expand(uri)).resolve())
+
+
+def join(base: str, rel: str) -> str:
+    return f"{base.rstrip('/')}/{rel}" if base else rel
+
+
+def inside(path: str, folder: str) -> bool:
+    """Whether `path` is `folder` or below it (plain path comparison: object stores have no links)."""
+    path, folder = path.rstrip("/"), folder.rstrip("/")
+    return path == folder or path.startswith(folder + "/")
+
+
+def folder_key(path: str) -> tuple[int, int] | None:
+    """(device, inode) of a local folder, None if it does not exist."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino) if stat.S_ISDIR(st.st_mode) else None
+
+
+def existing_chain(path: str) -> list[tuple[str, tuple[int, int]]]:
+    """The folder `path` (if it exists) and each existing folder above it, with their (device, inode)."""
+    chain, current = [], os.path.abspath(path)
+    while True:
+        key = folder_key(current)
+        if key is not None:
+            chain.append((current, key))
+        parent = os.path.dirname(current)
+        if parent == current:
+            return chain
+        current = parent
+
+
+def _hidden(name: str) -> bool:
+    return name.startswith(("_", "."))
+
+
+def _glob_regex(pattern: str) -> re.Pattern:
+    """`*`, `?` and `[...]` match within one path segment, `**` across any number of segments."""
+    out, i = [], 0
+    while i < len(pattern):
+        if pattern.startswith("**/", i):
+            out.append("(?:[^/]*/)*")
+            i += 3
+            continue
+        if pattern.startswith("**", i):
+            out.append(".*")
+            i += 2
+            continue
+        c = pattern[i]
+        end = pattern.find("]", i + 2) if c == "[" else -1
+        if c == "*":
+            out.append("[^/]*")
+        elif c == "?":
+            out.append("[^/]")
+        elif end != -1:
+            body = pattern[i + 1:end]
+            out.append("[" + ("^" + body[1:] if body.startswith("!") else body).replace("\\", "\\\\") + "]")
+            i = end + 1
+            continue
+        else:
+            out.append(re.escape(c))
+        i += 1
+    return re.compile("".join(out) + r"\Z", re.S)
+
+
+@dataclass
+class Discovery:
+    fs: pafs.FileSystem
+    base: str  # the folder shard names are relative to
+    shards: list[str]
+    skipped: int = 0  # entries left out: hidden, _-prefixed, or not .parquet
+    kind: str = "directory"  # "file", "directory" or "glob"
+    files: dict[str, pafs.FileInfo] = field(default_factory=dict)  # shard -> its file info
+    # local only: (device, inode) of the folders that are input (every folder of a directory input; the folders
+    # holding the files of a file or glob input)
+    folders: dict[tuple[int, int], str] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)  # links not followed, files listed under another name
+
+
+@dataclass
+class _Walk:
+    """A local tree walked by identity: (logical path, stat) of each real file once."""
+
+    files: list[tuple[str, os.stat_result]] = field(default_factory=list)
+    folders: dict[tuple[int, int], str] = field(default_factory=dict)
+    skipped: int = 0
+    notes: list[str] = field(default_factory=list)
+
+
+def _unreadable(path: str, exc: OSError) -> UsageError:
+    return UsageError(f"cannot read input folder {path}: {exc.strerror or exc}; fix its permissions or leave "
+                      "it out of the input (its rows would be missing otherwise)")
+
+
+def _walk_local(base: str, exclude: tuple[int, int] | None, skip_hidden: bool) -> _Walk:
+    walk = _Walk()
+    seen_files: dict[tuple[int, int], int] = {}  # file identity -> its index in walk.files
+    root = folder_key(base)
+    if root is None:  # a glob whose fixed part names nothing
+        return walk
+    walk.folders[root] = base
+    stack = [base]
+    while stack:
+        folder = stack.pop()
+        try:
+            entries = sorted(os.scandir(folder), key=lambda e: e.name)
+        except OSError as exc:
+            raise _unreadable(folder, exc) from None
+        for entry in entries:
+            if skip_hidden and _hidden(entry.name):
+                walk.skipped += 1
+                continue
+            try:
+                st = os.stat(entry.path)  # through links
+            except FileNotFoundError:
+                walk.notes.append(f"input: {entry.path} is a broken link: skipped")
+                continue
+            except OSError as exc:
+                raise _unreadable(entry.path, exc) from None
+            if stat.S_ISDIR(st.st_mode):
+                key = (st.st_dev, st.st_ino)
+                if key == exclude:  # the output: never input, but still a folder of the input's tree
+                    walk.folders[key] = entry.path
+                    continue
+                if key in walk.folders:
+                    walk.notes.append(f"input: {entry.path} is the folder {walk.folders[key]} again (a link): "
+                                      "not listed twice")
+                    continue
+                real = os.path.realpath(entry.path)
+                if any(inside(real, pseudo) for pseudo in PSEUDO_FILESYSTEMS):
+                    walk.notes.append(f"input: {entry.path} links into {real}: not followed")
+                    continue
+                walk.folders[key] = entry.path
+                stack.append(entry.path)
+            elif stat.S_ISREG(st.st_mode):
+                key = (st.st_dev, st.st_ino)
+                if key in seen_files:  # the same file under a second name: listed once, under its own name
+                    first, _ = walk.files[seen_files[key]]
+                    if os.path.islink(first) and not entry.is_symlink():
+                        walk.files[seen_files[key]] = (entry.path, st)
+                        first, second = entry.path, first
+                    else:
+                        second = entry.path
+                    walk.notes.append(f"input: {second} is the file {first} again: listed once")
+                    continue
+                seen_files[key] = len(walk.files)
+                walk.files.append((entry.path, st))
+            else:
+                walk.skipped += 1  # a FIFO, socket or device: not data
+    return walk
+
+
+def _info(path: str, st: os.stat_result) -> pafs.FileInfo:
+    return pafs.FileInfo(path, pafs.FileType.File, size=st.st_size, mtime_ns=st.st_mtime_ns)
+
+
+def _not_regular(uri: str) -> UsageError:
+    return UsageError(f"input {uri} is not a regular file (a pipe, device or socket); give a Parquet file, a "
+                      "folder or a glob")
+
+
+def discover(uri: str, output: tuple[pafs.FileSystem, str] | None = None) -> Discovery:
+    """The input's shards, sorted, relative to its base folder; files under `output` (the job's output
+    folder, on its filesystem) are never input. Raises UsageError when the input names nothing, holds no
+    Parquet files, or cannot be read."""
+    if not str(uri).strip():
+        raise UsageError("the input is empty: give a Parquet file, a folder or a glob")
+    fs, path = resolve(uri)
+    local = fs.type_name == "local"
+    same_fs = output is not None and output[0].type_name == fs.type_name
+    if local:
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            st = None
+        except OSError as exc:
+            raise _unreadable(path, exc) from None
+        if st is not None and not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
+            raise _not_regular(uri)
+        kind = None if st is None else ("file" if stat.S_ISREG(st.st_mode) else "directory")
+    else:
+        try:
+            info = fs.get_file_info(path)
+        except OSError as exc:
+            raise UsageError(f"cannot read input {uri}: {exc}") from None
+        kind = {pafs.FileType.File: "file", pafs.FileType.Directory: "directory"}.get(info.type)
+    if kind is None and not any(ch in path for ch in GLOB_CHARS):
+        raise UsageError(f"input {uri} does not exist")
+    kind = kind or "glob"
+    if kind == "file":
+        base = path.rsplit("/", 1)[0] if "/" in path else ""
+    elif kind == "directory":
+        base = path
+    else:
+        base = path
+        while any(ch in base for ch in GLOB_CHARS):
+            base = base.rsplit("/", 1)[0]
+    found = Discovery(fs, base, [], kind=kind)
+    exclude_path = output[1] if same_fs else None
+    if exclude_path is not None and inside(found.base, exclude_path):
+        exclude_path = None  # the input lies inside the output folder: the output files are beside it, not in it
+    if local:
+        candidates = _local_candidates(found, path, exclude_path)
+    else:
+        candidates = _remote_candidates(found, path, exclude_path)
+    for item in candidates:
+        rel = str(PurePosixPath(item.path).relative_to(found.base)) if found.base else item.path
+        if any(_hidden(part) for part in PurePosixPath(rel).parts) or \
+                (found.kind == "directory" and not rel.endswith(".parquet")):
+            found.skipped += 1
+            continue
+        found.shards.append(rel)
+        found.files[rel] = item
+    found.shards.sort()
+    if not found.shards:
+        raise UsageError(f"no Parquet files in input {uri}")
+    outputs: dict[str, str] = {}
+    from .commit import output_name
+
+    for rel in found.shards:
+        other = outputs.setdefault(output_name(rel), rel)
+        if other != rel:
+            raise UsageError(f"input shards {other} and {rel} would both write output {output_name(rel)}; "
+                             "rename one of them or narrow the input")
+    return found
+
+
+def _local_candidates(found: Discovery, path: str, exclude_path: str | None) -> list[pafs.FileInfo]:
+    exclude = folder_key(exclude_path) if exclude_path else None
+    if found.kind == "file":
+        st = os.stat(path)
+        key = folder_key(found.base or ".")
+        if key is not None:
+            found.folders[key] = found.base
+        return [_info(path, st)]
+    walk = _walk_local(found.base, exclude, skip_hidden=True)
+    found.skipped += walk.skipped
+    found.notes += walk.notes
+    items = [_info(p, st) for p, st in walk.files]
+    if found.kind == "directory":
+        found.folders.update(walk.folders)
+        return items
+    regex = _glob_regex(path)
+    matched = [i for i in items if regex.match(i.path)]
+    for item in matched:  # a glob's input folders: those holding its files (and its base)
+        folder = item.path.rsplit("/", 1)[0]
+        key = folder_key(folder)
+        if key is not None:
+            found.folders[key] = folder
+    return matched
+
+
+def _remote_candidates(found: Discovery, path: str, exclude_path: str | None) -> list[pafs.FileInfo]:
+    if found.kind == "file":
+        return [found.fs.get_file_info(path)]
+    try:
+        listing = found.fs.get_file_info(pafs.FileSelector(found.base, recursive=True,
+                                                           allow_not_found=found.kind == "glob"))
+    except OSError as exc:
+        raise UsageError(f"cannot list input {found.base}: {exc}") from None
+    items = [i for i in listing if i.type == pafs.FileType.File
+             and not (exclude_path is not None and inside(i.path, exclude_path))]
+    if found.kind == "glob":
+        regex = _glob_regex(path)
+        items = [i for i in items if regex.match(i.path)]
+    return items
+
+
+def output_overlap(discovery: Discovery, out_fs: pafs.FileSystem, out_base: str) -> str | None:
+    """Why writing to out_base would overwrite the input (or feed outputs back into it), or None. Locally
+    decided by folder identity (device, inode), so a link or a bind mount does not hide the overlap."""
+    from .commit import output_name
+
+    if out_fs.type_name != discovery.fs.type_name:
+        return None
+    if out_fs.type_name == "local":
+        chain = existing_chain(out_base)
+        if discovery.kind == "directory":
+            for folder, key in chain:
+                if key in discovery.folders:
+                    return (f"output {out_base} overlaps the input: it is inside the input {discovery.base} (as "
+                            f"{folder}, the input's folder {discovery.folders[key]}): its files would join the input")
+        elif chain and chain[0][0] == os.path.abspath(out_base) and chain[0][1] in discovery.folders:
+            return (f"output {out_base} overlaps the input: it is the input's folder {discovery.folders[chain[0][1]]}"
+                    ", where its files would replace or join the input")
+    elif inside(out_base, discovery.base) and (discovery.kind == "directory"
+                                               or out_base.rstrip("/") == discovery.base.rstrip("/")):
+        return f"output {out_base} overlaps the input {discovery.base}: its files would replace or join the input"
+    targets = {join(out_base, output_name(s)) for s in discovery.shards}
+    clash = sorted(targets & {info.path for info in discovery.files.values()})
+    if clash:
+        return f"output {out_base} overlaps the input: {clash[0]} would be overwritten"
+    return None
+
+
+@dataclass
+class ShardInfo:
+    """What the driver learns of a shard from its footer, before any work: identity, layout, schema."""
+
+    identity: dict[str, Any]
+    row_groups: list[int]  # rows per row group
+    columns: list[str]
+    error: str | None = None  # not readable as Parquet
+
+
+def inspect_shard(fs: pafs.FileSystem, base: str, shard: str, info: pafs.FileInfo | None = None) -> ShardInfo:
+    """Read a shard's footer: its identity (size, modification time, rows, a digest of the row-group
+    layout), row-group sizes and column names. A shard that is not Parquet gets `error`."""
+    path = join(base, shard)
+    info = info or fs.get_file_info(path)
+    identity: dict[str, Any] = {"size": info.size, "mtime_ns": info.mtime_ns}
+    try:
+        with fs.open_input_file(path) as f:
+            meta = pq.ParquetFile(f).metadata
+            columns = meta.schema.to_arrow_schema().names
+    except Exception as exc:  # pyarrow raises ArrowInvalid, OSError, ... for what is not Parquet
+        return ShardInfo(identity, [], [], f"not a Parquet file ({type(exc).__name__}: {exc})")
+    groups = [meta.row_group(g).num_rows for g in range(meta.num_row_groups)]
+    layout = json.dumps([[meta.row_group(g).num_rows, meta.row_group(g).total_byte_size] for g in range(len(groups))])
+    identity.update(rows=meta.num_rows, footer=hashlib.sha256(layout.encode()).hexdigest()[:16])
+    return ShardInfo(identity, groups, columns)

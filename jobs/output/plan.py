@@ -1,0 +1,203 @@
+"""Planning a run before Ray starts, and checking its end: what the output holds, what changed, what is left.
+
+Planning lists the output once. A shard is skipped when the manifest records it done with the same input
+identity and its output is there with the size recorded at commit (no file is read for that); otherwise its
+footer is read. A shard whose output was committed by a run that died before recording it is adopted when
+the output's metadata names this job's fingerprint and the input's current identity. A shard that changed
+since its commit is reprocessed. A shard that cannot be processed at all (not Parquet, no text column, a
+column the output would add) is failed here, without any attempt. A shard gone from the input is reported,
+and with `overwrite` its output is listed for deletion: the planner decides, the runner deletes.
+
+`missing_outputs` is the check before `_SUCCESS`: one listing of the output, and every shard the manifest
+calls done must be there with its recorded size (on S3 one LIST call per 1,000 files; a footer is read only
+when a size was never recorded).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyarrow.fs as pafs
+
+from ..errors import ShardState, UsageError
+from .commit import META_FINGERPRINT, META_IDENTITY, committed_metadata, output_name
+from .discovery import Discovery, ShardInfo, inspect_shard, join
+from .manifest import Manifest
+from .ownership import foreign_entries, refuse_foreign
+
+
+@dataclass
+class WorkUnit:
+    """One actor call: a shard, or a slice of its row groups (then part `part` of `parts`)."""
+
+    shard: str  # path relative to the input base
+    row_groups: list[int] | None = None
+    part: int = 0
+    parts: int = 1
+    rows: int = 0
+    identity: dict[str, Any] = field(default_factory=dict)  # of the input, when the unit was planned
+
+    @property
+    def key(self) -> str:
+        return self.shard if self.parts == 1 else f"{self.shard}#{self.part}"
+
+
+def plan_units(shard: str, info: ShardInfo, rows_per_unit: int) -> list[WorkUnit]:
+    """The whole shard, or for one over rows_per_unit rows with several row groups, slices of consecutive
+    row groups of up to rows_per_unit rows each (a single larger row group is a slice of its own)."""
+    rows = info.identity.get("rows", 0)
+    if rows <= rows_per_unit or len(info.row_groups) < 2:
+        return [WorkUnit(shard, rows=rows, identity=info.identity)]
+    slices: list[tuple[list[int], int]] = []
+    for g, n in enumerate(info.row_groups):
+        if slices and slices[-1][1] + n <= rows_per_unit:
+            slices[-1][0].append(g)
+            slices[-1] = (slices[-1][0], slices[-1][1] + n)
+        else:
+            slices.append(([g], n))
+    return [WorkUnit(shard, groups, i, len(slices), n, info.identity) for i, (groups, n) in enumerate(slices)]
+
+
+@dataclass
+class Plan:
+    units: list[WorkUnit] = field(default_factory=list)
+    done: list[str] = field(default_factory=list)  # committed before this run
+    adopted: list[str] = field(default_factory=list)  # committed by a run that died before recording them
+    changed: list[str] = field(default_factory=list)  # committed, but their input changed since: redone
+    removed: list[str] = field(default_factory=list)  # in the manifest, gone from the input
+    delete: dict[str, str] = field(default_factory=dict)  # shard -> its output to delete (overwrite, input gone)
+    rejected: dict[str, str] = field(default_factory=dict)  # shard -> why it cannot be processed at all
+
+
+def list_output(fs: pafs.FileSystem, out_base: str) -> list[pafs.FileInfo]:
+    """Everything under the output folder, in one listing (none when it does not exist)."""
+    return fs.get_file_info(pafs.FileSelector(out_base, recursive=True, allow_not_found=True))
+
+
+def _files(listing: list[pafs.FileInfo], out_base: str) -> dict[str, pafs.FileInfo]:
+    prefix = out_base.rstrip("/") + "/"
+    return {i.path[len(prefix):]: i for i in listing if i.type == pafs.FileType.File}
+
+
+def check_ownership(spec_output: str, fs: pafs.FileSystem, out_base: str, listing: list[pafs.FileInfo],
+                    manifest: Manifest | None, discovery: Discovery) -> dict[str, tuple[dict, int]]:
+    """Refuse (ForeignOutput) an output that holds anything not ours; returns the metadata and rows of the
+    unrecorded files named like this job's outputs, which are ours by their metadata."""
+    candidates = {output_name(s) for s in discovery.shards}
+    foreign, unrecorded = foreign_entries(listing, out_base, manifest, candidates)
+    recognised = {}
+    for name in unrecorded:
+        meta, rows = committed_metadata(fs, out_base, name)
+        if META_FINGERPRINT in meta:
+            recognised[name] = (meta, rows)
+        else:
+            foreign.append(name)
+    if foreign:
+        raise refuse_foreign(spec_output, sorted(foreign))
+    return recognised
+
+
+def _column_problem(text_column: str, shard: str, info: ShardInfo, added: list[str]) -> str | None:
+    if text_column not in info.columns:
+        return f"shard {shard} has no column {text_column!r}; its columns are {info.columns}"
+    clash = [name for name in added if name in info.columns]
+    if clash:
+        return f"the input already has column(s) {clash} that the output adds; rename them first"
+    return None
+
+
+def plan_run(spec, discovery: Discovery, manifest: Manifest, listing: list[pafs.FileInfo],
+             recognised: dict[str, tuple[dict, int]], fingerprint: str, added: list[str]) -> Plan:
+    """Decide each shard's fate and record it in the manifest (in memory). `added`: the output's columns;
+    `listing`: the output folder's entries; `recognised`: unrecorded files of ours (check_ownership)."""
+    plan = Plan()
+    outputs = _files(listing, manifest.out_base)
+    for shard in discovery.shards:
+        file = discovery.files[shard]
+        entry = manifest.shards.get(shard, {})
+        final = output_name(shard)
+        recorded = entry.get("input_identity") or {}
+        present = outputs.get(final)
+        if entry.get("state") == ShardState.DONE.value and present is not None and \
+                entry.get("size", present.size) == present.size and \
+                (recorded.get("size"), recorded.get("mtime_ns")) == (file.size, file.mtime_ns):
+            plan.done.append(shard)
+            continue
+        info = inspect_shard(discovery.fs, discovery.base, shard, file)
+        problem = info.error or _column_problem(spec.text_column, shard, info, added)
+        if problem:
+            plan.rejected[shard] = problem
+            manifest.mark_failed(shard, final, problem, attempts=0)
+            continue
+        if present is not None:
+            meta, rows = recognised.get(final) or committed_metadata(manifest.fs, manifest.out_base, final)
+            if meta.get(META_FINGERPRINT, b"").decode() == fingerprint and \
+                    json.loads(meta.get(META_IDENTITY, b"null")) == info.identity:
+                manifest.shards[shard] = {**entry, "state": ShardState.DONE.value, "output": final, "adopted": True,
+                                          "input_identity": info.identity, "rows": rows, "size": present.size}
+                plan.adopted.append(shard)
+                continue
+        note = None
+        if entry.get("state") == ShardState.DONE.value:
+            plan.changed.append(shard)
+            note = "input changed since its output was committed" if present is not None else \
+                "its committed output is no longer in the output folder"
+        manifest.mark_pending(shard, final, info.identity, note)
+        plan.units += plan_units(shard, info, spec.runner.rows_per_unit)
+    present_shards = set(discovery.shards)
+    for shard, entry in list(manifest.shards.items()):
+        output = entry.get("output", output_name(shard))
+        if shard in present_shards:
+            continue
+        if output not in outputs:
+            manifest.forget(shard)  # nothing of it in the output: nothing to keep or report
+        elif spec.overwrite:
+            plan.delete[shard] = output
+            manifest.forget(shard)
+        else:  # committed once (whatever its last state), its input gone: the output stays until --overwrite
+            entry["state"] = ShardState.INPUT_REMOVED.value
+            plan.removed.append(shard)
+    return plan
+
+
+def missing_outputs(fs: pafs.FileSystem, out_base: str, manifest: Manifest) -> dict[str, str]:
+    """shard -> why its committed output is not what the manifest says (gone, another size), from one listing."""
+    outputs = _files(list_output(fs, out_base), out_base)
+    missing = {}
+    for shard, entry in manifest.shards.items():
+        if entry.get("state") != ShardState.DONE.value:
+            continue
+        name = entry.get("output", output_name(shard))
+        found = outputs.get(name)
+        if found is None:
+            missing[shard] = f"{name} was committed but is no longer in the output"
+        elif entry.get("size") is not None and entry["size"] != found.size:
+            missing[shard] = f"{name} was committed with {entry['size']} bytes but now has {found.size}"
+        elif entry.get("size") is None and committed_metadata(fs, out_base, name)[1] != entry.get("rows"):
+            missing[shard] = f"{name} no longer holds the {entry.get('rows')} rows committed"
+    return missing
+
+
+def check_text_column(spec, discovery: Discovery, sample: int = 8) -> None:
+    """Refuse a job whose text column is in none of the first `sample` readable shards (a mistyped column
+    name) before anything is written. A single shard without it fails on its own, in the manifest."""
+    first: tuple[str, list[str]] | None = None
+    checked = 0
+    for shard in discovery.shards:
+        info = inspect_shard(discovery.fs, discovery.base, shard, discovery.files[shard])
+        if info.error:
+            continue
+        if spec.text_column in info.columns:
+            return
+        first = first or (shard, info.columns)
+        checked += 1
+        if checked == sample:
+            break
+    if first is not None:
+        raise UsageError(f"text column {spec.text_column!r} not in {first[0]}; its columns are {first[1]}")
+
+
+__all__ = ["Plan", "WorkUnit", "check_ownership", "check_text_column", "join", "list_output", "missing_outputs",
+           "plan_run", "plan_units"]

@@ -1,0 +1,486 @@
+"""What an adversary did to a run, through the real CLI on real Ray and real Parquet: stop an actor, kill the
+raylet or the GCS, write into a running job's output with another command, delete what was committed, change
+the model mid-run, loop the input through a link, point the output at someone else's folder or at the input
+through a bind mount, skew the lease's clocks, inject lines into a schedule recipe, and feed configs and paths
+that used to end in a traceback. Each test names the case of the issue it reproduces."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from typer.testing import CliRunner
+
+from jobs.cli import app
+from tests.jobs.conftest import (BIN, add_shards, classify, cli, descendants, ids_of, manifest_of, process_title,
+                                 run, wait_for_commits)
+
+runner = CliRunner()
+SUCCESS = "_SUCCESS"
+
+
+def processes(proc: subprocess.Popen, title: str) -> list[int]:
+    """This run's own processes whose command line contains `title` (never another user's)."""
+    return [pid for pid in descendants(proc.pid) if title in process_title(pid)]
+
+
+def wait_for(predicate, proc: subprocess.Popen, timeout: float = 120, what: str = "the condition") -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        assert proc.poll() is None, proc.communicate()
+        if predicate():
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"{what} did not happen in time")
+
+
+def one_error_line(text: str) -> str:
+    lines = [line for line in text.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "Traceback" not in text, text
+    return lines[0]
+
+
+def can_unshare() -> bool:
+    try:
+        return subprocess.run(["unshare", "-m", "true"], capture_output=True, timeout=10).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+needs_mounts = pytest.mark.skipif(not can_unshare(), reason="needs a private mount namespace (unshare -m)")
+
+
+# -- 1, 2: liveness -------------------------------------------------------------------------------------------
+
+def test_1_a_stopped_actor_is_replaced_and_its_unit_redone(demo):
+    model, input, out = demo
+    add_shards(input, 8)
+    proc = cli(*classify(model, input, out, "--batch-rows", "8", "--actors", "1", "--stall-timeout", "5"))
+    wait_for_commits(out, proc)
+    workers = processes(proc, "ray::ShardWorker")
+    assert workers
+    for pid in workers:
+        os.kill(pid, signal.SIGSTOP)
+    stopped = time.time()
+    try:
+        stdout, stderr = proc.communicate(timeout=5 + 60 + 60)
+    finally:
+        for pid in workers:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    assert proc.returncode == 0, stderr
+    assert time.time() - stopped < 5 + 60 + 30
+    assert "stalled" in stdout + stderr and "no progress for 5 s" in stdout + stderr
+    assert ids_of(out) == ids_of(input) and (out / SUCCESS).exists()
+    assert max(e["attempts"] for e in manifest_of(out)["shards"].values()) == 2
+
+
+@pytest.mark.parametrize("victim", ["raylet", "gcs_server"])
+def test_2_a_dead_node_or_gcs_ends_the_run_with_a_summary(demo, victim):
+    model, input, out = demo
+    add_shards(input, 40)  # long enough to outlast Ray's own detection of a dead node (about 15 s)
+    proc = cli(*classify(model, input, out, "--batch-rows", "8", "--actors", "1"), start_new_session=True)
+    try:
+        wait_for_commits(out, proc)
+        targets = processes(proc, victim)
+        assert targets, f"this run's {victim}"
+        for pid in targets:
+            os.kill(pid, signal.SIGKILL)
+        killed = time.time()
+        stdout, stderr = proc.communicate(timeout=120)
+        assert time.time() - killed < 60
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # whatever of Ray this run left behind
+        except ProcessLookupError:
+            pass
+    assert proc.returncode == 69, (stdout, stderr)
+    line = one_error_line(stderr)
+    assert ("node" if victim == "raylet" else "GCS") in line and "rerun the same command to resume" in line
+    assert "shards:" in stdout  # the summary of what was done
+    assert not (out / SUCCESS).exists()
+    record = json.loads(next((out / "_lease").glob("*.json")).read_text())
+    assert record["released"] is True
+
+
+# -- 3: one owner per output, whatever the command -------------------------------------------------------------
+
+def test_3_train_head_and_classify_share_one_owner_and_never_mix(demo, tmp_path, causal_model):
+    from tests.jobs.test_train_head import labeled
+
+    model, input, out = demo
+    add_shards(input, 10)
+    labeled(tmp_path / "labeled", rows=60)
+    proc = cli(*classify(model, input, out, "--batch-rows", "8"))
+    wait_for_commits(out, proc)
+    head = run("train-head", "--model", causal_model, "--input", tmp_path / "labeled", "--label-column", "topic",
+               "--output", out)
+    assert head.returncode == 75, head.stderr
+    assert f"pid {proc.pid}" in one_error_line(head.stderr)
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr
+    assert ids_of(out) == ids_of(input) and (out / SUCCESS).exists()
+    assert not (out / "config.json").exists()
+
+    # the other way round: a finished train-head output is not a place for a classify job's files
+    trained = run("train-head", "--model", causal_model, "--input", tmp_path / "labeled", "--label-column", "topic",
+                  "--output", tmp_path / "head")
+    assert trained.returncode == 0, trained.stderr
+    before = sorted(p.name for p in (tmp_path / "head").iterdir())
+    into = run(*classify(model, input, tmp_path / "head"))
+    assert into.returncode == 2 and "did not write" in one_error_line(into.stderr)
+    assert sorted(p.name for p in (tmp_path / "head").iterdir()) == before
+
+
+# -- 4: success is verified on disk ----------------------------------------------------------------------------
+
+def test_4_a_committed_file_deleted_mid_run_is_redone(demo):
+    model, input, out = demo
+    add_shards(input, 10)
+    proc = cli(*classify(model, input, out, "--batch-rows", "8", "--actors", "1"))
+    wait_for_commits(out, proc, at_least=2)
+    victim = sorted(out.glob("part-*.parquet"))[0]
+    victim.unlink()
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr
+    assert f"{victim.name} was committed but is no longer in the output: redone" in stdout
+    assert ids_of(out) == ids_of(input) and (out / SUCCESS).exists()
+    status = runner.invoke(app, ["status", str(out)])
+    assert status.exit_code == 0 and "rows: 600 written" in status.output
+
+
+def test_4_the_output_folder_removed_mid_run_is_not_a_success(demo):
+    model, input, out = demo
+    add_shards(input, 10)
+    proc = cli(*classify(model, input, out, "--batch-rows", "8", "--actors", "1", "--lease-ttl", "4"))
+    wait_for_commits(out, proc, at_least=2)
+    shutil.rmtree(out)
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 75, (stdout, stderr)
+    assert "lease" in one_error_line(stderr) or "lease" in stdout
+    assert not (out / SUCCESS).exists()
+
+
+# -- 5: the model is pinned -------------------------------------------------------------------------------------
+
+def test_5_a_model_changed_mid_run_is_refused_by_the_replacement_actor(demo, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    model, input, out = demo
+    mine = tmp_path / "model"
+    shutil.copytree(model, mine)
+    add_shards(input, 10)
+    proc = cli(*classify(mine, input, out, "--batch-rows", "8", "--actors", "1"))
+    wait_for_commits(out, proc)
+    weights = load_file(mine / "model.safetensors")
+    weights["score.weight"] = -weights["score.weight"]  # retrained in place
+    save_file(weights, mine / "model.safetensors", metadata={"format": "pt"})
+    for pid in processes(proc, "ray::ShardWorker"):  # the actor is lost (out of memory, say) and replaced
+        os.kill(pid, signal.SIGKILL)
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 1, (stdout, stderr)
+    assert "the model changed while the job ran" in stdout + stderr
+    assert not (out / SUCCESS).exists()
+    fingerprints = {pq.read_schema(f).metadata[b"persimmon_batch.fingerprint"] for f in out.glob("part-*.parquet")}
+    assert len(fingerprints) == 1
+    # every committed file holds the first model's labels
+    from pipelines import ClassificationPipeline
+
+    rerun = run(*classify(mine, input, out))
+    assert rerun.returncode == 2 and "another model" in rerun.stderr
+
+
+# -- 6: discovery follows no loop -------------------------------------------------------------------------------
+
+def test_6_a_symlink_loop_in_the_input_lists_each_file_once(demo, tiny_classifier):
+    _, input, out = demo
+    (input / "sub").mkdir()
+    shutil.move(input / "part-00003.parquet", input / "sub" / "part-00003.parquet")
+    (input / "sub" / "up").symlink_to("..", target_is_directory=True)
+    (input / "again.parquet").symlink_to(input / "part-00000.parquet")  # the same file under a second name
+    result = run(*classify(tiny_classifier, input, out))
+    assert result.returncode == 0, result.stderr
+    assert sorted(manifest_of(out)["shards"]) == ["part-00000.parquet", "part-00001.parquet", "part-00002.parquet",
+                                                  "sub/part-00003.parquet"]
+    assert sorted(ids_of(out) + ids_of(out / "sub")) == list(range(240))
+
+
+# -- 7: nothing of anyone else's --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("foreign", ["_temporary/attempt_0/part-0.parquet", "_journal/notes.json", "notes.txt"])
+def test_7_a_folder_with_someone_elses_files_is_refused_even_with_overwrite(demo, foreign):
+    model, input, out = demo
+    (out / foreign).parent.mkdir(parents=True, exist_ok=True)
+    (out / foreign).write_text("theirs")
+    for extra in ([], ["--overwrite"]):
+        result = runner.invoke(app, classify(str(model), str(input), str(out), *extra))
+        assert result.exit_code == 2, result.output
+        assert "did not write" in one_error_line(result.output)
+    assert (out / foreign).read_text() == "theirs"
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()) == [foreign]
+
+
+def test_7_system_folders_are_refused_and_tilde_is_expanded(demo, tiny_classifier, tmp_path):
+    _, input, _ = demo
+    job = tmp_path / "job.toml"
+    ours = ("_lease", "_manifest.json", "_SUCCESS", "_journal", "_temporary")
+    before = {p for p in ours if Path("/etc", p).exists()}
+    try:
+        for target in ("/etc", "/usr/share/persimmon-out", "/"):
+            job.write_text(f'name = "n"\ntask = "classify"\nmodel = "{tiny_classifier}"\ninput = "{input}"\n'
+                           f'output = "{target}"\n')
+            result = runner.invoke(app, ["run", str(job)])
+            assert result.exit_code == 2 and "system folder" in one_error_line(result.output), result.output
+        assert {p for p in ours if Path("/etc", p).exists()} == before
+        assert not Path("/usr/share/persimmon-out").exists()
+    finally:  # a regression must not leave files in /etc on the machine
+        for name in set(ours) - before:
+            shutil.rmtree(Path("/etc", name), ignore_errors=True)
+            Path("/etc", name).unlink(missing_ok=True) if Path("/etc", name).is_file() else None
+        shutil.rmtree("/usr/share/persimmon-out", ignore_errors=True)
+    home = tmp_path / "home"
+    home.mkdir()
+    job.write_text(f'name = "n"\ntask = "classify"\nmodel = "{tiny_classifier}"\ninput = "{input}"\n'
+                   f'output = "~/scores"\n')
+    result = run("run", job, cwd=tmp_path, env={"HOME": str(home)})
+    assert result.returncode == 0, result.stderr
+    assert (home / "scores" / SUCCESS).exists() and not (tmp_path / "~").exists()
+
+
+# -- 8: identity by device and inode ---------------------------------------------------------------------------
+
+@needs_mounts
+def test_8_an_output_inside_the_input_through_a_bind_mount_is_refused(demo, tmp_path):
+    model, _, _ = demo
+    lake = tmp_path / "lake"
+    shutil.copytree(demo[1], lake)
+    (lake / "out").mkdir()
+    mounted_in, mounted_out = tmp_path / "in", tmp_path / "out"
+    mounted_in.mkdir()
+    mounted_out.mkdir()
+    script = (f"mount --bind {lake} {mounted_in} && mount --bind {lake / 'out'} {mounted_out} && "
+              f"exec {BIN / 'persimmon-batch'} classify --model {model} --input {mounted_in} --output {mounted_out}")
+    result = subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-c", script], capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert "inside the input" in one_error_line(result.stderr)
+    assert sorted(p.name for p in lake.iterdir()) == ["out", *sorted(p.name for p in demo[1].iterdir())]
+    assert not any((lake / "out").iterdir())
+
+
+# -- 9: lease staleness on the observer's clock ----------------------------------------------------------------
+
+def remote_record(generation: int = 1, beat: int = 3, ttl: float = 3.0, heartbeat_at: str = "2027-11-30T00:00:00Z"):
+    return {"run_id": "elsewhere01", "host": "other-host", "pid": 4242, "process_start": "1", "ttl": ttl,
+            "machine": "other-host|another-boot|pid:[1]", "started_at": "2026-11-30T00:00:00Z",
+            "generation": generation, "beat": beat, "heartbeat_at": heartbeat_at, "released": False}
+
+
+def test_9_a_future_heartbeat_does_not_lock_the_output_forever(demo, tiny_classifier):
+    _, input, out = demo
+    (out / "_lease").mkdir(parents=True)
+    path = out / "_lease" / "000000000001.json"
+    path.write_text(json.dumps(remote_record()))
+    future = time.time() + 365 * 86400
+    os.utime(path, (future, future))
+    result = run(*classify(tiny_classifier, input, out))
+    assert result.returncode == 0, result.stderr
+    assert "took the output over" in result.stdout and "unchanged for 3 s" in result.stdout
+
+
+def test_9_a_live_holder_with_a_clock_behind_is_not_taken_over(demo, tiny_classifier, tmp_path):
+    _, input, out = demo
+    (out / "_lease").mkdir(parents=True)
+    path = out / "_lease" / "000000000001.json"
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import json, os, sys, time\n"
+        f"record = json.loads({json.dumps(json.dumps(remote_record(ttl=2.0, heartbeat_at='2025-01-01T00:00:00Z')))})\n"
+        "path = sys.argv[1]\n"
+        "while True:\n"
+        "    record['beat'] += 1\n"
+        "    open(path + '.tmp', 'w').write(json.dumps(record))\n"
+        "    os.replace(path + '.tmp', path)\n"
+        "    past = time.time() - 365 * 86400\n"
+        "    os.utime(path, (past, past))\n"
+        "    time.sleep(0.4)\n"), str(path)])
+    try:
+        time.sleep(1)
+        result = run(*classify(tiny_classifier, input, out), timeout=120)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert result.returncode == 75, result.stdout + result.stderr
+    assert "host other-host" in one_error_line(result.stderr)
+    assert not any(out.glob("part-*.parquet"))
+
+
+def test_9_a_ttl_written_in_the_record_is_bounded(demo, tiny_classifier):
+    _, input, out = demo
+    (out / "_lease").mkdir(parents=True)
+    (out / "_lease" / "000000000001.json").write_text(json.dumps(remote_record(ttl=1e12)))
+    result = run(*classify(tiny_classifier, input, out, "--lease-ttl", "2"), timeout=120)
+    assert result.returncode == 75, result.stdout + result.stderr
+    line = one_error_line(result.stderr)
+    assert "stale after 3600 s" in line and "unchanged for 2 s so far" in line
+
+
+# -- 10: recipes ------------------------------------------------------------------------------------------------
+
+def test_10_a_job_name_cannot_inject_lines_into_a_recipe(demo, tmp_path):
+    model, input, _ = demo
+    job = tmp_path / "job.toml"
+    job.write_text(f'name = "nightly\\n* * * * * touch /tmp/pwned"\ntask = "classify"\nmodel = "{model}"\n'
+                   f'input = "{input}"\noutput = "{tmp_path / "out"}"\n')
+    for command in (["validate", str(job)], ["schedule", str(job), "--format", "cron"],
+                    ["schedule", str(job), "--format", "systemd"]):
+        result = runner.invoke(app, command)
+        assert result.exit_code == 2, result.output
+        assert "name: " in result.output and "A-Za-z0-9._-" in result.output
+        assert "* * * * *" not in result.output.split("name:", 1)[0]
+
+
+# -- 11: one line, never a traceback ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("field,value,message", [
+    ("eos_token_id", "2", "eos_token_id: expected an integer"),
+    ("partial_rotary_factor", "0.5", "partial_rotary_factor: expected a number"),
+    ("layer_norm_eps", None, "layer_norm_eps: expected a number"),
+    ("id2label", [], "id2label: expected an object"),
+    ("rope_scaling", "linear", "rope_scaling: expected an object"),
+    ("num_hidden_layers", 100000, "num_hidden_layers"),
+])
+def test_11_config_values_of_the_wrong_type_are_one_line(demo, tmp_path, field, value, message):
+    model, input, out = demo
+    bad = tmp_path / "model"
+    shutil.copytree(model, bad)
+    config = json.loads((bad / "config.json").read_text())
+    config[field] = value
+    (bad / "config.json").write_text(json.dumps(config))
+    started = time.time()
+    result = run(*classify(bad, input, out), timeout=60)
+    assert result.returncode == 2, result.stderr
+    assert message in one_error_line(result.stderr)
+    assert time.time() - started < 30 and not out.exists()
+
+
+@needs_mounts
+def test_11_an_output_that_turns_read_only_mid_run_is_one_line_and_leaves_nothing_half_written(demo, tmp_path):
+    model, input, _ = demo
+    add_shards(input, 10)
+    out = tmp_path / "mnt"
+    out.mkdir()
+    script = (f"mount -t tmpfs -o size=64m none {out} && exec {BIN / 'persimmon-batch'} classify --model {model} "
+              f"--input {input} --output {out}/scores --batch-rows 8 --actors 1")
+    proc = subprocess.Popen(["unshare", "-m", "--propagation", "private", "sh", "-c", script],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        def committed() -> bool:
+            found = subprocess.run(["nsenter", "-t", str(proc.pid), "-m", "sh", "-c",
+                                    f"ls {out}/scores | grep -c '^part-' || true"], capture_output=True, text=True)
+            return int(found.stdout.strip() or 0) >= 1
+        wait_for(committed, proc, timeout=240, what="a commit")
+        subprocess.run(["nsenter", "-t", str(proc.pid), "-m", "mount", "-o", "remount,ro", str(out)], check=True)
+        stdout, stderr = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 1, (stdout, stderr)
+    assert "Read-only file system" in one_error_line(stderr)
+
+
+def test_11_nested_and_foreign_outputs_and_manifests_are_one_line(demo, tiny_classifier):
+    _, input, out = demo
+    assert run(*classify(tiny_classifier, input, out)).returncode == 0
+    nested = runner.invoke(app, classify(str(tiny_classifier), str(input), str(out / "scores")))
+    assert nested.exit_code == 2 and "inside the output of another job" in one_error_line(nested.output)
+    (out / "part-00001.parquet").unlink()
+    (out / "part-00001.parquet").mkdir()  # a folder where a committed file was
+    (out / "part-00001.parquet" / "x.parquet").write_text("")
+    again = runner.invoke(app, classify(str(tiny_classifier), str(input), str(out)))
+    assert again.exit_code == 2 and "did not write" in one_error_line(again.output)
+    for text in ("[]", '{"shards": []}', '"x"', '{"shards": {"a": 5}}'):
+        other = out.parent / "foreign"
+        other.mkdir(exist_ok=True)
+        (other / "_manifest.json").write_text(text)
+        for command in (["status", str(other)], classify(str(tiny_classifier), str(input), str(other))):
+            result = runner.invoke(app, command)
+            assert result.exit_code == 2 and "not a persimmon-batch manifest" in one_error_line(result.output)
+
+
+def test_11_unreadable_and_odd_inputs_are_one_line(demo, tmp_path):
+    model, input, out = demo
+    fifo = tmp_path / "pipe.parquet"
+    os.mkfifo(fifo)
+    for path in (fifo, Path("/dev/zero")):
+        result = runner.invoke(app, classify(str(model), str(path), str(out)))
+        assert result.exit_code == 2 and "not a regular file" in one_error_line(result.output)
+    (input / "proc").symlink_to("/proc/self", target_is_directory=True)
+    listed = runner.invoke(app, ["status", str(out)])  # nothing written: no manifest
+    assert listed.exit_code == 2
+    from jobs.output.discovery import discover
+
+    assert len(discover(str(input)).shards) == 4  # the link into /proc is not walked
+    (input / "proc").unlink()
+    locked = input / "locked"
+    locked.mkdir()
+    pq.write_table(pa.table({"id": [7], "text": ["hidden"]}), locked / "x.parquet")
+    locked.chmod(0)
+    try:
+        if os.access(locked, os.R_OK):  # root: drop the capability that reads past permissions
+            command = ["setpriv", "--inh-caps=-dac_override,-dac_read_search",
+                       "--bounding-set=-dac_override,-dac_read_search", str(BIN / "persimmon-batch")]
+        else:
+            command = [str(BIN / "persimmon-batch")]
+        result = subprocess.run([*command, *classify(model, input, out)], capture_output=True, text=True,
+                                timeout=120)
+    finally:
+        locked.chmod(0o755)
+    assert result.returncode == 2, result.stderr
+    assert "cannot read" in one_error_line(result.stderr) and "locked" in result.stderr
+    assert not out.exists()
+
+
+# -- 12: the smaller ones ---------------------------------------------------------------------------------------
+
+def test_12_absurd_options_a_refused_cluster_and_status_exit_codes(demo, causal_model, tmp_path):
+    model, input, out = demo
+    result = runner.invoke(app, ["generate", "--model", str(causal_model), "--input", str(input), "--output",
+                                 str(out), "--max-new-tokens", "1000000000"])
+    assert result.exit_code == 2 and "max_new_tokens" in one_error_line(result.output)
+    assert "window" in result.output
+    refused = run(*classify(model, input, out, "--address", "127.0.0.1:9"), timeout=120)
+    assert refused.returncode == 2 and "cannot join" in one_error_line(refused.stderr)
+    assert not out.exists(), "a run that never started leaves nothing behind"
+
+    # status: 0 complete, 1 failed shards, 3 incomplete
+    (input / "broken.parquet").write_bytes(b"garbage")
+    assert run(*classify(model, input, out)).returncode == 1
+    assert runner.invoke(app, ["status", str(out)]).exit_code == 1
+    (input / "broken.parquet").unlink()
+    assert run(*classify(model, input, out)).returncode == 0
+    assert runner.invoke(app, ["status", str(out)]).exit_code == 0
+    manifest = manifest_of(out)
+    manifest["shards"]["part-00002.parquet"]["state"] = "pending"
+    (out / "_manifest.json").write_text(json.dumps(manifest))
+    assert runner.invoke(app, ["status", str(out)]).exit_code == 3
+
+
+def test_12_an_actor_killed_for_memory_says_so(demo):
+    model, input, out = demo
+    # Ray's own memory monitor, told that any use is too much: it kills the worker as the OOM killer would
+    result = run(*classify(model, input, out, "--max-attempts", "1"),
+                 env={"RAY_memory_usage_threshold": "0.001", "RAY_memory_monitor_refresh_ms": "50"}, timeout=240)
+    assert result.returncode == 1, result.stdout + result.stderr
+    text = result.stdout + result.stderr
+    assert "out of memory" in text and "--batch-tokens" in text and "SYSTEM_ERROR" not in text

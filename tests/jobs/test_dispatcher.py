@@ -1,0 +1,206 @@
+"""The runner's policy without Ray or a filesystem: each rule of the dispatcher fed made-up results on a made-up
+clock (milliseconds per test)."""
+
+from __future__ import annotations
+
+import pytest
+
+from jobs.execution.dispatcher import (STALL_FLOOR, Commit, Dispatcher, Failure, MergeTask, UnitResult)
+from jobs.output.plan import WorkUnit
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def ok(rows: int = 10, temp: str = "t") -> UnitResult:
+    return UnitResult(True, temp, {"rows": rows, "errors": 0, "seconds": 1.0, "node": "n1"})
+
+
+def with_actors(units, n=1, **kwargs):
+    clock = Clock()
+    d = Dispatcher(units, clock=clock, **kwargs)
+    for a in range(n):
+        d.requested(a)
+        d.placed(a)
+        d.loaded(a)
+    return d, clock
+
+
+def test_idle_actors_take_units_in_order_and_a_result_is_a_commit():
+    d, _ = with_actors([WorkUnit("a", rows=10), WorkUnit("b", rows=5)], n=2)
+    assert d.next(0).shard == "a" and d.next(1).shard == "b"
+    [commit] = d.record(0, ok(10, "ta"))
+    assert isinstance(commit, Commit) and (commit.shard, commit.temp, commit.attempts) == ("a", "ta", 1)
+    assert not d.finished
+    d.record(1, ok(5))
+    assert d.finished and d.next(0) is None
+
+
+def test_a_failed_attempt_is_retried_until_max_attempts_then_the_shard_fails():
+    d, _ = with_actors([WorkUnit("a")], max_attempts=3)
+    for attempt in range(2):
+        d.next(0)
+        assert d.record(0, UnitResult(False, error="boom")) == []
+    d.next(0)
+    [failure] = d.record(0, UnitResult(False, error="boom"))
+    assert isinstance(failure, Failure) and failure.attempts == 3 and failure.reason == "boom"
+    assert d.finished
+
+
+def test_a_permanent_failure_is_not_retried():
+    d, _ = with_actors([WorkUnit("a")], max_attempts=3)
+    d.next(0)
+    [failure] = d.record(0, UnitResult(False, error="not Parquet", permanent=True))
+    assert failure.attempts == 1 and d.finished
+
+
+def test_a_fatal_result_stops_the_job_and_nothing_more_is_handed_out_or_committed():
+    d, _ = with_actors([WorkUnit("a"), WorkUnit("b"), WorkUnit("c")], n=2)
+    d.next(0)
+    d.next(1)
+    assert d.record(0, UnitResult(False, error="the model changed", fatal=True)) == []
+    assert d.fatal == "the model changed" and d.next(0) is None
+    assert d.record(1, ok()) == []  # finished after the stop: not committed
+    assert d.finished
+
+
+def test_slices_are_merged_in_order_once_all_parts_are_in():
+    units = [WorkUnit("big", [0], 0, 2, 100, {"size": 1}), WorkUnit("big", [1], 1, 2, 50, {"size": 1})]
+    d, _ = with_actors(units, n=2)
+    first, second = d.next(0), d.next(1)
+    assert d.record(1, ok(50, "p1")) == []  # the second part first: nothing to merge yet
+    assert d.record(0, ok(100, "p0")) == []
+    merge = d.next(0)
+    assert isinstance(merge, MergeTask) and merge.temps == ["p0", "p1"] and merge.stats["rows"] == 150
+    [commit] = d.record(0, UnitResult(True, "merged", {"rows": 150}))
+    assert commit.shard == "big" and commit.temp == "merged" and commit.identity == {"size": 1}
+    assert d.finished
+
+
+def test_a_failed_slice_fails_its_shard_and_its_other_parts_are_dropped():
+    units = [WorkUnit("big", [0], 0, 2, 100), WorkUnit("big", [1], 1, 2, 50), WorkUnit("small")]
+    d, _ = with_actors(units, n=2, max_attempts=1)
+    d.next(0)
+    d.next(1)
+    [failure] = d.record(0, UnitResult(False, error="bad page", permanent=True))
+    assert failure.shard == "big"
+    assert d.record(1, ok()) == []  # the other part of a failed shard: no merge
+    assert d.next(1).shard == "small"
+
+
+def test_an_actor_silent_for_the_stall_timeout_is_stalled_and_its_unit_redone():
+    d, clock = with_actors([WorkUnit("a")], n=1, stall_timeout=10)
+    d.next(0)
+    clock.now += 9
+    assert d.stalled() == []
+    clock.now += 2
+    [stalled] = d.stalled()
+    assert stalled.actor == 0 and "no progress for 10 s" in stalled.reason and "stopped answering" in stalled.reason
+    assert d.lost(0, stalled.reason) == []  # requeued: a fresh actor redoes it
+    d.requested(1)
+    d.placed(1)
+    d.loaded(1)
+    assert d.next(1).shard == "a"
+    [commit] = d.record(1, ok())
+    assert commit.attempts == 2
+
+
+def test_an_actor_that_answers_but_sits_in_one_batch_is_stalled():
+    d, clock = with_actors([WorkUnit("a")], n=1, stall_timeout=10)
+    d.next(0)
+    for _ in range(6):
+        clock.now += 2
+        d.heartbeat(0, rows=3, busy_for=clock.now - 1000.0)  # it answers, its batch never ends
+    [stalled] = d.stalled()
+    assert "inside one model batch" in stalled.reason
+
+
+def test_heartbeats_with_progress_keep_a_long_unit_alive():
+    d, clock = with_actors([WorkUnit("a")], n=1, stall_timeout=10)
+    d.next(0)
+    for i in range(50):
+        clock.now += 2
+        d.heartbeat(0, rows=i, busy_for=0.5)
+    assert d.stalled() == [] and d.rows_in_flight() == 49
+
+
+def test_the_adaptive_timeout_follows_the_slowest_batch():
+    d, clock = with_actors([WorkUnit("a")], n=1)
+    assert d.timeout == STALL_FLOOR
+    d.next(0)
+    d.heartbeat(0, rows=1, busy_for=0.0, slowest=60.0)
+    assert d.timeout == 20 * 60.0
+    clock.now += 1000
+    assert d.stalled() == []  # 1000 s of silence is under 20x a 60 s batch
+    clock.now += 300
+    assert len(d.stalled()) == 1
+
+
+def test_a_stalled_load_is_caught_too():
+    clock = Clock()
+    d = Dispatcher([WorkUnit("a")], stall_timeout=30, clock=clock)
+    d.requested(0)
+    d.placed(0)
+    clock.now += 31
+    [stalled] = d.stalled()
+    assert "loading the model" in stalled.reason
+
+
+def test_actors_not_placed_in_time_are_given_up():
+    clock = Clock()
+    d = Dispatcher([WorkUnit("a")], placement_timeout=300, clock=clock)
+    d.requested(0)
+    clock.now += 299
+    assert d.unplaced() == []
+    clock.now += 2
+    assert d.unplaced() == [0]
+    d.lost(0, "not placed")
+    assert d.live() == 0 and d.wants_actors() == 1
+
+
+def test_a_unit_of_a_lost_actor_counts_an_attempt_and_fails_at_the_limit():
+    d, _ = with_actors([WorkUnit("a")], n=1, max_attempts=2)
+    d.next(0)
+    assert d.lost(0, "actor died: out of memory") == []
+    d.requested(1)
+    d.placed(1)
+    d.loaded(1)
+    d.next(1)
+    [failure] = d.lost(1, "actor died: out of memory")
+    assert failure.attempts == 2 and "out of memory" in failure.reason
+
+
+def test_after_stop_no_unit_is_handed_out_and_the_job_ends_when_the_busy_ones_return():
+    d, _ = with_actors([WorkUnit("a"), WorkUnit("b")], n=1)
+    d.next(0)
+    d.stop("lease lost")
+    assert not d.finished
+    assert d.record(0, ok()) == []
+    assert d.finished and d.wants_actors() == 0
+
+
+def test_units_added_at_the_end_are_done_again():
+    d, _ = with_actors([WorkUnit("a")], n=1)
+    d.next(0)
+    d.record(0, ok())
+    assert d.finished
+    d.add([WorkUnit("a")])
+    assert not d.finished and d.next(0).shard == "a"
+
+
+def test_twenty_thousand_units_through_64_actors_commit_once_each():
+    units = 20_000
+    d, _ = with_actors([WorkUnit(f"s{i}") for i in range(units)], n=64)
+    done = 0
+    while not d.finished:
+        for actor in d.idle():
+            d.next(actor)
+        for actor in range(64):
+            if d.actors[actor].task is not None:
+                done += len(d.record(actor, ok()))
+    assert done == units and not d.queue
