@@ -32,6 +32,7 @@ from .errors import (BatchError, ClusterFailed, Interrupted, JobConflict, JobFai
 from .execution.cluster_auth import refresh_ray_config, token_available, use_token_auth
 from .execution.dispatcher import UNIT_COUNTS, Commit, Dispatcher, Failure
 from .execution.pool import Pool
+from .execution.worker import MODEL_CHANGED
 from .execution.progress import Progress
 from .execution.submit import AlreadySubmitted, follow_job, submission_id, submit_job
 from .output.checksum import model_checksum, pin_model
@@ -408,8 +409,13 @@ class JobRun:
             self.result.seconds = time.perf_counter() - self.processing if self.processing else 0.0
         if self.lease.lost and not self.result.lost:
             self.result.lost = self.lease.lost
-        if self.dispatcher.fatal and failure is None:
-            failure = ModelChanged(self.dispatcher.fatal)
+        fatal = self.dispatcher.fatal
+        if fatal is not None and failure is None:
+            if fatal.fatal == MODEL_CHANGED:
+                failure = ModelChanged(fatal.error)
+            else:
+                failure = JobFailed(f"cannot write to output {self.spec.output}: {fatal.error}; what is committed "
+                                    "is kept: rerun the same command to resume")
         if not self.result.lost:  # the output is another run's now: its manifest is not ours to write
             try:
                 _finish(self.manifest, self.result, self.spec)

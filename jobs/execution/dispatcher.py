@@ -42,7 +42,7 @@ class UnitResult:
     stats: dict[str, Any] = field(default_factory=dict)  # UNIT_COUNTS, seconds, node, host, pid, peak memory
     error: str | None = None
     permanent: bool = False  # retrying cannot help: this shard fails
-    fatal: bool = False  # the job cannot go on (the model changed on disk)
+    fatal: str = ""  # the job cannot go on: "model changed" (on disk), "output unwritable" (full, read-only)
 
 
 @dataclass
@@ -112,7 +112,7 @@ class Dispatcher:
         self.failed_shards: set[str] = set()
         self.slowest_batch = 0.0
         self.stopped: str | None = None
-        self.fatal: str | None = None
+        self.fatal: UnitResult | None = None  # the result that stopped the job
 
     # -- the work -----------------------------------------------------------------------------------------------
     def add(self, units: list[WorkUnit]) -> None:
@@ -234,7 +234,7 @@ class Dispatcher:
         if not outcome.ok:
             self.attempts[key] += 1
             if outcome.fatal:
-                self.fatal = outcome.error
+                self.fatal = outcome
                 self.stop(outcome.error or "fatal")
                 return []
             if task.shard in self.failed_shards:

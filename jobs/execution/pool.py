@@ -235,7 +235,7 @@ class Pool:
                 self.dispatcher.loaded(actor)
                 self.loaded_once.set()
             elif value.fatal:
-                self.dispatcher.fatal = value.error
+                self.dispatcher.fatal = value
                 self.dispatcher.stop(value.error)
             else:
                 self.kill(actor)

@@ -32,6 +32,9 @@ from ..spec import JobSpec
 from .dispatcher import UNIT_COUNTS, UnitResult
 
 CONCURRENCY_GROUPS = {"work": 1, "control": 1}
+MODEL_CHANGED, OUTPUT_UNWRITABLE = "model changed", "output unwritable"  # UnitResult.fatal: the job stops
+# what a write to a full, read-only or over-quota output says (pyarrow's errors carry the text, not errno)
+FULL_OR_READ_ONLY = ("No space left on device", "Read-only file system", "Disk quota exceeded")
 PIPELINES = {"classify": "ClassificationPipeline", "generate": "GenerationPipeline", "embed": "EmbeddingPipeline"}
 
 
@@ -42,8 +45,11 @@ class InputProblem(ValueError):
 
 def failed(exc: BaseException, context: str = "") -> UnitResult:
     # pyarrow's ArrowInvalid (not Parquet, corrupt pages) is a ValueError, like the pipelines' column errors
-    return UnitResult(False, error=f"{context}{type(exc).__name__}: {exc}", permanent=isinstance(exc, ValueError),
-                      fatal=isinstance(exc, ModelChanged))
+    if isinstance(exc, ModelChanged):
+        return UnitResult(False, error=str(exc), fatal=MODEL_CHANGED)
+    if isinstance(exc, OSError) and any(m in str(exc) for m in FULL_OR_READ_ONLY):
+        return UnitResult(False, error=f"{context}{exc}", fatal=OUTPUT_UNWRITABLE)
+    return UnitResult(False, error=f"{context}{type(exc).__name__}: {exc}", permanent=isinstance(exc, ValueError))
 
 
 def build_pipeline(spec: JobSpec, device: str):
@@ -96,7 +102,7 @@ class ShardWorker:
             self.pipeline = build_pipeline(self.spec, self.device)
             check_pin(self.spec.model, self.pin)
         except ModelChanged as exc:
-            return UnitResult(False, error=str(exc), fatal=True)
+            return UnitResult(False, error=str(exc), fatal=MODEL_CHANGED)
         except Exception as exc:
             text = str(exc).strip().splitlines()
             return UnitResult(False, error=f"{type(exc).__name__}: {text[-1] if text else exc}")

@@ -375,28 +375,43 @@ def test_11_config_values_of_the_wrong_type_are_one_line(demo, tmp_path, field, 
 
 
 @needs_mounts
-def test_11_an_output_that_turns_read_only_mid_run_is_one_line_and_leaves_nothing_half_written(demo, tmp_path):
+@pytest.mark.parametrize("how", ["read-only", "full"])
+def test_11_an_output_that_cannot_be_written_mid_run_is_one_line_and_leaves_nothing_half_written(demo, tmp_path,
+                                                                                                  how):
     model, input, _ = demo
     add_shards(input, 10)
     out = tmp_path / "mnt"
     out.mkdir()
-    script = (f"mount -t tmpfs -o size=64m none {out} && exec {BIN / 'persimmon-batch'} classify --model {model} "
-              f"--input {input} --output {out}/scores --batch-rows 8 --actors 1")
+    size = "64m" if how == "read-only" else "100k"  # 100 kB: about six of the ten committed files
+    # what a run leaves is removed, except on a read-only folder, where nothing can be (the next run does it)
+    temporaries = "" if how == "read-only" else " -o -path '*_temporary/*' -type f"
+    script = (f"mount -t tmpfs -o size={size} none {out} || exit 99; {BIN / 'persimmon-batch'} classify --model {model} "
+              f"--input {input} --output {out}/scores --batch-rows 8 --actors 1; rc=$?; echo LEFTOVERS:; "
+              f"find {out}/scores -name '._manifest.json.*' -o -name '*.tmp'{temporaries}; "
+              "exit $rc")
     proc = subprocess.Popen(["unshare", "-m", "--propagation", "private", "sh", "-c", script],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def inside(command: str) -> str:
+        return subprocess.run(["nsenter", "-t", str(proc.pid), "-m", "sh", "-c", command], capture_output=True,
+                              text=True).stdout
+
     try:
-        def committed() -> bool:
-            found = subprocess.run(["nsenter", "-t", str(proc.pid), "-m", "sh", "-c",
-                                    f"ls {out}/scores | grep -c '^part-' || true"], capture_output=True, text=True)
-            return int(found.stdout.strip() or 0) >= 1
-        wait_for(committed, proc, timeout=240, what="a commit")
-        subprocess.run(["nsenter", "-t", str(proc.pid), "-m", "mount", "-o", "remount,ro", str(out)], check=True)
+        if how == "read-only":
+            wait_for(lambda: int(inside(f"ls {out}/scores | grep -c '^part-' || true").strip() or 0) >= 1, proc,
+                     timeout=240, what="a commit")
+            subprocess.run(["nsenter", "-t", str(proc.pid), "-m", "mount", "-o", "remount,ro", str(out)], check=True)
+        else:
+            wait_for(lambda: "scores" in inside(f"ls {out}"), proc, timeout=240, what="the output folder")
         stdout, stderr = proc.communicate(timeout=300)
     finally:
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == 1, (stdout, stderr)
-    assert "Read-only file system" in one_error_line(stderr)
+    reason = "Read-only file system" if how == "read-only" else "No space left on device"
+    assert reason in one_error_line(stderr) and "rerun" in stderr
+    assert "shards:" in stdout  # the summary of what was committed
+    assert stdout.split("LEFTOVERS:")[1].strip() == "", "no half-written manifest, lease record or temporary"
 
 
 def test_11_nested_and_foreign_outputs_and_manifests_are_one_line(demo, tiny_classifier):

@@ -63,8 +63,8 @@ def test_a_fatal_result_stops_the_job_and_nothing_more_is_handed_out_or_committe
     d, _ = with_actors([WorkUnit("a"), WorkUnit("b"), WorkUnit("c")], n=2)
     d.next(0)
     d.next(1)
-    assert d.record(0, UnitResult(False, error="the model changed", fatal=True)) == []
-    assert d.fatal == "the model changed" and d.next(0) is None
+    assert d.record(0, UnitResult(False, error="the model changed", fatal="model changed")) == []
+    assert d.fatal.error == "the model changed" and d.next(0) is None
     assert d.record(1, ok()) == []  # finished after the stop: not committed
     assert d.finished
 

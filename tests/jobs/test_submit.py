@@ -42,5 +42,15 @@ def test_submit_runs_once_per_date(demo_root, tmp_path):
         assert pq.read_table(tmp_path / "out" / f"dt={day}").num_rows == 120
         second = subprocess.run(submit, capture_output=True, text=True, timeout=120, env=client_env)
         assert second.returncode == 1 and "was already submitted" in second.stderr, second.stderr[-2000:]
+        # a client without the cluster's token: one line saying what to do, not Ray's AuthenticationError
+        home = tmp_path / "home"
+        home.mkdir()
+        tokenless = {**{k: v for k, v in client_env.items() if not k.startswith("RAY_AUTH_TOKEN")},
+                     "HOME": str(home), "RAY_AUTH_MODE": "token"}
+        refused = subprocess.run([*submit, "--date", "2026-11-21"], capture_output=True, text=True, timeout=120,
+                                 env=tokenless)
+        errors = [line for line in refused.stderr.splitlines() if line.startswith("error:")]
+        assert refused.returncode == 2 and len(errors) == 1 and "Traceback" not in refused.stderr, refused.stderr
+        assert "RAY_AUTH_TOKEN" in errors[0]
     finally:
         cluster.stop()
