@@ -46,6 +46,28 @@ def commit(fs: pafs.FileSystem, out_base: str, temp: str, final: str) -> int:
     return size
 
 
+RENAME_ATOMIC = ("local", "hdfs")  # filesystems whose rename is atomic
+
+
+def write_whole(fs: pafs.FileSystem, path: str, data: bytes, temp: str) -> None:
+    """Readers see the old file or the new one: `temp` renamed into place where rename is atomic (a write that
+    fails leaves no temporary behind); elsewhere a single object write (atomic on object stores)."""
+    if fs.type_name not in RENAME_ATOMIC:
+        with fs.open_output_stream(path) as f:
+            f.write(data)
+        return
+    try:
+        with fs.open_output_stream(temp) as f:
+            f.write(data)
+        fs.move(temp, path)
+    except BaseException:
+        try:
+            fs.delete_file(temp)
+        except OSError:
+            pass
+        raise
+
+
 def remove_temporaries(fs: pafs.FileSystem, out_base: str, run_id: str | None = None) -> None:
     """Delete one run's temporaries (run_id), or every run's (None: only the lease holder may, when every
     other run is gone); the _temporary/ folder goes once empty."""

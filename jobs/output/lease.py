@@ -45,6 +45,7 @@ from typing import Any
 import pyarrow.fs as pafs
 
 from ..errors import LeaseLost, OutputBusy
+from .commit import write_whole
 
 LEASE_DIR = "_lease"
 LEASE_NAME = re.compile(r"\d{12}\.json(\.[0-9a-f]{8}\.tmp)?")
@@ -400,21 +401,7 @@ class OutputLease:
 
     def _write(self, data: bytes) -> None:
         path = self._path(self.generation)
-        if self.fs.type_name == "local":  # readers never see a half-written file
-            temp = f"{path}.{uuid.uuid4().hex[:8]}.tmp"
-            try:
-                with open(temp, "wb") as f:
-                    f.write(data)
-                os.replace(temp, path)
-            except BaseException:
-                try:
-                    os.unlink(temp)
-                except OSError:
-                    pass
-                raise
-        else:
-            with self.fs.open_output_stream(path) as f:
-                f.write(data)
+        write_whole(self.fs, path, data, f"{path}.{uuid.uuid4().hex[:8]}.tmp")
 
     def start_heartbeat(self) -> None:
         interval = self.holder.ttl / 4

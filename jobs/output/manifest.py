@@ -20,12 +20,12 @@ from typing import Any
 import pyarrow.fs as pafs
 
 from ..errors import ForeignOutput, ShardState
+from .commit import write_whole
 from .discovery import join
 
 MANIFEST = "_manifest.json"
 SUCCESS = "_SUCCESS"
 JOURNAL = "_journal"
-RENAME_ATOMIC = ("local", "hdfs")  # filesystems whose rename is atomic
 JOURNAL_NAME = re.compile(r"[0-9a-f]{20}\.json")
 WRITE_LEFTOVER = re.compile(r"\._manifest\.json\.[0-9a-f]{8}")  # a manifest write cut short
 
@@ -140,26 +140,9 @@ class Manifest:
             pass
 
     def _write(self, path: str, data: bytes) -> None:
-        """Readers see the old file or the new one: a hidden temporary renamed into place where rename is
-        atomic; elsewhere a single object write (atomic on object stores). A write that fails leaves no
-        temporary behind."""
-        parent = path.rsplit("/", 1)[0]
+        parent, name = path.rsplit("/", 1)
         self.fs.create_dir(parent, recursive=True)
-        if self.fs.type_name in RENAME_ATOMIC:
-            temp = join(parent, f".{path.rsplit('/', 1)[1]}.{uuid.uuid4().hex[:8]}")
-            try:
-                with self.fs.open_output_stream(temp) as f:
-                    f.write(data)
-                self.fs.move(temp, path)
-            except BaseException:
-                try:
-                    self.fs.delete_file(temp)
-                except OSError:
-                    pass
-                raise
-        else:
-            with self.fs.open_output_stream(path) as f:
-                f.write(data)
+        write_whole(self.fs, path, data, join(parent, f".{name}.{uuid.uuid4().hex[:8]}"))
 
     def mark_success(self) -> None:
         with self.fs.open_output_stream(join(self.out_base, SUCCESS)) as f:
