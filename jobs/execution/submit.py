@@ -8,7 +8,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from ..errors import BatchError, UsageError
+from ..errors import BatchError
 
 
 def submission_id(name: str, date: str) -> str:

@@ -200,6 +200,10 @@ def test_5_a_model_changed_mid_run_is_refused_by_the_replacement_actor(demo, tmp
     # every committed file holds the first model's labels
     from pipelines import ClassificationPipeline
 
+    first_model = ClassificationPipeline(model, dtype="float32")
+    for committed in sorted(out.glob("part-*.parquet")):
+        expected = first_model(pq.read_table(input / committed.name)).column("label").to_pylist()
+        assert pq.read_table(committed).column("label").to_pylist() == expected, committed.name
     rerun = run(*classify(mine, input, out))
     assert rerun.returncode == 2 and "another model" in rerun.stderr
 

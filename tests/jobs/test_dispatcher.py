@@ -3,7 +3,6 @@ clock (milliseconds per test)."""
 
 from __future__ import annotations
 
-import pytest
 
 from jobs.execution.dispatcher import (STALL_FLOOR, Commit, Dispatcher, Failure, MergeTask, UnitResult)
 from jobs.output.plan import WorkUnit
@@ -72,7 +71,7 @@ def test_a_fatal_result_stops_the_job_and_nothing_more_is_handed_out_or_committe
 def test_slices_are_merged_in_order_once_all_parts_are_in():
     units = [WorkUnit("big", [0], 0, 2, 100, {"size": 1}), WorkUnit("big", [1], 1, 2, 50, {"size": 1})]
     d, _ = with_actors(units, n=2)
-    first, second = d.next(0), d.next(1)
+    assert [d.next(0).part, d.next(1).part] == [0, 1]
     assert d.record(1, ok(50, "p1")) == []  # the second part first: nothing to merge yet
     assert d.record(0, ok(100, "p0")) == []
     merge = d.next(0)

@@ -5,7 +5,6 @@ SIGTERM. Each test performs the user's action through the real CLI on real Ray a
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import socket
