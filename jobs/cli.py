@@ -245,6 +245,9 @@ def _run(spec: JobSpec, exit_at_end: bool = True) -> int:
         typer.echo(warning, err=True)
     if result.lost:
         typer.echo(f"error: {_one_line(result.lost)}: this run stopped; what it committed is kept", err=True)
+    elif result.failed and not result.interrupted:
+        typer.echo(f"error: {result.failed} of {result.shards} shards failed (the `failed:` lines say why); the "
+                   "others are committed: fix those and rerun", err=True)
     if exit_at_end and result.exit_code:
         raise typer.Exit(result.exit_code)
     return result.exit_code
@@ -419,6 +422,7 @@ def status(output: Annotated[str, typer.Argument(help="A job's output directory.
     from .output.discovery import resolve
     from .output.lease import OutputLease
     from .output.manifest import Manifest
+    from .output.plan import missing_outputs
 
     fs, base = resolve(output)
     manifest = Manifest.load(fs, base)
@@ -440,10 +444,13 @@ def status(output: Annotated[str, typer.Argument(help="A job's output directory.
             typer.echo(f"failed: {name}: {entry.get('error')}")
         elif entry.get("state") == ShardState.INPUT_REMOVED.value:
             typer.echo(f"input removed: {name} (its output is kept; rerun with --overwrite to remove it)")
+    missing = missing_outputs(fs, base, manifest)  # one listing: what the manifest says is done is on disk
+    for name, why in sorted(missing.items()):
+        typer.echo(f"missing: {name}: {why} (a rerun redoes it)")
     holder = OutputLease(fs, base, output).holder_now()
     if holder:
         typer.echo(f"running now: {holder}")
-    if counts["done"] == total:
+    if counts["done"] == total and not missing:
         typer.echo("complete")
         return
     typer.echo("incomplete: rerun the job to finish it")

@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import signal
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -182,6 +183,7 @@ def actor_layout(spec: JobSpec) -> tuple[int, dict[str, Any], str, int | None]:
 
 
 _received: list[int] = []  # the stopping signals received (Ray may re-raise ours as a plain KeyboardInterrupt)
+_cleaning = threading.Event()  # set while a run gives its output back: a signal then waits for the end of it
 
 
 def signal_of(exc: BaseException) -> int:
@@ -193,7 +195,8 @@ def _stop_on_sigterm() -> None:
     (re)installed after it; only the main thread can."""
     def handler(signum, frame):
         _received.append(signum)
-        raise Interrupted(signum)
+        if not _cleaning.is_set():
+            raise Interrupted(signum)
 
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, handler)
@@ -244,6 +247,7 @@ def run_job(spec: JobSpec, stream=None, tty: bool | None = None,
     under way."""
     spec.validate()
     _stop_on_sigterm()
+    signals_before = len(_received)  # one that comes while the run gives its output back is raised after it
     started = time.perf_counter()
     from persimmon.config import PersimmonConfig
     from persimmon.files import load_dtype
@@ -262,6 +266,7 @@ def run_job(spec: JobSpec, stream=None, tty: bool | None = None,
         takeover = lease.acquire()
     except OSError as exc:
         raise UsageError(f"cannot write to output {spec.output}: {exc.strerror or exc}") from None
+    lease.start_heartbeat()
     written = False
     try:
         manifest, listing, recognised = _read_manifest(out_fs, out_base, discovery, spec)  # now under the lease
@@ -301,7 +306,7 @@ def run_job(spec: JobSpec, stream=None, tty: bool | None = None,
                 raise write_error(exc, spec.output) from None
             if not plan.units:
                 result.startup_seconds = time.perf_counter() - started
-                _finish(manifest, result, spec)
+                _finish(manifest, result, spec, lease)
                 return result
             return JobRun(spec, fingerprint, pin, manifest, lease, discovery, out_fs, out_base, result, started,
                           stream, tty, on_commit).run(plan.units)
@@ -311,14 +316,21 @@ def run_job(spec: JobSpec, stream=None, tty: bool | None = None,
                 raise Interrupted(exc.code) from None
             raise
         finally:
+            _cleaning.set()
             if embedded and ray.is_initialized() and not _cluster_gone:
                 ray.shutdown()
     finally:
-        # the owner removes every run's temporaries (an actor of a killed run may have written after this run
-        # started); a run that lost the output removes only its own
-        if written:
-            remove_temporaries(out_fs, out_base, lease.holder.run_id if lease.lost else None)
-        lease.release(discard=not written)
+        _cleaning.set()
+        try:
+            # the owner removes every run's temporaries (an actor of a killed run may have written after this
+            # run started); a run that lost the output removes only its own
+            if written:
+                remove_temporaries(out_fs, out_base, lease.holder.run_id if lease.lost else None)
+            lease.release(discard=not written)
+        finally:
+            _cleaning.clear()
+        if len(_received) > signals_before and sys.exc_info()[0] is None:
+            raise Interrupted(_received[-1])  # stopped while it gave the output back: the cleanup came first
 
 
 _cluster_gone: list[str] = []  # set when the cluster died under a run: no more Ray calls in this process
@@ -333,6 +345,7 @@ def _result_of(plan: Plan, discovery: Discovery, takeover: str | None) -> JobRes
                             "or not regular files)")
     result.notes += _listed(discovery.notes, lambda s: s)
     result.notes += _listed(plan.changed, lambda s: f"{s} changed since its output was committed: reprocessed")
+    result.notes += _listed(list(plan.redone.values()), lambda why: f"{why}: redone")
     result.notes += _listed(plan.removed, lambda s: f"{s} is no longer in the input; its output is kept "
                                                     "(--overwrite removes it)")
     result.notes += _listed(list(plan.delete), lambda s: f"removed the output of {s} (its input is gone)")
@@ -342,9 +355,10 @@ def _result_of(plan: Plan, discovery: Discovery, takeover: str | None) -> JobRes
     return result
 
 
-def _finish(manifest: Manifest, result: JobResult, spec: JobSpec) -> None:
+def _finish(manifest: Manifest, result: JobResult, spec: JobSpec, lease: OutputLease) -> None:
     """Write the manifest whole (with the journal folded in) and `_SUCCESS` when every shard is committed
-    (and, for a run that did work, found on disk: JobRun checks that before)."""
+    (and, for a run that did work, found on disk: JobRun checks that before), each while the lease is still
+    this run's (LeaseLost otherwise)."""
     counts = manifest.counts()
     manifest.data["summary"] = {**counts, "rows": result.rows, "errors": result.errors,
                                 "truncated": result.truncated, "nonfinite": result.nonfinite,
@@ -353,8 +367,10 @@ def _finish(manifest: Manifest, result: JobResult, spec: JobSpec) -> None:
                                 "startup_parts": {k: round(v, 3) for k, v in result.startup_parts.items()}}
     manifest.data["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     try:
+        lease.confirm(force=True)
         manifest.save()
         if result.done == result.shards and not result.failed and not result.interrupted and not result.lost:
+            lease.confirm(force=True)
             manifest.mark_success()
     except OSError as exc:
         raise write_error(exc, spec.output) from None
@@ -394,8 +410,13 @@ class JobRun:
         except ClusterFailed as exc:
             _cluster_gone.append(str(exc))
             failure = exc
-        except OSError as exc:
-            failure = write_error(exc, self.spec.output)
+        except OSError as exc:  # a commit or a journal record failed: gone under us, or the disk
+            try:
+                self.lease.confirm(force=True)
+                failure = write_error(exc, self.spec.output)
+            except (LeaseLost, OSError):
+                failure = None  # the output is not ours any more: said as lost below
+                self.result.lost = self.lease.lost or "the output's lease could not be confirmed"
         except BatchError as exc:
             failure = exc
         except ray.exceptions.RayError as exc:
@@ -417,7 +438,9 @@ class JobRun:
                                     "is kept: rerun the same command to resume")
         if not self.result.lost:  # the output is another run's now: its manifest is not ours to write
             try:
-                _finish(self.manifest, self.result, self.spec)
+                _finish(self.manifest, self.result, self.spec, self.lease)
+            except LeaseLost as exc:
+                self.result.lost = str(exc)
             except JobFailed as exc:
                 failure = failure or exc
         if failure is not None:
@@ -444,6 +467,7 @@ class JobRun:
 
     def _verify(self) -> None:
         """Every shard the manifest calls done is on disk as committed: what is gone is redone, once."""
+        self.lease.confirm(force=True)  # a folder moved away is not this run's output any more
         for round in range(2):
             missing = missing_outputs(self.out_fs, self.out_base, self.manifest)
             if not missing:
@@ -470,8 +494,8 @@ class JobRun:
     def _done(self, decision: Commit) -> None:
         self.lease.confirm()  # raises LeaseLost: another run owns the output now, commit nothing more
         final = output_name(decision.shard)
-        size = commit(self.out_fs, self.out_base, decision.temp, final)
-        entry = {"output": final, "attempts": decision.attempts, "size": size, **decision.stats}
+        committed = commit(self.out_fs, self.out_base, decision.temp, final)
+        entry = {"output": final, "attempts": decision.attempts, **committed, **decision.stats}
         entry.pop("input_identity", None)
         if decision.identity is not None:
             entry["input_identity"] = decision.identity

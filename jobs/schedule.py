@@ -6,6 +6,7 @@ Each runs `persimmon-batch run JOB.toml` once a day; the run's date defaults to 
 
 from __future__ import annotations
 
+import json
 import re
 import shlex
 import shutil
@@ -37,20 +38,21 @@ def render(job: Path, name: str, fmt: str, at: str = "02:00", image: str = "pers
     command = _command(job)
     if fmt == "cron":
         log = log or f"/var/log/{_unit_name(name)}.log"
+        line = f"{shlex.join(command)} >> {shlex.quote(log)} 2>&1".replace("%", "\\%")  # cron: % is a newline
         return (f"# {name}: daily at {at} UTC (set CRON_TZ=UTC or adjust to the machine's zone)\n"
-                f"{minute} {hour} * * * {shlex.join(command)} >> {shlex.quote(log)} 2>&1\n")
+                f"{minute} {hour} * * * {line}\n")
     if fmt == "systemd":
         unit = _unit_name(name)
         return (f"# /etc/systemd/system/{unit}.service\n"
                 f"[Unit]\nDescription=persimmon-batch job {name}\n\n"
-                f"[Service]\nType=oneshot\nExecStart={shlex.join(command)}\n\n"
+                f"[Service]\nType=oneshot\nExecStart={shlex.join(command).replace('%', '%%')}\n\n"  # % starts a specifier
                 f"# /etc/systemd/system/{unit}.timer  (then: systemctl enable --now {unit}.timer)\n"
                 f"[Unit]\nDescription=Daily persimmon-batch job {name}\n\n"
                 f"[Timer]\nOnCalendar=*-*-* {hour:02d}:{minute:02d}:00 UTC\nPersistent=true\n\n"
                 f"[Install]\nWantedBy=timers.target\n")
     if fmt == "k8s":
         unit = _unit_name(name).lower()[:52]
-        args = ", ".join(f'"{a}"' for a in ["persimmon-batch", "run", f"/jobs/{job.name}"])
+        args = ", ".join(json.dumps(a) for a in ["persimmon-batch", "run", f"/jobs/{job.name}"])  # YAML flow strings
         return (f"# A daily Kubernetes CronJob; the container joins the Ray cluster named in the job file's\n"
                 f"# runner.address (e.g. a KubeRay RayCluster's head service) and mounts the job file at /jobs.\n"
                 f"apiVersion: batch/v1\nkind: CronJob\nmetadata:\n  name: {unit}\n"

@@ -7,6 +7,7 @@ pipelines take them, and a job's fingerprint hashes the fields that can change i
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -93,6 +94,9 @@ class Options:
         for f in dataclasses.fields(self):
             value, meta = getattr(self, f.name), f.metadata
             if value is None or isinstance(value, (list, bool, str)) and not meta.get("choices"):
+                continue
+            if isinstance(value, float) and not math.isfinite(value):  # a job file's nan or inf
+                found.append(f"{f.name}: must be a finite number, got {value}")
                 continue
             if meta.get("choices") and value not in meta["choices"]:
                 found.append(f"{f.name}: expected one of {list(meta['choices'])}, got {value!r}")

@@ -32,18 +32,22 @@ def temporary_name(key: str, run_id: str) -> str:
     return f"{TEMPORARY}/{run_id}/{flat}.{uuid.uuid4().hex[:12]}.parquet"
 
 
-def commit(fs: pafs.FileSystem, out_base: str, temp: str, final: str) -> int:
+def commit(fs: pafs.FileSystem, out_base: str, temp: str, final: str) -> dict[str, int]:
     """Move a finished temporary file to its final name (a reader never sees a partial file); returns the
-    committed file's size, which the end-of-run check compares with what is on disk."""
+    committed file's size and modification time, which the end-of-run check compares with what is on disk."""
     target = join(out_base, final)
     parent = target.rsplit("/", 1)[0]
-    source = join(out_base, temp)
-    size = fs.get_file_info(source).size
     fs.create_dir(parent, recursive=True)
     if fs.get_file_info(target).type == pafs.FileType.Directory:
         raise IsADirectoryError(f"{target} is a folder, not a committed file")
-    fs.move(source, target)
-    return size
+    fs.move(join(out_base, temp), target)
+    info = fs.get_file_info(target)
+    return on_disk(info)
+
+
+def on_disk(info: pafs.FileInfo) -> dict[str, int]:
+    """What the end-of-run check compares of a committed file: its size and modification time."""
+    return {"size": info.size, "output_mtime_ns": info.mtime_ns}
 
 
 RENAME_ATOMIC = ("local", "hdfs")  # filesystems whose rename is atomic

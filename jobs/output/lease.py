@@ -48,9 +48,10 @@ from ..errors import LeaseLost, OutputBusy
 from .commit import write_whole
 
 LEASE_DIR = "_lease"
-LEASE_NAME = re.compile(r"\d{12}\.json(\.[0-9a-f]{8}\.tmp)?")
+LEASE_NAME = re.compile(r"\d{12,}\.json(\.[0-9a-f]{8}\.tmp)?")
 SETTLE = 2.0  # seconds between writing and reading back a best-effort lease
 MIN_TTL, MAX_TTL = 1.0, 3600.0
+CONFIRM_EVERY = 2.0  # seconds: how stale a confirmation of the lease a commit may rely on
 
 __all__ = ["LEASE_DIR", "Holder", "LeaseLost", "OutputBusy", "OutputLease"]
 
@@ -109,9 +110,10 @@ class Holder:
 
     @classmethod
     def from_record(cls, record: dict[str, Any]) -> "Holder":
+        """The holder a record names; fields of the wrong type (a hand-edited record) are left out."""
+        kinds = {"pid": int, "ttl": (int, float)}
         values = {k: record[k] for k in cls.__dataclass_fields__ if k in record}
-        holder = cls(**{k: v for k, v in values.items() if isinstance(v, (str, int, float))})
-        return holder
+        return cls(**{k: v for k, v in values.items() if isinstance(v, kinds.get(k, str)) and not isinstance(v, bool)})
 
     def describe(self) -> str:
         what = f" ({self.command})" if self.command else ""
@@ -381,16 +383,23 @@ class OutputLease:
                 return
             if self.generation not in generations:
                 self.lost = (f"this run's lease {self._path(self.generation)} is gone (was the output folder "
-                             "removed?)")
+                             "removed or moved?)")
+                return
+            _, record = self._load(self.generation)
+            if record is None or record.get("run_id") != self.holder.run_id:  # a new folder in its place
+                taker = Holder.from_record(record).describe() if record else "an unreadable record"
+                self.lost = (f"this run's lease {self._path(self.generation)} now belongs to another run ({taker}): "
+                             "the output folder was replaced")
                 return
             self.beat += 1
             self._write(self._record())
             self._confirmed = time.monotonic()
 
-    def confirm(self) -> None:
-        """Right before a commit: raise LeaseLost unless the lease is still ours. Cheap: a synchronous check
-        only when the last confirmed heartbeat is older than TTL/4 (the driver may have been paused)."""
-        if not self.lost and time.monotonic() - self._confirmed > self.holder.ttl / 4:
+    def confirm(self, force: bool = False) -> None:
+        """Right before a commit (and before the manifest and `_SUCCESS`, with force): raise LeaseLost unless
+        the lease is still ours. A commit checks synchronously when the last confirmation is older than
+        CONFIRM_EVERY seconds: one listing and one read at most that often, however fast commits come."""
+        if not self.lost and (force or time.monotonic() - self._confirmed > min(CONFIRM_EVERY, self.holder.ttl / 4)):
             try:
                 self.heartbeat()
             except OSError as exc:

@@ -30,6 +30,12 @@ JOURNAL_NAME = re.compile(r"[0-9a-f]{20}\.json")
 WRITE_LEFTOVER = re.compile(r"\._manifest\.json\.[0-9a-f]{8}")  # a manifest write cut short
 
 
+# the types of the fields the runner and `status` read (a hand-edited manifest is checked before it is used)
+ENTRY_FIELDS = {"output": str, "input_identity": dict, "rows": int, "errors": int, "size": int, "attempts": int,
+                "output_mtime_ns": int, "error": str}
+JOB_FIELDS = {"fingerprint": str, "runs": list, "spec": dict, "model": dict, "lease": str}
+
+
 def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
@@ -50,8 +56,15 @@ def check_shape(data: Any, path: str) -> dict[str, Any]:
     for name, entry in shards.items():
         if not isinstance(entry, dict) or entry.get("state", ShardState.PENDING.value) not in states:
             raise _not_ours(path, f"shard entry {name!r} is {entry!r}")
-    if not isinstance(data.get("fingerprint", ""), str):
-        raise _not_ours(path, "its fingerprint is not a string")
+        for key, kind in ENTRY_FIELDS.items():
+            value = entry.get(key)
+            if value is not None and (not isinstance(value, kind) or isinstance(value, bool)):
+                raise _not_ours(path, f"shard entry {name!r} has {key} {value!r}")
+    for key, kind in JOB_FIELDS.items():
+        if data.get(key) is not None and not isinstance(data[key], kind):
+            raise _not_ours(path, f"its {key} is {data[key]!r}")
+    if not all(isinstance(run, str) for run in data.get("runs") or []):
+        raise _not_ours(path, f"its runs are {data['runs']!r}")
     return data
 
 

@@ -22,7 +22,7 @@ from typing import Any
 import pyarrow.fs as pafs
 
 from ..errors import ShardState, UsageError
-from .commit import META_FINGERPRINT, META_IDENTITY, committed_metadata, output_name
+from .commit import META_FINGERPRINT, META_IDENTITY, committed_metadata, on_disk, output_name
 from .discovery import Discovery, ShardInfo, inspect_shard, join
 from .manifest import Manifest
 from .ownership import foreign_entries, refuse_foreign
@@ -66,6 +66,7 @@ class Plan:
     done: list[str] = field(default_factory=list)  # committed before this run
     adopted: list[str] = field(default_factory=list)  # committed by a run that died before recording them
     changed: list[str] = field(default_factory=list)  # committed, but their input changed since: redone
+    redone: dict[str, str] = field(default_factory=dict)  # committed, but the output is gone or replaced: why
     removed: list[str] = field(default_factory=list)  # in the manifest, gone from the input
     delete: dict[str, str] = field(default_factory=dict)  # shard -> its output to delete (overwrite, input gone)
     rejected: dict[str, str] = field(default_factory=dict)  # shard -> why it cannot be processed at all
@@ -120,8 +121,9 @@ def plan_run(spec, discovery: Discovery, manifest: Manifest, listing: list[pafs.
         final = output_name(shard)
         recorded = entry.get("input_identity") or {}
         present = outputs.get(final)
-        if entry.get("state") == ShardState.DONE.value and present is not None and \
-                entry.get("size", present.size) == present.size and \
+        was_done = entry.get("state") == ShardState.DONE.value
+        output_problem = committed_problem(final, entry, present) if was_done else None
+        if was_done and output_problem is None and \
                 (recorded.get("size"), recorded.get("mtime_ns")) == (file.size, file.mtime_ns):
             plan.done.append(shard)
             continue
@@ -136,14 +138,16 @@ def plan_run(spec, discovery: Discovery, manifest: Manifest, listing: list[pafs.
             if meta.get(META_FINGERPRINT, b"").decode() == fingerprint and \
                     json.loads(meta.get(META_IDENTITY, b"null")) == info.identity:
                 manifest.shards[shard] = {**entry, "state": ShardState.DONE.value, "output": final, "adopted": True,
-                                          "input_identity": info.identity, "rows": rows, "size": present.size}
+                                          "input_identity": info.identity, "rows": rows, **on_disk(present)}
                 plan.adopted.append(shard)
                 continue
         note = None
-        if entry.get("state") == ShardState.DONE.value:
+        if output_problem is not None:
+            plan.redone[shard] = output_problem
+            note = output_problem
+        elif was_done:
             plan.changed.append(shard)
-            note = "input changed since its output was committed" if present is not None else \
-                "its committed output is no longer in the output folder"
+            note = "input changed since its output was committed"
         manifest.mark_pending(shard, final, info.identity, note)
         plan.units += plan_units(shard, info, spec.runner.rows_per_unit)
     present_shards = set(discovery.shards)
@@ -171,13 +175,23 @@ def missing_outputs(fs: pafs.FileSystem, out_base: str, manifest: Manifest) -> d
             continue
         name = entry.get("output", output_name(shard))
         found = outputs.get(name)
-        if found is None:
-            missing[shard] = f"{name} was committed but is no longer in the output"
-        elif entry.get("size") is not None and entry["size"] != found.size:
-            missing[shard] = f"{name} was committed with {entry['size']} bytes but now has {found.size}"
-        elif entry.get("size") is None and committed_metadata(fs, out_base, name)[1] != entry.get("rows"):
-            missing[shard] = f"{name} no longer holds the {entry.get('rows')} rows committed"
+        if entry.get("size") is None and found is not None:  # committed before 0.4.0: its footer says
+            if committed_metadata(fs, out_base, name)[1] != entry.get("rows"):
+                missing[shard] = f"{name} no longer holds the {entry.get('rows')} rows committed"
+        elif committed_problem(name, entry, found):
+            missing[shard] = committed_problem(name, entry, found)
     return missing
+
+
+def committed_problem(name: str, entry: dict[str, Any], found: pafs.FileInfo | None) -> str | None:
+    """How a committed file on disk differs from what its commit recorded (None: it does not)."""
+    if found is None:
+        return f"{name} was committed but is no longer in the output"
+    if entry.get("size") is not None and entry["size"] != found.size:
+        return f"{name} was committed with {entry['size']} bytes but now has {found.size}"
+    if entry.get("output_mtime_ns") is not None and entry["output_mtime_ns"] != found.mtime_ns:
+        return f"{name} was replaced after it was committed (its modification time changed)"
+    return None
 
 
 def check_text_column(spec, discovery: Discovery, sample: int = 8) -> None:

@@ -161,18 +161,38 @@ def test_4_a_committed_file_deleted_mid_run_is_redone(demo):
     assert ids_of(out) == ids_of(input) and (out / SUCCESS).exists()
     status = runner.invoke(app, ["status", str(out)])
     assert status.exit_code == 0 and "rows: 600 written" in status.output
+    # after the run: one file replaced by other bytes of the same size, another removed
+    replaced, removed = out / "part-00003.parquet", out / "part-00004.parquet"
+    size = replaced.stat().st_size
+    time.sleep(0.01)
+    replaced.write_bytes(os.urandom(size))
+    removed.unlink()
+    status = runner.invoke(app, ["status", str(out)])
+    assert status.exit_code == 3, status.output
+    assert "missing: part-00003.parquet: part-00003.parquet was replaced after it was committed" in status.output
+    assert "missing: part-00004.parquet: part-00004.parquet was committed but is no longer" in status.output
+    rerun = run(*classify(model, input, out))
+    assert rerun.returncode == 0, rerun.stderr
+    assert "part-00003.parquet was replaced after it was committed (its modification time changed): redone" in \
+        rerun.stdout and "part-00004.parquet was committed but is no longer in the output: redone" in rerun.stdout
+    assert "shards: 10 done (8 already committed)" in rerun.stdout
+    assert ids_of(out) == ids_of(input) and runner.invoke(app, ["status", str(out)]).exit_code == 0
 
 
-def test_4_the_output_folder_removed_mid_run_is_not_a_success(demo):
+@pytest.mark.parametrize("how", ["removed", "moved"])
+def test_4_the_output_folder_removed_or_moved_mid_run_is_not_a_success(demo, how):
     model, input, out = demo
     add_shards(input, 10)
-    proc = cli(*classify(model, input, out, "--batch-rows", "8", "--actors", "1", "--lease-ttl", "4"))
+    proc = cli(*classify(model, input, out, "--batch-rows", "8", "--actors", "1"))  # default lease TTL: 120 s
     wait_for_commits(out, proc, at_least=2)
-    shutil.rmtree(out)
+    if how == "removed":
+        shutil.rmtree(out)
+    else:
+        out.rename(out.parent / "elsewhere")
     stdout, stderr = proc.communicate(timeout=300)
     assert proc.returncode == 75, (stdout, stderr)
-    assert "lease" in one_error_line(stderr) or "lease" in stdout
-    assert not (out / SUCCESS).exists()
+    assert "lease" in one_error_line(stderr)
+    assert not (out / SUCCESS).exists() and not (out.parent / "elsewhere" / SUCCESS).exists()
 
 
 # -- 5: the model is pinned -------------------------------------------------------------------------------------
@@ -332,6 +352,24 @@ def test_9_a_live_holder_with_a_clock_behind_is_not_taken_over(demo, tiny_classi
     assert not any(out.glob("part-*.parquet"))
 
 
+@needs_mounts
+def test_9_a_live_run_seen_from_another_machine_is_not_taken_over(demo):
+    """The holder is a real run; the second run has another host name (a UTS namespace: to the lease, another
+    machine), so only the holder's heartbeat can tell it is alive."""
+    model, input, out = demo
+    add_shards(input, 10)
+    first = cli(*classify(model, input, out, "--batch-rows", "8", "--actors", "1", "--lease-ttl", "3"))
+    wait_for_commits(out, first)
+    elsewhere = subprocess.run(["unshare", "--uts", "sh", "-c", f"hostname other-machine && exec "
+                                f"{BIN / 'persimmon-batch'} {' '.join(map(str, classify(model, input, out)))}"],
+                               capture_output=True, text=True, timeout=120)
+    assert elsewhere.returncode == 75, elsewhere.stdout + elsewhere.stderr
+    assert f"pid {first.pid}" in one_error_line(elsewhere.stderr) and "heartbeat changed" in elsewhere.stderr
+    stdout, stderr = first.communicate(timeout=300)
+    assert first.returncode == 0, stderr
+    assert ids_of(out) == ids_of(input) and (out / SUCCESS).exists()
+
+
 def test_9_a_ttl_written_in_the_record_is_bounded(demo, tiny_classifier):
     _, input, out = demo
     (out / "_lease").mkdir(parents=True)
@@ -355,6 +393,19 @@ def test_10_a_job_name_cannot_inject_lines_into_a_recipe(demo, tmp_path):
         assert result.exit_code == 2, result.output
         assert "name: " in result.output and "A-Za-z0-9._-" in result.output
         assert "* * * * *" not in result.output.split("name:", 1)[0]
+    # characters of the job file's path that mean something to cron, systemd or YAML stay plain text
+    odd = tmp_path / 'jobs 100%h dir' / 'j"x.toml'
+    odd.parent.mkdir()
+    odd.write_text(job.read_text().replace('nightly\\n* * * * * touch /tmp/pwned', "nightly"))
+    cron = runner.invoke(app, ["schedule", str(odd), "--format", "cron"])
+    assert cron.exit_code == 0 and "100\\%h" in cron.output and "100%h" not in cron.output, cron.output
+    systemd = runner.invoke(app, ["schedule", str(odd), "--format", "systemd"])
+    assert systemd.exit_code == 0 and "100%%h" in systemd.output
+    import yaml
+
+    k8s = yaml.safe_load(runner.invoke(app, ["schedule", str(odd), "--format", "k8s"]).output)
+    assert k8s["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]["command"][-1] == '/jobs/j"x.toml'
+
 
 
 # -- 11: one line, never a traceback ----------------------------------------------------------------------------
@@ -431,7 +482,8 @@ def test_11_nested_and_foreign_outputs_and_manifests_are_one_line(demo, tiny_cla
     (out / "part-00001.parquet" / "x.parquet").write_text("")
     again = runner.invoke(app, classify(str(tiny_classifier), str(input), str(out)))
     assert again.exit_code == 2 and "did not write" in one_error_line(again.output)
-    for text in ("[]", '{"shards": []}', '"x"', '{"shards": {"a": 5}}'):
+    for text in ("[]", '{"shards": []}', '"x"', '{"shards": {"a": 5}}', '{"shards": {"a": {"rows": "many"}}}',
+                 '{"runs": 5, "shards": {}}', '{"shards": {"a": {"input_identity": "x"}}}'):
         other = out.parent / "foreign"
         other.mkdir(exist_ok=True)
         (other / "_manifest.json").write_text(text)

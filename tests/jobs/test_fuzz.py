@@ -48,6 +48,8 @@ def place(demo_root, tmp_path_factory):
     pq.write_table(pa.table({"id": [1], "text": ["a"]}), root / "in" / "a.parquet")
     for name, text in {"bad.toml": "name = ", "unknown.toml": 'name = "x"\nflavour = 1\n',
                        "types.toml": 'name = 3\ntask = "classify"\nmodel = 5\ninput = "i"\noutput = "o"\n',
+                       "nan.toml": f'name = "n"\ntask = "classify"\nmodel = "{model}"\ninput = "{root / "in"}"\n'
+                                   f'output = "{root / "out"}"\n[runner]\nstall_timeout = nan\n',
                        "ok.toml": f'name = "ok"\ntask = "classify"\nmodel = "{model}"\ninput = "{root / "in"}"\n'
                                   f'output = "{root / "out"}"\n'}.items():
         (root / name).write_text(text)
@@ -112,6 +114,8 @@ CASES = {  # name: (command line from `place`, exit status)
     "run-to-before-from": (lambda p: ["run", str(p["root"] / "ok.toml"), "--from", "2026-01-05", "--to",
                                       "2026-01-01"], 2),
     "validate-bad-toml": (lambda p: ["validate", str(p["root"] / "bad.toml")], 2),
+    "validate-nan-timeout": (lambda p: ["validate", str(p["root"] / "nan.toml")], 2),
+    "run-nan-timeout": (lambda p: ["run", str(p["root"] / "nan.toml")], 2),
     "schedule-bad-time": (lambda p: ["schedule", str(p["root"] / "ok.toml"), "--at", "25:00"], 2),
     "schedule-bad-format": (lambda p: ["schedule", str(p["root"] / "ok.toml"), "--format", "xml"], 2),
     "submit-nobody-there": (lambda p: ["submit", str(p["root"] / "ok.toml"), "--address", "http://127.0.0.1:9"], 2),

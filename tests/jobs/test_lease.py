@@ -126,3 +126,32 @@ def test_the_heartbeat_keeps_a_live_lease_fresh(tmp_path):
     lease.release()
     assert lease.lost is None
     assert lease_for(tmp_path).acquire() is None
+
+
+def test_a_folder_put_in_place_of_the_output_is_not_mistaken_for_ours(tmp_path):
+    """The output folder removed and made again by another run, whose lease has the same generation number:
+    the first run learns at its next heartbeat that the lease is not its own."""
+    import shutil
+
+    first = lease_for(tmp_path / "out")
+    first.acquire()
+    shutil.rmtree(tmp_path / "out")
+    second = lease_for(tmp_path / "out")
+    second.acquire()
+    assert second.generation == first.generation == 1
+    first.heartbeat()
+    assert first.lost and "now belongs to another run" in first.lost and second.holder.run_id in first.lost
+    with pytest.raises(OutputBusy):
+        first.confirm(force=True)
+    second.heartbeat()
+    assert second.lost is None
+
+
+def test_generations_past_twelve_digits_are_still_ours(tmp_path):
+    from jobs.output.lease import LEASE_NAME
+
+    lease = lease_for(tmp_path)
+    (tmp_path / LEASE_DIR).mkdir()
+    (tmp_path / LEASE_DIR / "999999999999.json").write_text('{"released": true}')
+    assert lease.acquire() is None and lease.generation == 10 ** 12
+    assert [LEASE_NAME.fullmatch(p.name) is not None for p in (tmp_path / LEASE_DIR).iterdir()] == [True]
