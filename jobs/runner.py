@@ -330,7 +330,11 @@ def run_job(spec: JobSpec, stream=None, tty: bool | None = None,
         finally:
             _cleaning.clear()
         if len(_received) > signals_before and sys.exc_info()[0] is None:
-            raise Interrupted(_received[-1])  # stopped while it gave the output back: the cleanup came first
+            stopped = Interrupted(_received[-1])  # stopped while it gave the output back: the cleanup came first
+            if "result" in locals():
+                result.interrupted = stopped.signum
+                stopped.result = result  # the CLI prints what the run did
+            raise stopped
 
 
 _cluster_gone: list[str] = []  # set when the cluster died under a run: no more Ray calls in this process

@@ -95,6 +95,17 @@ def tiny_classifier(demo_root, tmp_path_factory) -> Path:
     return path
 
 
+@pytest.fixture(scope="session")
+def trained_head(causal_model, tmp_path_factory):
+    """One train-head run through the CLI on labeled word rows (a few without a label): (rows, the folder holding
+    `labeled/` and the new checkpoint `head/`, the finished process). Tests only read `head/`."""
+    from tests.jobs.test_train_head import labeled, train
+
+    root = tmp_path_factory.mktemp("trained")
+    rows = labeled(root / "labeled", label=lambda i, name: None if i % 40 == 7 else ("" if i % 40 == 9 else name))
+    return rows, root, train(causal_model, root / "labeled", root / "head")
+
+
 def descendants(pid: int) -> list[int]:
     """Processes below `pid` (children, grandchildren...), read from /proc: only what this test started."""
     children: dict[int, list[int]] = {}

@@ -119,7 +119,7 @@ def test_2_a_dead_node_or_gcs_ends_the_run_with_a_summary(demo, victim):
 
 # -- 3: one owner per output, whatever the command -------------------------------------------------------------
 
-def test_3_train_head_and_classify_share_one_owner_and_never_mix(demo, tmp_path, causal_model):
+def test_3_train_head_and_classify_share_one_owner_and_never_mix(demo, tmp_path, causal_model, trained_head):
     from tests.jobs.test_train_head import labeled
 
     model, input, out = demo
@@ -137,13 +137,11 @@ def test_3_train_head_and_classify_share_one_owner_and_never_mix(demo, tmp_path,
     assert not (out / "config.json").exists()
 
     # the other way round: a finished train-head output is not a place for a classify job's files
-    trained = run("train-head", "--model", causal_model, "--input", tmp_path / "labeled", "--label-column", "topic",
-                  "--output", tmp_path / "head")
-    assert trained.returncode == 0, trained.stderr
-    before = sorted(p.name for p in (tmp_path / "head").iterdir())
-    into = runner.invoke(app, classify(str(model), str(input), str(tmp_path / "head")))
+    head = trained_head[1] / "head"
+    before = sorted(p.name for p in head.iterdir())
+    into = runner.invoke(app, classify(str(model), str(input), str(head)))
     assert into.exit_code == 2 and "did not write" in one_error_line(into.output)
-    assert sorted(p.name for p in (tmp_path / "head").iterdir()) == before
+    assert sorted(p.name for p in head.iterdir()) == before
 
 
 # -- 4: success is verified on disk ----------------------------------------------------------------------------

@@ -48,18 +48,17 @@ def hf_probs(path, tok, texts):
         return torch.stack([torch.softmax(hf(torch.tensor([tok.encode(t)])).logits[0].float(), -1) for t in texts])
 
 
-def test_train_head_on_a_causal_base_then_classify(tmp_path, causal_model):
+def test_train_head_on_a_causal_base_then_classify(tmp_path, causal_model, trained_head):
     from pipelines import ClassificationPipeline
 
-    rows = labeled(tmp_path / "labeled", label=lambda i, name: None if i % 40 == 7 else ("" if i % 40 == 9 else name))
-    proc = train(causal_model, tmp_path / "labeled", tmp_path / "head")
-    metrics = json.loads((tmp_path / "head" / "metrics.json").read_text())
+    rows, root, proc = trained_head
+    metrics = json.loads((root / "head" / "metrics.json").read_text())
     assert metrics["holdout"]["accuracy"] > 0.95, proc.stdout
     assert metrics["majority_baseline"]["accuracy"] < 0.6
     assert metrics["rows"]["skipped_without_label"] == 12 and metrics["labels"] == ["color", "greek"]
     assert metrics["rows"]["train"] + metrics["rows"]["holdout"] == 228
     assert "12 rows without a label are skipped" in proc.stdout and "held-out accuracy" in proc.stdout
-    head = tmp_path / "head"
+    head = root / "head"
     assert (head / "score.safetensors").is_file() and (head / "README.md").is_file()
     assert all((head / f).is_symlink() for f in json.loads((head / "model.safetensors.index.json").read_text())[
         "weight_map"].values() if f != "score.safetensors"), "the base's weights are linked, not copied"
@@ -72,7 +71,7 @@ def test_train_head_on_a_causal_base_then_classify(tmp_path, causal_model):
                                atol=1e-5, rtol=0)
 
     # a second train-head over the same rows reuses the features (the embed job finds them committed)
-    again = train(causal_model, tmp_path / "labeled", tmp_path / "head2", "--seed", "3")
+    again = train(causal_model, root / "labeled", tmp_path / "head2", "--seed", "3")
     assert "(2 already committed)" in again.stdout and "rows: 0 processed" in again.stdout, again.stdout
     assert json.loads((tmp_path / "head2" / "metrics.json").read_text())["seed"] == 3
 
@@ -133,10 +132,15 @@ def test_bad_labels_are_refused_before_any_work(tmp_path, causal_model, case, me
         table = table.append_column("topic", values if isinstance(values, pa.Array) else pa.array(values))
     pq.write_table(table, folder / "part-0.parquet")
     output = causal_model if case == "output is the base" else tmp_path / "head"
-    proc = train(causal_model, folder, output, check=False)
-    assert proc.returncode == 2, proc.stdout + proc.stderr
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and message in lines[0], proc.stderr
+    from typer.testing import CliRunner
+
+    from jobs.cli import app
+
+    result = CliRunner().invoke(app, ["train-head", "--model", str(causal_model), "--input", str(folder),
+                                      "--label-column", "topic", "--output", str(output)])
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.output
     assert not (tmp_path / "head").exists()
 
 
