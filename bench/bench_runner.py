@@ -3,6 +3,8 @@
     .venv/bin/python bench/bench_runner.py overhead [--rows 2000]
     .venv/bin/python bench/bench_runner.py memory [--rows 2000]
     .venv/bin/python bench/bench_runner.py shards [--sizes 100,1000,10000]
+    .venv/bin/python bench/bench_runner.py actors [--rows 2000]
+    .venv/bin/python bench/bench_runner.py unequal [--rows 4000]
 
 overhead: end-to-end rows/s of `persimmon-batch classify` with one actor (embedded Ray; startup, i.e. Ray and
 model loading, excluded and reported apart) against ClassificationPipeline called in this process on the
@@ -13,6 +15,12 @@ keeps both flat.
 shards: the driver's bookkeeping as the shard count grows: jobs of 100 to 10,000 shards of 5 rows each on
 the small demo classifier (so the model costs little), one actor; processing time per shard (commit,
 manifest record, progress, dispatch) and planning time per shard (listing, footers) should stay flat.
+actors: one file of 4 row groups, `--actors 1` then `--actors 2` then `--actors 1` again (the machine's drift
+falls on both sides) on this machine's CPUs: the job's rows/s with 2 actors over that with 1. The planner cuts
+the file into units for both actors; each actor runs half the CPUs' threads.
+unequal: 8 shards of very unequal size (1, 1, 1, 1, 2, 4, 8 and 14 parts in 32 of the rows) with 2 actors:
+processing time (first actor loaded to the end) over the ideal, the actors' busy time (every unit's seconds,
+from the manifest) divided by the 2 actors.
 """
 
 from __future__ import annotations
@@ -123,9 +131,52 @@ def shards(args, work: Path) -> None:
               f"{size / 1024:>7.0f}KiB", flush=True)
 
 
+def one_file(folder: Path, rows: int, groups: int) -> None:
+    texts = list(paragraphs())
+    folder.mkdir(parents=True)
+    pq.write_table(pa.table({"id": list(range(rows)), "text": [texts[i % len(texts)] for i in range(rows)]}),
+                   folder / "events.parquet", row_group_size=-(-rows // groups))
+
+
+def actors(args, work: Path, model: Path) -> None:
+    one_file(work / "input", args.rows, groups=4)
+    runs = []
+    for i, count in enumerate((1, 2, 1)):
+        job = run_job_here(model, work / "input", work / f"out{i}", actors=count, batch_rows=128)
+        layout = json.loads((work / f"out{i}" / "_manifest.json").read_text())["layout"]
+        runs.append(job["rows"] / job["seconds"])
+        print(f"--actors {count}: {runs[-1]:.1f} rows/s ({layout['actors']} actors x {layout['threads_per_actor']} "
+              f"threads, {layout['units']} units; processing {job['seconds']:.1f} s)", flush=True)
+    one = (runs[0] + runs[2]) / 2
+    print(f"{args.rows} rows in one file of 4 row groups; {machine()}")
+    print(f"ratio 2 actors / 1 actor: {runs[1] / one:.2f}")
+
+
+def unequal(args, work: Path, model: Path) -> None:
+    texts = list(paragraphs())
+    folder = work / "input"
+    folder.mkdir(parents=True)
+    weights = [1, 1, 1, 1, 2, 4, 8, 14]
+    start = 0
+    for s, w in enumerate(weights):
+        n = args.rows * w // sum(weights)
+        ids = range(start, start + n)
+        start += n
+        pq.write_table(pa.table({"id": list(ids), "text": [texts[i % len(texts)] for i in ids]}),
+                       folder / f"part-{s:05d}.parquet", row_group_size=1000)
+    job = run_job_here(model, folder, work / "out", actors=2, batch_rows=128)
+    manifest = json.loads((work / "out" / "_manifest.json").read_text())
+    busy = sum(entry["seconds"] for entry in manifest["shards"].values())
+    ideal = busy / manifest["layout"]["actors"]
+    print(f"{args.rows} rows in 8 shards of {', '.join(map(str, weights))} parts; {machine()}")
+    print(f"layout: {manifest['layout']}")
+    print(f"processing {job['seconds']:.1f} s; ideal (actors' busy time {busy:.1f} s / 2) {ideal:.1f} s; "
+          f"ratio {job['seconds'] / ideal:.3f}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("what", choices=["overhead", "memory", "shards"])
+    ap.add_argument("what", choices=["overhead", "memory", "shards", "actors", "unequal"])
     ap.add_argument("--rows", type=int, default=2000)
     ap.add_argument("--sizes", default="100,1000,10000", help="shards: shard counts to run")
     args = ap.parse_args()
@@ -133,7 +184,7 @@ def main() -> None:
     if args.what == "shards":
         return shards(args, work)
     _, model = build("seqcls", workdir=str(work / "model-build"), num_labels=4, pad_token_id=None)
-    (overhead if args.what == "overhead" else memory)(args, work, model)
+    {"overhead": overhead, "memory": memory, "actors": actors, "unequal": unequal}[args.what](args, work, model)
 
 
 if __name__ == "__main__":

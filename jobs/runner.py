@@ -30,19 +30,19 @@ from persimmon import __version__
 from .errors import (BatchError, ClusterFailed, Interrupted, JobConflict, JobFailed, LeaseLost, ModelChanged,
                      OutputBusy, UsageError, write_error)
 from .execution.cluster_auth import refresh_ray_config, token_available, use_token_auth
-from .execution.dispatcher import UNIT_COUNTS, Commit, Dispatcher, Failure
+from .execution.dispatcher import UNIT_COUNTS, Commit, Discard, Dispatcher, Failure
 from .execution.pool import Pool
 from .execution.worker import MODEL_CHANGED
 from .execution.progress import Progress
 from .execution.submit import AlreadySubmitted, follow_job, submission_id, submit_job
 from .output.checksum import model_checksum, pin_model
 from .output.commit import commit, output_name, remove_temporaries
-from .output.discovery import Discovery, absolute, discover, inspect_shard, join, output_overlap, resolve
+from .output.discovery import Discovery, ShardInfo, absolute, discover, inspect_shard, join, output_overlap, resolve
 from .output.lease import OutputLease
 from .output.manifest import Manifest
 from .output.ownership import enclosing_job, system_folder
 from .output.plan import (Plan, WorkUnit, check_ownership, check_text_column, list_output, missing_outputs, plan_run,
-                          plan_units)
+                          plan_units, size_for_pool)
 from .spec import JobSpec
 
 CPU_THREADS_PER_ACTOR = 4  # default CPU actor size when the number of actors is not given
@@ -72,6 +72,8 @@ class JobResult:
     lost: str | None = None  # why this run lost the output to another one
     failures: dict[str, str] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)  # what the run found (changed / removed shards, takeovers)
+    layout: str = ""  # the actors started and what each holds (Layout.describe)
+    backups: dict[str, int] = field(default_factory=dict)  # backup attempts started, and won (finished first)
 
     @property
     def ok(self) -> bool:
@@ -98,6 +100,11 @@ class JobResult:
         ]
         if self.startup_parts:
             lines.append("startup: " + ", ".join(f"{name} {seconds:.1f} s" for name, seconds in self.startup_parts.items()))
+        if self.layout:
+            lines.append(self.layout)
+        if self.backups.get("started"):
+            lines.append(f"backups: {self.backups['started']} started for units far behind their peers, "
+                         f"{self.backups['won']} finished first")
         lines += [f"failed: {shard}: {reason}" for shard, reason in self.failures.items()]
         if self.lost:
             lines.append(f"stopped: {self.lost}; what this run committed is kept")
@@ -166,8 +173,36 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
-def actor_layout(spec: JobSpec) -> tuple[int, dict[str, Any], str, int | None]:
-    """(actors, Ray resource options, device, torch threads) from the cluster's resources and the spec."""
+@dataclass
+class Layout:
+    """How a run's actors sit on the cluster: how many were started, with what each holds."""
+
+    actors: int
+    device: str  # "cuda" or "cpu"
+    resources: dict[str, Any]  # Ray's resource options per actor
+    threads: int | None  # torch threads per CPU actor
+    requested: int  # the actors the cluster or --actors allowed (more than started when there are fewer units)
+    units: int = 0
+    backup_tasks: bool = False
+
+    def describe(self) -> str:
+        if self.device == "cuda":
+            each = f"{self.resources['num_gpus']:g} GPU each"
+        else:
+            each = f"{self.threads} torch thread{'s' * (self.threads != 1)} on {self.resources['num_cpus']:g} CPUs each"
+        fewer = f" (of {self.requested}: one per unit at most)" if self.actors < self.requested else ""
+        return (f"layout: {self.actors} actor{'s' * (self.actors != 1)}{fewer}, {each}; {self.units} work "
+                f"unit{'s' * (self.units != 1)}; backups {'on' if self.backup_tasks else 'off'}")
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"actors": self.actors, "requested": self.requested, "device": self.device,
+                "threads_per_actor": self.threads, "cpus_per_actor": self.resources.get("num_cpus"),
+                "gpus_per_actor": self.resources.get("num_gpus", 0), "units": self.units,
+                "backup_tasks": self.backup_tasks}
+
+
+def pool_size(spec: JobSpec) -> tuple[int, str]:
+    """(actors the job may use, device) from the cluster's resources and the spec."""
     resources = ray.cluster_resources()
     gpus, cpus = resources.get("GPU", 0.0), int(resources.get("CPU", 1))
     r = spec.runner
@@ -176,10 +211,27 @@ def actor_layout(spec: JobSpec) -> tuple[int, dict[str, Any], str, int | None]:
         if actors * r.gpus_per_actor > gpus:  # the rest would wait for GPUs forever
             raise UsageError(f"{actors} actors x {r.gpus_per_actor} GPUs each need {actors * r.gpus_per_actor:g} "
                              f"GPUs; the cluster has {gpus:g}: lower --actors or --gpus-per-actor")
-        return actors, {"num_gpus": r.gpus_per_actor, "num_cpus": 1}, "cuda", None
-    actors = r.actors or max(1, cpus // CPU_THREADS_PER_ACTOR)
+        return actors, "cuda"
+    return r.actors or max(1, cpus // CPU_THREADS_PER_ACTOR), "cpu"
+
+
+def actor_layout(spec: JobSpec, units: int | None = None) -> Layout:
+    """The layout for a job of `units` work units: as many actors as may run, but no more than there are units;
+    CPU actors share the cluster's CPUs between the actors started (threads follow them: one actor on 4 CPUs
+    runs 4 threads, not the 1 it would get as one of 4 requested). Backups default to on for a cluster of
+    several nodes (where one slow or throttled node holds a job), off on one machine."""
+    requested, device = pool_size(spec)
+    actors = max(1, min(requested, units)) if units is not None else requested
+    backups = spec.runner.backup_tasks
+    if backups is None:
+        backups = sum(1 for n in ray.nodes() if n.get("Alive")) > 1
+    if device == "cuda":
+        return Layout(actors, device, {"num_gpus": spec.runner.gpus_per_actor, "num_cpus": 1}, None, requested,
+                      units or 0, backups)
+    cpus = int(ray.cluster_resources().get("CPU", 1))
     # more actors than CPUs share them (fractional CPUs) rather than wait for CPUs that never come
-    return actors, {"num_cpus": min(cpus / actors, max(1, cpus // actors))}, "cpu", max(1, cpus // actors)
+    return Layout(actors, device, {"num_cpus": min(cpus / actors, max(1, cpus // actors))}, max(1, cpus // actors),
+                  requested, units or 0, backups)
 
 
 _received: list[int] = []  # the stopping signals received (Ray may re-raise ours as a plain KeyboardInterrupt)
@@ -309,7 +361,7 @@ def run_job(spec: JobSpec, stream=None, tty: bool | None = None,
                 _finish(manifest, result, spec, lease)
                 return result
             return JobRun(spec, fingerprint, pin, manifest, lease, discovery, out_fs, out_base, result, started,
-                          stream, tty, on_commit).run(plan.units)
+                          stream, tty, on_commit).run(plan.pending)
         except SystemExit as exc:  # Ray's own SIGTERM handler, while ray.init runs, exits with the signal
             if exc.code in (signal.SIGTERM, signal.SIGINT):
                 _received.append(exc.code)
@@ -368,7 +420,8 @@ def _finish(manifest: Manifest, result: JobResult, spec: JobSpec, lease: OutputL
                                 "truncated": result.truncated, "nonfinite": result.nonfinite,
                                 "seconds": round(result.seconds, 3),
                                 "startup_seconds": round(result.startup_seconds, 3),
-                                "startup_parts": {k: round(v, 3) for k, v in result.startup_parts.items()}}
+                                "startup_parts": {k: round(v, 3) for k, v in result.startup_parts.items()},
+                                "backups": result.backups}
     manifest.data["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     try:
         lease.confirm(force=True)
@@ -391,15 +444,21 @@ class JobRun:
         self.result, self.started, self.on_commit = result, started, on_commit
         self.stream, self.tty = stream, tty
 
-    def run(self, units: list[WorkUnit]) -> JobResult:
-        count, resources, device, threads = actor_layout(self.spec)
+    def run(self, shards: list[tuple[str, ShardInfo]]) -> JobResult:
         r = self.spec.runner
-        self.dispatcher = Dispatcher(units, r.max_attempts, r.stall_timeout, r.placement_timeout)
+        requested, _ = pool_size(self.spec)
+        units = size_for_pool(shards, requested, r.rows_per_unit, r.batch_rows)
+        layout = actor_layout(self.spec, len(units))
+        self.result.layout = layout.describe()
+        self.manifest.data["layout"] = layout.as_dict()
+        self.dispatcher = Dispatcher(units, r.max_attempts, r.stall_timeout, r.placement_timeout,
+                                     backup_tasks=layout.backup_tasks)
         self.progress = Progress(sum(u.rows for u in units), self.result.shards - self.result.skipped,
                                  self.stream, self.tty)
+        self.progress.note(self.result.layout)
         worker_args = (self.spec, self.fingerprint, self.lease.holder.run_id, self.pin, self.discovery.fs,
-                       self.discovery.base, self.out_fs, self.out_base, device, threads)
-        self.pool = Pool(self.dispatcher, worker_args, resources, min(count, len(units)), self.progress.note)
+                       self.discovery.base, self.out_fs, self.out_base, layout.device, layout.threads)
+        self.pool = Pool(self.dispatcher, worker_args, layout.resources, layout.actors, self.progress.note)
         self.processing = None
         failure: BaseException | None = None
         try:
@@ -428,6 +487,7 @@ class JobRun:
             failure = JobFailed(f"Ray failed during the job ({type(exc).__name__}: {first}); what is committed is "
                                 "kept: rerun the same command to resume")
         finally:
+            self.result.backups = dict(self.dispatcher.backups)
             self.pool.kill_all()  # stops their units mid-way; the temporaries are removed by run_job
             self.progress.close()
             self.result.seconds = time.perf_counter() - self.processing if self.processing else 0.0
@@ -465,6 +525,8 @@ class JobRun:
             for decision in decisions:
                 if isinstance(decision, Commit):
                     self._done(decision)
+                elif isinstance(decision, Discard):
+                    self._discard(decision.temp)
                 else:
                     self._failed(decision)
             self.progress.update(self.result.rows + self.dispatcher.rows_in_flight())
@@ -487,7 +549,8 @@ class JobRun:
                 self.result.done -= 1
                 for key in UNIT_COUNTS:
                     setattr(self.result, key, getattr(self.result, key) - entry.get(key, 0))
-                info = inspect_shard(self.discovery.fs, self.discovery.base, shard, self.discovery.files.get(shard))
+                info = inspect_shard(self.discovery.fs, self.discovery.base, shard, self.discovery.files.get(shard),
+                                     self.spec.text_column)
                 self.manifest.mark_pending(shard, entry.get("output", output_name(shard)), info.identity,
                                            "its committed output was gone before the run ended")
                 self.dispatcher.add(plan_units(shard, info, self.spec.runner.rows_per_unit))
@@ -510,6 +573,13 @@ class JobRun:
         self.progress.shard_done(decision.shard, entry)
         if self.on_commit is not None:
             self.on_commit(decision.shard)
+
+    def _discard(self, temp: str) -> None:
+        """A backup's twin finished too: its file is nobody's (the end of the run would remove it anyway)."""
+        try:
+            self.out_fs.delete_file(join(self.out_base, temp))
+        except OSError:
+            pass
 
     def _failed(self, decision: Failure) -> None:
         self.manifest.mark_failed(decision.shard, output_name(decision.shard), decision.reason, decision.attempts)

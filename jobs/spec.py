@@ -30,13 +30,17 @@ class RunnerSettings(Options):
     gpus_per_actor: float = option(1.0, "GPUs per actor where the cluster has GPUs.", min=0.0)
     address: str | None = option(None, "Ray cluster: auto, HOST:PORT or ray://...; none = start Ray here.")
     max_attempts: int = option(3, "Tries per work unit whose actor died, before the unit is marked failed.", min=1)
-    rows_per_unit: int = option(200_000, "Shards over this many rows are split into row-group slices.", min=1)
+    rows_per_unit: int = option(200_000, "Most rows in one work unit (larger shards are split, then merged in "
+                                         "order into one output file).", min=1)
     batch_rows: int = option(1024, "Rows per record batch read from Parquet.", min=1)
     lease_ttl: float = option(120.0, "Seconds a lease must be seen unchanged (on the observer's clock) before "
                                      "another run may take the output over from this one.", min=1.0, max=3600.0)
     stall_timeout: float | None = option(None, "Seconds without progress after which an actor counts as stalled "
                                                "and is replaced (default: the longer of 600 s and 20x the slowest "
                                                "model batch so far).", min=1.0)
+    backup_tasks: bool | None = option(None, "Start a second attempt of a unit running far longer than its peers "
+                                             "once the queue is empty (the first to finish is kept; default: on "
+                                             "for a cluster of several nodes).")
     placement_timeout: float = option(300.0, "Seconds an actor may wait to be placed on the cluster (e.g. for a "
                                              "GPU node to join) before the run gives up on it.", min=1.0)
 

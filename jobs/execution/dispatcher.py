@@ -16,13 +16,25 @@ Actors move through: requested -> loading (placed, loading the model) -> idle <-
   redone on a fresh actor. The timeout is given, or adaptive: max(600 s, 20x the slowest batch seen).
 - Placement: an actor requested more than `placement_timeout` ago and not placed is given up; with no actor
   placed or loading and none that can still come, the job cannot go on.
+- Backups (MapReduce's backup tasks, Spark's speculation): with `backup_tasks` on, an idle actor with the queue
+  empty starts a second attempt of the running unit that is furthest behind its peers: running longer than
+  BACKUP_FACTOR times what its size predicts from the median rate (seconds per byte of text) of the units
+  finished so far, and with more left to do, by its own rate so far, than a fresh attempt would need. Each
+  unit gets at most one backup. The first attempt to finish is the one recorded; the other is cancelled
+  (the pool tells its actor) and whatever it still returns is discarded. The job does not wait for it.
 - After stop (the lease lost, a signal, a fatal result) no unit is handed out and no result is committed.
+
+Every call costs the same however many units the job has (the queue is a deque, the median is kept by two
+heaps); the calls that look at actors cost O(actors). bench/sim_dispatcher.py measures both.
 """
 
 from __future__ import annotations
 
 import collections
 import enum
+import heapq
+import itertools
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Hashable
@@ -33,6 +45,8 @@ from ..output.plan import WorkUnit
 UNIT_COUNTS = ("rows", "errors", "truncated", "real_tokens", "padded_tokens", "generated_tokens", "nonfinite")
 STALL_FLOOR = 600.0  # seconds: the adaptive stall timeout never goes below this
 STALL_BATCHES = 20  # ... nor below this many times the slowest model batch seen
+BACKUP_FACTOR = 1.5  # a unit is behind once it has run this many times what the median rate predicts
+BACKUP_MIN_SECONDS = 5.0  # ... and at least this long: shorter units are not worth a second attempt
 
 
 @dataclass
@@ -61,6 +75,54 @@ class MergeTask:
 Task = WorkUnit | MergeTask
 
 
+@dataclass
+class Cancel:
+    """Another attempt of the actor's unit finished first: the pool tells the actor to stop it."""
+
+    actor: Hashable
+    token: int
+    key: str
+
+
+@dataclass
+class Discard:
+    """A finished temporary file nobody will commit (its twin attempt was recorded first): the runner deletes it."""
+
+    temp: str
+
+
+class RunningMedian:
+    """The median of the values added so far, in O(log n) per value (two heaps)."""
+
+    def __init__(self) -> None:
+        self.low: list[float] = []  # a max-heap (negated) of the lower half
+        self.high: list[float] = []  # a min-heap of the upper half
+
+    def add(self, value: float) -> None:
+        if self.low and value > -self.low[0]:
+            heapq.heappush(self.high, value)
+        else:
+            heapq.heappush(self.low, -value)
+        if len(self.low) > len(self.high) + 1:
+            heapq.heappush(self.high, -heapq.heappop(self.low))
+        elif len(self.high) > len(self.low):
+            heapq.heappush(self.low, -heapq.heappop(self.high))
+
+    def __len__(self) -> int:
+        return len(self.low) + len(self.high)
+
+    @property
+    def median(self) -> float:
+        if len(self.low) > len(self.high):
+            return -self.low[0]
+        return (-self.low[0] + self.high[0]) / 2
+
+
+def work_of(task: "Task") -> float:
+    """A unit's size for rates: its text bytes where the planner knew them, else its rows."""
+    return float(getattr(task, "work", 0) or getattr(task, "rows", 0) or 1)
+
+
 class ActorState(enum.Enum):
     REQUESTED = "requested"
     LOADING = "loading"
@@ -76,6 +138,9 @@ class ActorRecord:
     busy_for: float = 0.0  # what it last said: seconds inside its current model batch (or model load)
     task: Task | None = None
     rows: int = 0  # rows of its current unit processed so far
+    token: int = 0  # this assignment's number: a cancel names it, so it never stops a later unit
+    backup: bool = False  # a second attempt of a unit that another actor is still running
+    stale: bool = False  # its unit was planned again (redone): this attempt's end no longer counts
 
 
 @dataclass
@@ -102,9 +167,17 @@ class Stalled:
 
 class Dispatcher:
     def __init__(self, units: list[WorkUnit], max_attempts: int = 3, stall_timeout: float | None = None,
-                 placement_timeout: float = 300.0, clock: Callable[[], float] = time.monotonic) -> None:
+                 placement_timeout: float = 300.0, clock: Callable[[], float] = time.monotonic,
+                 backup_tasks: bool = False) -> None:
         self.max_attempts, self.stall_timeout, self.placement_timeout = max_attempts, stall_timeout, placement_timeout
-        self.clock = clock
+        self.clock, self.backup_tasks = clock, backup_tasks
+        self.running: dict[str, set[Hashable]] = collections.defaultdict(set)  # unit key -> actors running it
+        self.done: set[str] = set()  # keys whose result was recorded: a twin attempt's result is discarded
+        self.backed_up: set[str] = set()  # keys that got their one backup
+        self.rates = RunningMedian()  # seconds per unit of work of the attempts recorded
+        self.tokens = itertools.count(1)
+        self.notes: list[str] = []  # what the user should hear (backups started, won); the pool takes them
+        self.backups = {"started": 0, "won": 0}
         self.queue: collections.deque[Task] = collections.deque(units)
         self.actors: dict[Hashable, ActorRecord] = {}
         self.attempts: collections.Counter[str] = collections.Counter()
@@ -117,11 +190,24 @@ class Dispatcher:
     # -- the work -----------------------------------------------------------------------------------------------
     def add(self, units: list[WorkUnit]) -> None:
         """More units (outputs found missing at the end are redone)."""
+        shards = {u.shard for u in units}
+        self.done = {k for k in self.done if k.split("#", 1)[0] not in shards}
+        self.backed_up = {k for k in self.backed_up if k.split("#", 1)[0] not in shards}
+        for actor, record in self.actors.items():  # an attempt still running from before counts no more
+            if record.state == ActorState.BUSY and record.task.shard in shards:
+                record.stale = True
+                self.running.get(record.task.key, set()).discard(actor)
         self.queue.extend(units)
+
+    def _wanted(self, record: ActorRecord) -> bool:
+        """A busy actor whose result is still wanted (not a twin whose unit was recorded, nor a stale one)."""
+        return record.state == ActorState.BUSY and not record.stale and record.task.key not in self.done
 
     @property
     def finished(self) -> bool:
-        busy = any(a.state == ActorState.BUSY for a in self.actors.values())
+        """Nothing left to hand out and no unit in flight whose result is still wanted (an attempt whose twin
+        was recorded is not waited for)."""
+        busy = any(self._wanted(a) for a in self.actors.values())
         return not busy and (self.stopped is not None or not self._pending())
 
     def _pending(self) -> bool:
@@ -168,12 +254,44 @@ class Dispatcher:
         assert record.state == ActorState.IDLE, record.state
         if self.stopped:
             return None
+        backup = False
         if self.queue:
             task = self.queue.popleft()
-            now = self.clock()
-            self.actors[actor] = ActorRecord(ActorState.BUSY, now, now, task=task)
-            return task
-        return None
+        elif self.backup_tasks and (task := self._straggler()) is not None:
+            backup = True
+        else:
+            return None
+        now = self.clock()
+        self.actors[actor] = ActorRecord(ActorState.BUSY, now, now, task=task, token=next(self.tokens), backup=backup)
+        self.running[task.key].add(actor)
+        return task
+
+    def _straggler(self) -> Task | None:
+        """The running unit a second attempt would finish soonest relative to the first (see the module's
+        docstring), or None."""
+        if not len(self.rates):
+            return None
+        rate, now = self.rates.median, self.clock()
+        best, behind = None, 0.0
+        for record in self.actors.values():
+            task = record.task
+            if not self._wanted(record) or not isinstance(task, WorkUnit) or task.key in self.backed_up:
+                continue
+            expected, elapsed = rate * work_of(task), now - record.since
+            if elapsed < max(BACKUP_FACTOR * expected, BACKUP_MIN_SECONDS):
+                continue
+            total = max(task.rows, 1)
+            remaining = elapsed * (total - record.rows) / record.rows if record.rows else math.inf
+            if remaining > expected and remaining - expected > behind:
+                best, behind = (task, elapsed / expected if expected else math.inf), remaining - expected
+        if best is None:
+            return None
+        task, ratio = best
+        self.backed_up.add(task.key)
+        self.backups["started"] += 1
+        self.notes.append(f"unit {task.key} has run {ratio:.1f}x as long as its peers' median predicts: a backup "
+                          "attempt started on an idle actor (the first to finish is kept)")
+        return task
 
     def heartbeat(self, actor: Hashable, rows: int = 0, busy_for: float = 0.0, slowest: float = 0.0) -> None:
         """The actor answered: rows of its current unit so far, seconds inside its current batch (or load),
@@ -214,20 +332,44 @@ class Dispatcher:
         return sum(a.rows for a in self.actors.values() if a.state == ActorState.BUSY)
 
     # -- results ------------------------------------------------------------------------------------------------
-    def record(self, actor: Hashable, outcome: UnitResult) -> list[Commit | Failure]:
+    def record(self, actor: Hashable, outcome: UnitResult) -> list[Commit | Failure | Cancel | Discard]:
         """The actor's task ended with `outcome`; the actor is idle again. Returns what the runner must do."""
         record = self.actors[actor]
-        task = record.task
         now = self.clock()
         self.actors[actor] = ActorRecord(ActorState.IDLE, now, now)
-        return self._outcome(task, outcome)
+        return self._ended(actor, record, outcome, now)
 
-    def lost(self, actor: Hashable, reason: str) -> list[Commit | Failure]:
+    def lost(self, actor: Hashable, reason: str) -> list[Commit | Failure | Cancel | Discard]:
         """The actor is gone (died, killed for a stall, never placed); its task, if any, failed."""
         record = self.actors.pop(actor, None)
         if record is None or record.task is None:
             return []
-        return self._outcome(record.task, UnitResult(False, error=reason))
+        return self._ended(actor, record, UnitResult(False, error=reason), self.clock())
+
+    def _ended(self, actor: Hashable, record: ActorRecord, outcome: UnitResult,
+               now: float) -> list[Commit | Failure | Cancel | Discard]:
+        """One attempt ended. With a twin attempt of the same unit: the first success is the unit's result
+        (the twin is cancelled, or its late result discarded); a failure while the twin runs waits for it."""
+        task = record.task
+        key = task.key
+        if record.stale or key in self.done:  # planned again since, or the twin's result was recorded first
+            return [Discard(outcome.temp)] if outcome.ok and outcome.temp else []
+        twins = self.running.get(key, set())
+        twins.discard(actor)
+        if not twins:
+            self.running.pop(key, None)
+        if not outcome.ok and twins and not outcome.fatal:
+            self.attempts[key] += 1
+            return []
+        if not outcome.ok:
+            return self._outcome(task, outcome)
+        self.done.add(key)
+        if isinstance(task, WorkUnit) and not self.stopped:
+            self.rates.add((now - record.since) / work_of(task))
+        if record.backup:
+            self.backups["won"] += 1
+        cancels = [Cancel(twin, self.actors[twin].token, key) for twin in twins if twin in self.actors]
+        return self._outcome(task, outcome) + cancels
 
     def _outcome(self, task: Task, outcome: UnitResult) -> list[Commit | Failure]:
         key = task.key
@@ -262,7 +404,7 @@ class Dispatcher:
             del self.parts[task.shard]
             merged = {k: sum(s.stats.get(k, 0) for s in slices) for k in (*UNIT_COUNTS, "seconds")}
             merged.update(node=",".join(sorted({str(s.stats.get("node", "")) for s in slices})), parts=task.parts,
-                          input_identity=task.identity)
+                          input_identity=task.identity, threads=max(s.stats.get("threads") or 0 for s in slices))
             self.queue.appendleft(MergeTask(task.shard, [s.temp for s in slices], merged))
         return []
 

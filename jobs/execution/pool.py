@@ -21,7 +21,7 @@ import ray
 
 from ..errors import ClusterFailed, JobFailed
 from ..output.lease import _machine
-from .dispatcher import ActorState, Commit, Dispatcher, Failure, MergeTask, UnitResult
+from .dispatcher import ActorState, Cancel, Commit, Discard, Dispatcher, Failure, MergeTask, UnitResult
 from .worker import CONCURRENCY_GROUPS, ShardWorker
 
 GCS_GRACE = 10.0  # seconds of refused connections before the GCS counts as dead
@@ -157,11 +157,25 @@ class Pool:
         self.gcs.stop()
 
     # -- one step -----------------------------------------------------------------------------------------------
-    def step(self) -> list[Commit | Failure]:
+    def step(self) -> list[Commit | Failure | Discard]:
+        """Move the run on; returns what the runner executes (a cancel is the pool's to send)."""
+        decisions = []
+        for decision in self._step():
+            if isinstance(decision, Cancel):
+                actor = decision.actor
+                if actor.number in self.actors:  # fire and forget: a late cancel names an attempt that is over
+                    actor.handle.cancel.remote(decision.token)
+            else:
+                decisions.append(decision)
+        while self.dispatcher.notes:
+            self.on_note(self.dispatcher.notes.pop(0))
+        return decisions
+
+    def _step(self) -> list[Commit | Failure | Cancel | Discard]:
         if self.gcs.dead:
             self.abandoned = True
             raise ClusterFailed(f"{self.gcs.dead}; what is committed is kept: rerun the same command to resume")
-        decisions: list[Commit | Failure] = []
+        decisions: list[Commit | Failure | Cancel | Discard] = []
         self._assign()
         self._ping()
         if self.refs:
@@ -199,7 +213,7 @@ class Pool:
             if isinstance(task, MergeTask):
                 ref = actor.handle.merge.remote(task.shard, task.temps)
             else:
-                ref = actor.handle.process.remote(task)
+                ref = actor.handle.process.remote(task, self.dispatcher.actors[actor].token)
             self.refs[ref] = ("work", actor)
 
     def _ping(self) -> None:
@@ -213,7 +227,7 @@ class Pool:
             self.pinged[actor] = now
             self.refs[actor.handle.ping.remote()] = ("ping", actor)
 
-    def _handle(self, ref, kind: str, actor: Actor) -> list[Commit | Failure]:
+    def _handle(self, ref, kind: str, actor: Actor) -> list:
         try:
             value = ray.get(ref, timeout=10)
         except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError,
@@ -249,7 +263,7 @@ class Pool:
             return self.dispatcher.record(actor, value)
         return []
 
-    def _died(self, actor: Actor, exc: BaseException) -> list[Commit | Failure]:
+    def _died(self, actor: Actor, exc: BaseException) -> list:
         reason = describe_death(exc)
         self.deaths += 1
         record = self.dispatcher.actors.get(actor)

@@ -38,6 +38,10 @@ FULL_OR_READ_ONLY = ("No space left on device", "Read-only file system", "Disk q
 PIPELINES = {"classify": "ClassificationPipeline", "generate": "GenerationPipeline", "embed": "EmbeddingPipeline"}
 
 
+class Cancelled(Exception):
+    """The driver stopped this attempt: another attempt of the same unit finished first."""
+
+
 class InputProblem(ValueError):
     """The input itself is wrong for this job (not Parquet, a missing or clashing column, changed while the
     job ran): another attempt would fail the same way."""
@@ -67,6 +71,19 @@ def current_node() -> str:
     return socket.gethostname()
 
 
+def rows_of(batches, skip: int, take: int):
+    """Rows skip .. skip + take of a stream of record batches, as record batches."""
+    for batch in batches:
+        if take <= 0:
+            return
+        if skip >= batch.num_rows:
+            skip -= batch.num_rows
+            continue
+        part = batch.slice(skip, take)
+        skip, take = 0, take - part.num_rows
+        yield part
+
+
 class ShardWorker:
     def __init__(self, spec: JobSpec, fingerprint: str, run_id: str, pin: dict[str, Any], in_fs: pafs.FileSystem,
                  in_base: str, out_fs: pafs.FileSystem, out_base: str, device: str, threads: int | None) -> None:
@@ -79,6 +96,7 @@ class ShardWorker:
         self._rows = 0
         self._progress_at = time.monotonic()
         self._slowest = 0.0
+        self._token, self._cancel = 0, None  # the current attempt's number, and the one the driver cancelled
 
     @ray.method(concurrency_group="control")
     def ready(self) -> dict[str, Any]:
@@ -88,6 +106,11 @@ class ShardWorker:
     @ray.method(concurrency_group="control")
     def ping(self) -> dict[str, float]:
         return {"rows": self._rows, "busy_for": time.monotonic() - self._progress_at, "slowest": self._slowest}
+
+    @ray.method(concurrency_group="control")
+    def cancel(self, token: int) -> None:
+        """Stop attempt `token` at its next record batch (a later attempt is never stopped by it)."""
+        self._cancel = token
 
     @ray.method(concurrency_group="work")
     def load(self) -> UnitResult:
@@ -101,6 +124,10 @@ class ShardWorker:
                 torch.set_num_threads(self.threads)
             self.pipeline = build_pipeline(self.spec, self.device)
             check_pin(self.spec.model, self.pin)
+            if self.device == "cpu":
+                import torch
+
+                self.threads = torch.get_num_threads()  # what the units really ran with: in their stats
         except ModelChanged as exc:
             return UnitResult(False, error=str(exc), fatal=MODEL_CHANGED)
         except Exception as exc:
@@ -116,10 +143,10 @@ class ShardWorker:
         self._rows += rows
 
     @ray.method(concurrency_group="work")
-    def process(self, unit: WorkUnit) -> UnitResult:
-        """Run one unit into a temporary file."""
+    def process(self, unit: WorkUnit, token: int = 0) -> UnitResult:
+        """Run one unit into a temporary file (attempt `token` of the dispatcher)."""
         start = time.perf_counter()
-        self._rows, self._progress_at = 0, time.monotonic()
+        self._rows, self._progress_at, self._token = 0, time.monotonic(), token
         before = self.pipeline.stats.as_dict()
         temp = temporary_name(unit.key, self.run_id)
         try:
@@ -132,7 +159,7 @@ class ShardWorker:
         delta = {k: after[k] - before[k] for k in UNIT_COUNTS if k != "rows"}  # rows: counted by _run
         peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
         return UnitResult(True, temp, {"rows": rows, "seconds": time.perf_counter() - start, "node": self.node,
-                                       "host": socket.gethostname(), "pid": os.getpid(),
+                                       "host": socket.gethostname(), "pid": os.getpid(), "threads": self.threads,
                                        "peak_rss_mb": round(peak_mb, 1), **delta})
 
     def _open(self, unit: WorkUnit):
@@ -160,7 +187,11 @@ class ShardWorker:
             self.pipeline.on_rows = self._on_rows
             try:
                 batches = parquet.iter_batches(batch_size=self.spec.runner.batch_rows, row_groups=unit.row_groups)
+                if unit.row_groups is not None:
+                    batches = rows_of(batches, unit.skip, unit.rows)
                 for out in self.pipeline.stream(batches):  # generation overlaps one batch's tail with the next
+                    if self._cancel == self._token:
+                        raise Cancelled("cancelled: another attempt of this unit finished first")
                     out = out.replace_schema_metadata(metadata)
                     if writer is None:
                         writer = self._writer(temp, out.schema)

@@ -358,11 +358,14 @@ class ShardInfo:
     row_groups: list[int]  # rows per row group
     columns: list[str]
     error: str | None = None  # not readable as Parquet
+    group_bytes: list[int] = field(default_factory=list)  # the text column's uncompressed bytes per row group
 
 
-def inspect_shard(fs: pafs.FileSystem, base: str, shard: str, info: pafs.FileInfo | None = None) -> ShardInfo:
+def inspect_shard(fs: pafs.FileSystem, base: str, shard: str, info: pafs.FileInfo | None = None,
+                  text_column: str | None = None) -> ShardInfo:
     """Read a shard's footer: its identity (size, modification time, rows, a digest of the row-group
-    layout), row-group sizes and column names. A shard that is not Parquet gets `error`."""
+    layout), row-group sizes, the text column's bytes per row group (the planner's measure of work; all
+    columns' where there is no such column) and column names. A shard that is not Parquet gets `error`."""
     path = join(base, shard)
     info = info or fs.get_file_info(path)
     identity: dict[str, Any] = {"size": info.size, "mtime_ns": info.mtime_ns}
@@ -375,4 +378,17 @@ def inspect_shard(fs: pafs.FileSystem, base: str, shard: str, info: pafs.FileInf
     groups = [meta.row_group(g).num_rows for g in range(meta.num_row_groups)]
     layout = json.dumps([[meta.row_group(g).num_rows, meta.row_group(g).total_byte_size] for g in range(len(groups))])
     identity.update(rows=meta.num_rows, footer=hashlib.sha256(layout.encode()).hexdigest()[:16])
-    return ShardInfo(identity, groups, columns)
+    return ShardInfo(identity, groups, columns, group_bytes=_text_bytes(meta, text_column))
+
+
+def _text_bytes(meta: pq.FileMetaData, text_column: str | None) -> list[int]:
+    paths = [meta.schema.column(i).path for i in range(meta.num_columns)]
+    index = paths.index(text_column) if text_column in paths else None
+    sizes = []
+    for g in range(meta.num_row_groups):
+        group = meta.row_group(g)
+        if index is None:
+            sizes.append(group.total_byte_size)
+        else:  # less the 4-byte length of each value, which says nothing of the text's length
+            sizes.append(max(group.column(index).total_uncompressed_size - 4 * group.num_rows, group.num_rows))
+    return sizes

@@ -30,34 +30,102 @@ from .ownership import foreign_entries, refuse_foreign
 
 @dataclass
 class WorkUnit:
-    """One actor call: a shard, or a slice of its row groups (then part `part` of `parts`)."""
+    """One actor call: a shard, or part `part` of `parts` of it: `rows` rows read from its row groups
+    `row_groups`, after skipping the first `skip` rows of the first of them."""
 
     shard: str  # path relative to the input base
-    row_groups: list[int] | None = None
+    row_groups: list[int] | None = None  # None: the whole shard
     part: int = 0
     parts: int = 1
     rows: int = 0
     identity: dict[str, Any] = field(default_factory=dict)  # of the input, when the unit was planned
+    skip: int = 0
+    work: int = 0  # bytes of text (uncompressed, from the footer): what the dispatcher's rates are per
 
     @property
     def key(self) -> str:
         return self.shard if self.parts == 1 else f"{self.shard}#{self.part}"
 
 
-def plan_units(shard: str, info: ShardInfo, rows_per_unit: int) -> list[WorkUnit]:
-    """The whole shard, or for one over rows_per_unit rows with several row groups, slices of consecutive
-    row groups of up to rows_per_unit rows each (a single larger row group is a slice of its own)."""
+UNITS_PER_ACTOR = 3  # what the planner aims at for a pool: enough that the tail is short, few enough that
+# per-unit costs (a Ray call, a temporary file, a commit, the merge that reads a split shard's parts back) stay
+# far below the work
+SNAP = 0.1  # a cut moves to a row-group boundary within this share of a unit's work (whole groups read once)
+
+
+def plan_units(shard: str, info: ShardInfo, rows_per_unit: int, parts: int = 1, min_rows: int = 1) -> list[WorkUnit]:
+    """The shard cut into about `parts` units of equal text (never under `min_rows` rows each), and into as many
+    more as keep each unit at most `rows_per_unit` rows; one unit when that is one. Cuts fall at row-group
+    boundaries where one is close, else inside a row group (the unit skips to its first row)."""
     rows = info.identity.get("rows", 0)
-    if rows <= rows_per_unit or len(info.row_groups) < 2:
-        return [WorkUnit(shard, rows=rows, identity=info.identity)]
-    slices: list[tuple[list[int], int]] = []
-    for g, n in enumerate(info.row_groups):
-        if slices and slices[-1][1] + n <= rows_per_unit:
-            slices[-1][0].append(g)
-            slices[-1] = (slices[-1][0], slices[-1][1] + n)
-        else:
-            slices.append(([g], n))
-    return [WorkUnit(shard, groups, i, len(slices), n, info.identity) for i, (groups, n) in enumerate(slices)]
+    groups = info.row_groups
+    text = info.group_bytes if len(info.group_bytes) == len(groups) else list(groups)
+    capped, balanced = -(-rows // rows_per_unit), min(parts, rows // max(1, min_rows))
+    want = max(capped, balanced)
+    if want <= 1 or not groups:
+        return [WorkUnit(shard, rows=rows, identity=info.identity, work=sum(text))]
+    sizes = text if balanced >= capped else list(groups)  # the row cap is what splits it: equal rows
+    total = sum(sizes)
+    starts, at = [], 0  # the first row of each row group, and the work before it
+    before, seen = [], 0
+    for n, b in zip(groups, sizes):
+        starts.append(at)
+        before.append(seen)
+        at += n
+        seen += b
+
+    def row_at(work: float) -> int:  # the row where the cumulative work reaches `work`
+        g = max(i for i in range(len(groups)) if before[i] <= work)
+        share = (work - before[g]) / sizes[g] if sizes[g] else 0.0
+        return starts[g] + min(groups[g], round(share * groups[g]))
+
+    cuts = [0]
+    for k in range(1, want):
+        goal = total * k / want
+        near = min(range(len(groups)), key=lambda i: abs(before[i] - goal))
+        row = row_at(goal)
+        if abs(before[near] - goal) <= SNAP * total / want and cuts[-1] < starts[near] < rows:
+            row = starts[near]
+        if cuts[-1] < row < rows:
+            cuts.append(row)
+    cuts.append(rows)
+    ranges = []
+    for a, b in zip(cuts, cuts[1:]):  # a part over the row cap (very uneven rows) is cut again, by rows
+        pieces = -(-(b - a) // rows_per_unit)
+        ranges += [(a + (b - a) * i // pieces, a + (b - a) * (i + 1) // pieces) for i in range(pieces)]
+    if len(ranges) == 1:
+        return [WorkUnit(shard, rows=rows, identity=info.identity, work=sum(text))]
+
+    text_before = [sum(text[:g]) for g in range(len(groups))]
+
+    def work_before(row: int) -> float:  # the text before `row`
+        g = max(i for i in range(len(groups)) if starts[i] <= row)
+        return text_before[g] + (text[g] * (row - starts[g]) / groups[g] if groups[g] else 0)
+
+    units = []
+    for i, (a, b) in enumerate(ranges):
+        first = max(g for g in range(len(groups)) if starts[g] <= a)
+        last = max(g for g in range(len(groups)) if starts[g] < b)
+        units.append(WorkUnit(shard, list(range(first, last + 1)), i, len(ranges), b - a, info.identity,
+                              skip=a - starts[first], work=round(work_before(b) - work_before(a))))
+    return units
+
+
+def size_for_pool(shards: list[tuple[str, ShardInfo]], actors: int, rows_per_unit: int,
+                  min_rows: int) -> list[WorkUnit]:
+    """The units of a run on `actors` actors, longest first (so the last to start are the short ones and the
+    tail is short). With one actor each shard is one unit (split only over rows_per_unit rows). With more,
+    the job is cut into about UNITS_PER_ACTOR units per actor of equal text: a shard with more than its share
+    is split into as many units as its text is shares, a small one stays whole (a job of many similar shards
+    is not split at all); no unit is under min_rows rows (the pipelines sort each record batch by length to
+    pad little, so a unit under one record batch pads more and runs its batches part-full)."""
+    works = {shard: sum(info.group_bytes) or info.identity.get("rows", 0) for shard, info in shards}
+    total = sum(works.values())
+    share = total / (UNITS_PER_ACTOR * actors) if actors > 1 and total else 0.0
+    units = [u for shard, info in shards for u in
+             plan_units(shard, info, rows_per_unit, max(1, round(works[shard] / share)) if share else 1, min_rows)]
+    units.sort(key=lambda u: -u.work)
+    return units
 
 
 @dataclass
@@ -70,6 +138,7 @@ class Plan:
     removed: list[str] = field(default_factory=list)  # in the manifest, gone from the input
     delete: dict[str, str] = field(default_factory=dict)  # shard -> its output to delete (overwrite, input gone)
     rejected: dict[str, str] = field(default_factory=dict)  # shard -> why it cannot be processed at all
+    pending: list[tuple[str, ShardInfo]] = field(default_factory=list)  # the shards to process, with their footers
 
 
 def list_output(fs: pafs.FileSystem, out_base: str) -> list[pafs.FileInfo]:
@@ -127,7 +196,7 @@ def plan_run(spec, discovery: Discovery, manifest: Manifest, listing: list[pafs.
                 (recorded.get("size"), recorded.get("mtime_ns")) == (file.size, file.mtime_ns):
             plan.done.append(shard)
             continue
-        info = inspect_shard(discovery.fs, discovery.base, shard, file)
+        info = inspect_shard(discovery.fs, discovery.base, shard, file, spec.text_column)
         problem = info.error or _column_problem(spec.text_column, shard, info, added)
         if problem:
             plan.rejected[shard] = problem
@@ -150,6 +219,7 @@ def plan_run(spec, discovery: Discovery, manifest: Manifest, listing: list[pafs.
             note = "input changed since its output was committed"
         manifest.mark_pending(shard, final, info.identity, note)
         plan.units += plan_units(shard, info, spec.runner.rows_per_unit)
+        plan.pending.append((shard, info))
     present_shards = set(discovery.shards)
     for shard, entry in list(manifest.shards.items()):
         output = entry.get("output", output_name(shard))
@@ -214,4 +284,4 @@ def check_text_column(spec, discovery: Discovery, sample: int = 8) -> None:
 
 
 __all__ = ["Plan", "WorkUnit", "check_ownership", "check_text_column", "join", "list_output", "missing_outputs",
-           "plan_run", "plan_units"]
+           "plan_run", "plan_units", "size_for_pool"]

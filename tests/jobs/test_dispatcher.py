@@ -203,3 +203,97 @@ def test_twenty_thousand_units_through_64_actors_commit_once_each():
             if d.actors[actor].task is not None:
                 done += len(d.record(actor, ok()))
     assert done == units and not d.queue
+
+
+# -- backups of stragglers --------------------------------------------------------------------------------------
+
+def straggling(n_units=4, **kwargs):
+    """Two actors, units of equal work; actor 1 is slow on the last unit: actor 0 finished the rest in 10 s each."""
+    units = [WorkUnit(f"s{i}", rows=100, work=1000) for i in range(n_units)]
+    d, clock = with_actors(units, n=2, backup_tasks=True, **kwargs)
+    d.next(1)  # s0 on the slow actor
+    for _ in range(n_units - 1):
+        d.next(0)
+        clock.now += 10
+        d.record(0, ok(100))
+    return d, clock
+
+
+def test_a_straggler_is_backed_up_once_the_queue_is_empty_and_the_first_to_finish_is_kept():
+    d, clock = straggling()
+    assert not d.queue and d.rates.median == 10 / 1000
+    d.heartbeat(1, rows=20)  # 30 s in, a fifth done: 120 s left by its own rate, 10 s for a fresh attempt
+    backup = d.next(0)
+    assert backup is not None and backup.key == "s0" and d.actors[0].backup
+    assert d.backups["started"] == 1 and "backup attempt" in d.notes[-1]
+    clock.now += 10
+    commit, cancel = d.record(0, ok(100, "backup-file"))
+    assert isinstance(commit, Commit) and commit.shard == "s0" and commit.temp == "backup-file"
+    assert cancel.actor == 1 and cancel.token == d.actors[1].token and cancel.key == "s0"
+    assert d.finished  # the cancelled twin is not waited for
+    # whatever the twin still returns is nobody's: its file is discarded, nothing is committed twice
+    [discard] = d.record(1, ok(100, "slow-file"))
+    assert discard.temp == "slow-file" and d.backups["won"] == 1
+    assert d.next(1) is None  # nothing left: the pool ends the run
+
+
+def test_no_backup_for_a_unit_on_time_or_nearly_done_or_off():
+    d, clock = straggling()
+    clock.now -= 20  # s0 has run 10 s: its peers' pace
+    assert d.next(0) is None
+    clock.now += 20
+    d.heartbeat(1, rows=95)  # 30 s in, 95% done: 1.6 s left, less than a fresh 10 s attempt
+    assert d.next(0) is None
+    units = [WorkUnit(f"s{i}", rows=100, work=1000) for i in range(2)]
+    d2, clock2 = with_actors(units, n=2)  # backups off (the default on one machine)
+    d2.next(1)
+    d2.next(0)
+    clock2.now += 10
+    d2.record(0, ok(100))
+    clock2.now += 1000
+    assert d2.next(0) is None
+
+
+def test_a_unit_gets_one_backup_and_the_original_can_still_win():
+    d, clock = straggling()
+    token = d.actors[1].token
+    assert d.next(0).key == "s0"
+    d.record(0, UnitResult(False, error="backup failed"))  # the backup fails: the original goes on
+    assert d.next(0) is None  # no second backup
+    clock.now += 5
+    [commit] = d.record(1, ok(100, "slow-file"))
+    assert commit.temp == "slow-file" and token and d.finished
+
+
+def test_both_attempts_failing_is_one_retry_of_the_unit():
+    d, clock = straggling(max_attempts=3)
+    d.next(0)
+    assert d.record(0, UnitResult(False, error="boom")) == [] and not d.queue
+    assert d.lost(1, "actor died") == [] and [u.key for u in d.queue] == ["s0"]
+    assert d.attempts["s0"] == 2
+
+
+def test_a_redone_unit_can_be_recorded_again():
+    d, clock = straggling()
+    d.next(0)
+    d.record(0, ok(100))
+    d.add([WorkUnit("s0", rows=100, work=1000)])  # its output was gone at the end: redone
+    assert not d.finished
+    [discard] = d.record(1, ok(100, "old-twin"))  # the old twin's late result is nobody's
+    assert discard.temp == "old-twin" and [u.key for u in d.queue] == ["s0"]
+    d.next(0)
+    [commit] = d.record(0, ok(100, "again"))
+    assert commit.temp == "again" and d.finished
+
+
+def test_the_running_median_is_the_median():
+    import random
+    import statistics
+
+    from jobs.execution.dispatcher import RunningMedian
+
+    rng, m, values = random.Random(3), RunningMedian(), []
+    for _ in range(501):
+        values.append(rng.lognormvariate(0, 1))
+        m.add(values[-1])
+        assert m.median == statistics.median(values)
