@@ -41,7 +41,7 @@ from .output.discovery import Discovery, ShardInfo, absolute, discover, inspect_
 from .output.lease import OutputLease
 from .output.manifest import Manifest
 from .output.ownership import enclosing_job, system_folder
-from .output.plan import (Plan, WorkUnit, check_ownership, check_text_column, list_output, missing_outputs, plan_run,
+from .output.plan import (Plan, check_ownership, check_text_column, list_output, missing_outputs, plan_run,
                           plan_units, size_for_pool)
 from .spec import JobSpec
 
@@ -126,8 +126,13 @@ def _listed(names: list[str], line: Callable[[str], str]) -> list[str]:
 
 
 def connect(address: str | None) -> None:
-    """Start Ray here (address None) or join a cluster."""
+    """Start Ray here (address None) or join a cluster. A process already connected to Ray (a notebook, a
+    Ray job's driver) runs on that Ray; an --address naming another cluster is refused, never ignored."""
     if ray.is_initialized():
+        current = ray.get_runtime_context().gcs_address
+        if address not in (None, "auto") and _host_port(address) != _host_port(current):
+            raise UsageError(f"cannot join the Ray cluster at {address}: this process is already connected to "
+                             f"the Ray cluster at {current} (call ray.shutdown() first, or leave out --address)")
         return
     use_token_auth(address)
     refresh_ray_config()
@@ -143,6 +148,19 @@ def connect(address: str | None) -> None:
             "node's token, or copy its ~/.ray/auth_token here)")
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UsageError(f"cannot join the Ray cluster at {address}: {first}{hint}") from None
+
+
+def _host_port(address: str | None) -> tuple[str, str] | None:
+    """(host as an IP address, port) of a HOST:PORT address; None for what is not one (ray://...)."""
+    import socket
+
+    if not address or "://" in address or ":" not in address:
+        return None
+    host, port = address.rsplit(":", 1)
+    try:
+        return socket.gethostbyname(host), port
+    except OSError:
+        return host, port
 
 
 def _reachable(address: str, timeout: float = 5.0) -> None:

@@ -152,6 +152,24 @@ def run(*args, timeout: int = 300, **kwargs) -> subprocess.CompletedProcess:
     return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
 
 
+def run_here(*args, cwd: Path | str | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
+    """The same CLI (jobs.cli.app), called in this process: on the test module's Ray (the ray_local fixture)
+    when it is up, so a run costs no Ray start. For runs where the process boundary plays no part (nobody
+    signals or kills the driver)."""
+    from typer.testing import CliRunner
+
+    from jobs.cli import app
+
+    before = os.getcwd()
+    try:
+        if cwd is not None:
+            os.chdir(cwd)
+        result = CliRunner().invoke(app, [str(a) for a in args], env=env)
+    finally:
+        os.chdir(before)
+    return subprocess.CompletedProcess(args, result.exit_code, result.stdout, result.stderr)
+
+
 def classify(model, input, out, *extra) -> list[str]:
     return ["classify", "--model", model, "--input", input, "--output", out, *extra]
 

@@ -22,7 +22,7 @@ from typer.testing import CliRunner
 
 from jobs.cli import app
 from tests.jobs.conftest import (BIN, add_shards, classify, cli, descendants, ids_of, manifest_of, process_title,
-                                 run, wait_for_commits)
+                                 run, run_here, wait_for_commits)
 
 runner = CliRunner()
 SUCCESS = "_SUCCESS"
@@ -146,7 +146,7 @@ def test_3_train_head_and_classify_share_one_owner_and_never_mix(demo, tmp_path,
 
 # -- 4: success is verified on disk ----------------------------------------------------------------------------
 
-def test_4_a_committed_file_deleted_mid_run_is_redone(demo):
+def test_4_a_committed_file_deleted_mid_run_is_redone(ray_local, demo):
     model, input, out = demo
     add_shards(input, 10)
     proc = cli(*classify(model, input, out, "--batch-rows", "8", "--actors", "1"))
@@ -169,7 +169,7 @@ def test_4_a_committed_file_deleted_mid_run_is_redone(demo):
     assert status.exit_code == 3, status.output
     assert "missing: part-00003.parquet: part-00003.parquet was replaced after it was committed" in status.output
     assert "missing: part-00004.parquet: part-00004.parquet was committed but is no longer" in status.output
-    rerun = run(*classify(model, input, out))
+    rerun = run_here(*classify(model, input, out))
     assert rerun.returncode == 0, rerun.stderr
     assert "part-00003.parquet was replaced after it was committed (its modification time changed): redone" in \
         rerun.stdout and "part-00004.parquet was committed but is no longer in the output: redone" in rerun.stdout
@@ -197,7 +197,7 @@ def test_4_the_output_folder_removed_or_moved_mid_run_is_not_a_success(demo, how
 
 # -- 5: the model is pinned -------------------------------------------------------------------------------------
 
-def test_5_a_model_changed_mid_run_is_refused_by_the_replacement_actor(demo, tmp_path):
+def test_5_a_model_changed_mid_run_is_refused_by_the_replacement_actor(ray_local, demo, tmp_path):
     from safetensors.torch import load_file, save_file
 
     model, input, out = demo
@@ -224,19 +224,19 @@ def test_5_a_model_changed_mid_run_is_refused_by_the_replacement_actor(demo, tmp
     for committed in sorted(out.glob("part-*.parquet")):
         expected = first_model(pq.read_table(input / committed.name)).column("label").to_pylist()
         assert pq.read_table(committed).column("label").to_pylist() == expected, committed.name
-    rerun = run(*classify(mine, input, out))
+    rerun = run_here(*classify(mine, input, out))
     assert rerun.returncode == 2 and "another model" in rerun.stderr
 
 
 # -- 6: discovery follows no loop -------------------------------------------------------------------------------
 
-def test_6_a_symlink_loop_in_the_input_lists_each_file_once(demo, tiny_classifier):
+def test_6_a_symlink_loop_in_the_input_lists_each_file_once(ray_local, demo, tiny_classifier):
     _, input, out = demo
     (input / "sub").mkdir()
     shutil.move(input / "part-00003.parquet", input / "sub" / "part-00003.parquet")
     (input / "sub" / "up").symlink_to("..", target_is_directory=True)
     (input / "again.parquet").symlink_to(input / "part-00000.parquet")  # the same file under a second name
-    result = run(*classify(tiny_classifier, input, out))
+    result = run_here(*classify(tiny_classifier, input, out))
     assert result.returncode == 0, result.stderr
     assert sorted(manifest_of(out)["shards"]) == ["part-00000.parquet", "part-00001.parquet", "part-00002.parquet",
                                                   "sub/part-00003.parquet"]
@@ -258,7 +258,7 @@ def test_7_a_folder_with_someone_elses_files_is_refused_even_with_overwrite(demo
     assert sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()) == [foreign]
 
 
-def test_7_system_folders_are_refused_and_tilde_is_expanded(demo, tiny_classifier, tmp_path):
+def test_7_system_folders_are_refused_and_tilde_is_expanded(ray_local, demo, tiny_classifier, tmp_path):
     _, input, _ = demo
     job = tmp_path / "job.toml"
     ours = ("_lease", "_manifest.json", "_SUCCESS", "_journal", "_temporary")
@@ -280,7 +280,7 @@ def test_7_system_folders_are_refused_and_tilde_is_expanded(demo, tiny_classifie
     home.mkdir()
     job.write_text(f'name = "n"\ntask = "classify"\nmodel = "{tiny_classifier}"\ninput = "{input}"\n'
                    f'output = "~/scores"\n')
-    result = run("run", job, cwd=tmp_path, env={"HOME": str(home)})
+    result = run_here("run", job, cwd=tmp_path, env={"HOME": str(home)})
     assert result.returncode == 0, result.stderr
     assert (home / "scores" / SUCCESS).exists() and not (tmp_path / "~").exists()
 
@@ -314,14 +314,14 @@ def remote_record(generation: int = 1, beat: int = 3, ttl: float = 3.0, heartbea
             "generation": generation, "beat": beat, "heartbeat_at": heartbeat_at, "released": False}
 
 
-def test_9_a_future_heartbeat_does_not_lock_the_output_forever(demo, tiny_classifier):
+def test_9_a_future_heartbeat_does_not_lock_the_output_forever(ray_local, demo, tiny_classifier):
     _, input, out = demo
     (out / "_lease").mkdir(parents=True)
     path = out / "_lease" / "000000000001.json"
     path.write_text(json.dumps(remote_record()))
     future = time.time() + 365 * 86400
     os.utime(path, (future, future))
-    result = run(*classify(tiny_classifier, input, out))
+    result = run_here(*classify(tiny_classifier, input, out))
     assert result.returncode == 0, result.stderr
     assert "took the output over" in result.stdout and "unchanged for 3 s" in result.stdout
 
@@ -472,9 +472,9 @@ def test_11_an_output_that_cannot_be_written_mid_run_is_one_line_and_leaves_noth
     assert stdout.split("LEFTOVERS:")[1].strip() == "", "no half-written manifest, lease record or temporary"
 
 
-def test_11_nested_and_foreign_outputs_and_manifests_are_one_line(demo, tiny_classifier):
+def test_11_nested_and_foreign_outputs_and_manifests_are_one_line(ray_local, demo, tiny_classifier):
     _, input, out = demo
-    assert run(*classify(tiny_classifier, input, out)).returncode == 0
+    assert run_here(*classify(tiny_classifier, input, out)).returncode == 0
     nested = runner.invoke(app, classify(str(tiny_classifier), str(input), str(out / "scores")))
     assert nested.exit_code == 2 and "inside the output of another job" in one_error_line(nested.output)
     (out / "part-00001.parquet").unlink()

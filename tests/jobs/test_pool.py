@@ -14,7 +14,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from tests.jobs.conftest import classify, cli, descendants, manifest_of, process_title, run
+from tests.jobs.conftest import classify, cli, descendants, manifest_of, process_title, run_here
 
 
 def one_file(input: Path, folder: Path, rows_per_group: int = 60) -> Path:
@@ -31,10 +31,11 @@ def in_process_labels(model: Path, path: Path) -> pa.Table:
     return ClassificationPipeline(model, dtype="float32")(pq.read_table(path))
 
 
-def test_a_file_split_across_actors_equals_the_unsplit_output_and_threads_follow_the_actors_started(demo, tmp_path):
+def test_a_file_split_across_actors_equals_the_unsplit_output_and_threads_follow_the_actors_started(ray_local, demo,
+                                                                                                  tmp_path):
     model, input, out = demo
     path = one_file(input, tmp_path / "one")  # 240 rows in 4 row groups of 60
-    proc = run(*classify(model, path.parent, out, "--actors", "2", "--batch-rows", "16"))
+    proc = run_here(*classify(model, path.parent, out, "--actors", "2", "--batch-rows", "16"))
     assert proc.returncode == 0, proc.stderr
     manifest = manifest_of(out)
     entry, layout = manifest["shards"]["events.parquet"], manifest["layout"]
@@ -48,7 +49,7 @@ def test_a_file_split_across_actors_equals_the_unsplit_output_and_threads_follow
     small = tmp_path / "small"
     small.mkdir()
     pq.write_table(pq.read_table(input / "part-00000.parquet"), small / "part-00000.parquet")
-    proc = run(*classify(model, small, tmp_path / "small-out", "--actors", "2"))
+    proc = run_here(*classify(model, small, tmp_path / "small-out", "--actors", "2"))
     assert proc.returncode == 0, proc.stderr
     alone = manifest_of(tmp_path / "small-out")
     assert alone["layout"]["actors"] == 1 and alone["layout"]["requested"] == 2

@@ -246,3 +246,17 @@ def test_a_file_of_the_users_in_the_output_is_never_replaced(ray_local, demo):
             run_job(spec)
     assert pq.read_table(out / "part-00002.parquet").column_names == ["mine"]
     assert sorted(p.name for p in out.iterdir()) == ["part-00002.parquet"]
+
+
+def test_a_process_already_on_ray_runs_there_and_refuses_another_address(ray_local, demo):
+    """A notebook or a Ray job's driver is already connected: the run uses that Ray; an --address naming
+    another cluster is refused before anything is written, never silently ignored."""
+    from jobs.errors import UsageError
+
+    model, input, out = demo
+    with pytest.raises(UsageError, match="already connected to the Ray cluster at"):
+        run_job(spec_for(model, input, out, address="127.0.0.1:9"))
+    assert not out.exists()
+    here = ray_local.get_runtime_context().gcs_address
+    result = run_job(spec_for(model, input, out, address=here.replace("127.0.0.1", "localhost")))
+    assert result.ok and result.done == 4

@@ -19,7 +19,7 @@ import pytest
 
 from jobs.output.lease import OutputBusy, OutputLease
 from jobs.output.discovery import resolve
-from tests.jobs.conftest import add_shards, classify, cli, run
+from tests.jobs.conftest import add_shards, classify, cli, run, run_here
 
 moto_server = pytest.importorskip("moto.server")
 boto3 = pytest.importorskip("boto3")
@@ -76,12 +76,13 @@ def store():
             os.environ[key] = value
 
 
-def test_commit_rerun_and_changed_shard_on_s3(store, demo, tiny_classifier):
+def test_commit_rerun_and_changed_shard_on_s3(store, ray_local, demo, tiny_classifier):  # store first: Ray's
+    # workers start with the store's credentials in their environment
     _, input, _ = demo
     model = tiny_classifier
     store.upload(input, "a/input/")
     args = classify(model, store.uri("a/input/"), store.uri("a/out/"))
-    first = run(*args)
+    first = run_here(*args)
     assert first.returncode == 0, first.stderr
     assert store.ids("a/out/") == store.ids("a/input/")
     keys = store.keys("a/out/")
@@ -91,7 +92,7 @@ def test_commit_rerun_and_changed_shard_on_s3(store, demo, tiny_classifier):
     assert manifest["summary"]["done"] == 4
     before = {k: store.client.head_object(Bucket="lake", Key="a/out/" + k)["ETag"] for k in keys if k.endswith(".parquet")}
 
-    again = run(*args)
+    again = run_here(*args)
     assert again.returncode == 0 and "4 done (4 already committed)" in again.stdout, again.stderr
     assert {k: store.client.head_object(Bucket="lake", Key="a/out/" + k)["ETag"] for k in before} == before
 
@@ -99,13 +100,13 @@ def test_commit_rerun_and_changed_shard_on_s3(store, demo, tiny_classifier):
     extra = grown.slice(0, 3).set_column(0, "id", pa.array([7000, 7001, 7002], pa.int64()))
     time.sleep(1.1)  # S3 modification times have one-second resolution
     store.put_table("a/input/part-00002.parquet", pa.concat_tables([grown, extra]))
-    changed = run(*args)
+    changed = run_here(*args)
     assert changed.returncode == 0, changed.stderr
     assert "part-00002.parquet changed since its output was committed: reprocessed" in changed.stdout
     assert store.ids("a/out/") == store.ids("a/input/")
 
 
-def test_one_owner_and_a_killed_driver_on_s3(store, demo):
+def test_one_owner_and_a_killed_driver_on_s3(store, ray_local, demo):
     model, input, _ = demo
     add_shards(input, 10)
     store.upload(input, "b/input/")
@@ -120,7 +121,7 @@ def test_one_owner_and_a_killed_driver_on_s3(store, demo):
     os.killpg(first.pid, signal.SIGKILL)  # the driver and the Ray processes it started
     first.wait()
     assert "_SUCCESS" not in store.keys("b/out/")
-    rerun = run(*args)
+    rerun = run_here(*args)
     assert rerun.returncode == 0, rerun.stderr
     assert "took the output over from an earlier run: its process is gone" in rerun.stdout
     assert store.ids("b/out/") == store.ids("b/input/")

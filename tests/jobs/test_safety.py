@@ -19,12 +19,12 @@ from jobs.cli import app
 from jobs.output.manifest import SUCCESS
 from jobs.output.commit import TEMPORARY
 from tests.jobs.conftest import (add_shards, classify, cli, descendants, ids_of, manifest_of, process_title, run,
-                                 wait_for_commits)
+                                 run_here, wait_for_commits)
 
 runner = CliRunner()
 
 
-def test_a_shard_over_the_slicing_threshold_is_sliced_merged_and_rerun(tiny_classifier, tmp_path):
+def test_a_shard_over_the_slicing_threshold_is_sliced_merged_and_rerun(ray_local, tiny_classifier, tmp_path):
     """250,000 rows in 3 row groups: over the 200,000-row threshold, so it is split into row-group slices
     processed as separate units and concatenated into one output file, in input order."""
     from pipelines import ClassificationPipeline
@@ -36,7 +36,7 @@ def test_a_shard_over_the_slicing_threshold_is_sliced_merged_and_rerun(tiny_clas
     pq.write_table(table, input / "events.parquet", row_group_size=100_000)
     assert pq.ParquetFile(input / "events.parquet").metadata.num_row_groups == 3
     args = classify(tiny_classifier, input, out, "--dtype", "float32")
-    first = run(*args)
+    first = run_here(*args)
     assert first.returncode == 0, first.stderr
     entry = manifest_of(out)["shards"]["events.parquet"]
     assert entry["state"] == "done" and entry["parts"] == 2 and entry["rows"] == n  # it was sliced
@@ -46,12 +46,12 @@ def test_a_shard_over_the_slicing_threshold_is_sliced_merged_and_rerun(tiny_clas
     for start in (0, 149_990, n - 10):  # each slice, and across the slice boundary
         expected = reference(table.slice(start, 10))
         assert result.slice(start, 10).column("label").to_pylist() == expected.column("label").to_pylist()
-    again = run(*args)
+    again = run_here(*args)
     assert again.returncode == 0, again.stderr
     assert "1 done (1 already committed)" in again.stdout
 
 
-def test_overlapping_runs_have_one_owner(demo):
+def test_overlapping_runs_have_one_owner(ray_local, demo):
     """A nightly trigger overlapping a manual run: the second is refused, naming the first; the first
     finishes with every row once."""
     model, input, out = demo
@@ -70,15 +70,15 @@ def test_overlapping_runs_have_one_owner(demo):
     assert first.returncode == 0, stderr
     assert ids_of(out) == ids_of(input)
     assert (out / SUCCESS).exists() and not (out / TEMPORARY).exists()
-    third = run(*args)  # the lease was given back: the next run owns the output and has nothing to do
+    third = run_here(*args)  # the lease was given back: the next run owns the output and has nothing to do
     assert third.returncode == 0 and "12 done (12 already committed)" in third.stdout, third.stderr
 
 
-def test_changed_input_is_reprocessed_and_removed_input_reported(demo, tiny_classifier):
+def test_changed_input_is_reprocessed_and_removed_input_reported(ray_local, demo, tiny_classifier):
     _, input, out = demo
     model = tiny_classifier
     args = classify(model, input, out)
-    first = run(*args, "--actors", "3")  # more actors than this machine's CPUs: they share them
+    first = run_here(*args, "--actors", "3")  # more actors than this machine's CPUs: they share them
     assert first.returncode == 0, first.stderr
     # part-00001 grows by 5 rows, part-00003 disappears
     grown = pq.read_table(input / "part-00001.parquet")
@@ -86,7 +86,7 @@ def test_changed_input_is_reprocessed_and_removed_input_reported(demo, tiny_clas
     pq.write_table(pa.concat_tables([grown, extra]), input / "part-00001.parquet")
     (input / "part-00003.parquet").unlink()
     untouched = (out / "part-00000.parquet").stat().st_mtime_ns
-    rerun = run(*args)
+    rerun = run_here(*args)
     assert rerun.returncode == 0, rerun.stderr
     assert "part-00001.parquet changed since its output was committed: reprocessed" in rerun.stdout
     assert "part-00003.parquet is no longer in the input; its output is kept (--overwrite removes it)" in rerun.stdout
@@ -96,13 +96,13 @@ def test_changed_input_is_reprocessed_and_removed_input_reported(demo, tiny_clas
     identity = json.loads(pq.read_schema(out / "part-00001.parquet").metadata[b"persimmon_batch.input_identity"])
     assert identity["rows"] == 65 and identity["size"] == (input / "part-00001.parquet").stat().st_size
     assert manifest_of(out)["shards"]["part-00001.parquet"]["input_identity"] == identity
-    cleanup = run(*args, "--overwrite")
+    cleanup = run_here(*args, "--overwrite")
     assert cleanup.returncode == 0, cleanup.stderr
     assert not (out / "part-00003.parquet").exists() and "removed the output of part-00003.parquet" in cleanup.stdout
     assert ids_of(out) == ids_of(input)
 
 
-def test_same_job_from_the_cli_and_a_job_file_is_one_job(demo, tiny_classifier, tmp_path):
+def test_same_job_from_the_cli_and_a_job_file_is_one_job(ray_local, demo, tiny_classifier, tmp_path):
     """Defaults written out by the CLI and omitted by a job file, or options that cannot change the output,
     do not make a different job. Also: an input directory whose name has glob characters, files that
     discovery skips are counted, and a rerun with nothing to do leaves no _temporary/ behind."""
@@ -113,22 +113,22 @@ def test_same_job_from_the_cli_and_a_job_file_is_one_job(demo, tiny_classifier, 
     (input / "README.txt").write_text("not data")
     (input / "_scratch.parquet").write_bytes(b"ignored")
     (input / ".hidden.parquet").write_bytes(b"ignored")
-    first = run(*classify(model, input, out))
+    first = run_here(*classify(model, input, out))
     assert first.returncode == 0, first.stderr
     assert "3 files or folders skipped (hidden, _-prefixed, not .parquet or not regular files)" in first.stdout
     job = tmp_path / "job.toml"  # input and output relative to the job file's folder, run from elsewhere
     job.write_text(f'name = "triage"\ntask = "classify"\nmodel = "{model}"\ninput = "{input.name}"\n'
                    f'output = "{out.name}"\n')
-    from_file = run("run", job, cwd="/")
+    from_file = run_here("run", job, cwd="/")
     assert from_file.returncode == 0, from_file.stderr
     assert "4 done (4 already committed)" in from_file.stdout
     assert not (out / TEMPORARY).exists()
-    tuned = run(*classify(model, input, out, "--batch-tokens", "512", "--batch-rows", "7", "--actors", "1",
+    tuned = run_here(*classify(model, input, out, "--batch-tokens", "512", "--batch-rows", "7", "--actors", "1",
                           "--dtype", "float32",  # the demo checkpoint is float32: auto is float32
                           "--max-length", "1024", "--threshold", "0.7"))  # the window; not a multi-label model
     assert tuned.returncode == 0 and "4 done (4 already committed)" in tuned.stdout, tuned.stderr
     job.write_text(job.read_text() + "\n[options]\nmax_length = 16\n")
-    changed = run("run", job, cwd="/")
+    changed = run_here("run", job, cwd="/")
     assert changed.returncode == 2 and "another model or options" in changed.stderr
 
 
@@ -160,33 +160,33 @@ def test_an_output_that_would_overwrite_the_input_or_cannot_be_written_is_refuse
     assert {p.name: p.read_bytes() for p in input.iterdir()} == before
 
 
-def test_an_output_of_a_shard_gone_from_the_input_is_reported_whatever_its_last_state(demo, tiny_classifier):
+def test_an_output_of_a_shard_gone_from_the_input_is_reported_whatever_its_last_state(ray_local, demo, tiny_classifier):
     """Committed, then broken (failed on the rerun), then deleted: its old output is still the input's
     shadow, reported and removed only with --overwrite."""
     _, input, out = demo
     args = classify(tiny_classifier, input, out)
-    assert run(*args).returncode == 0
+    assert run_here(*args).returncode == 0
     (input / "part-00001.parquet").write_bytes(b"garbage")
-    broken = run(*args)
+    broken = run_here(*args)
     assert broken.returncode == 1 and "failed: part-00001.parquet: not a Parquet file" in broken.stdout
     (input / "part-00001.parquet").unlink()
-    gone = run(*args)
+    gone = run_here(*args)
     assert gone.returncode == 0, gone.stderr
     assert "part-00001.parquet is no longer in the input; its output is kept" in gone.stdout
     status = runner.invoke(app, ["status", str(out)])
     assert "input removed: part-00001.parquet" in status.output and "\ncomplete" in status.output
-    cleanup = run(*args, "--overwrite")
+    cleanup = run_here(*args, "--overwrite")
     assert cleanup.returncode == 0 and not (out / "part-00001.parquet").exists(), cleanup.stderr
     assert ids_of(out) == ids_of(input)
 
 
-def test_permanent_shard_errors_are_not_retried(demo, tiny_classifier):
+def test_permanent_shard_errors_are_not_retried(ray_local, demo, tiny_classifier):
     _, input, out = demo
     model = tiny_classifier
     (input / "a-corrupt.parquet").write_bytes(b"PAR1 this is not parquet at all")
     pq.write_table(pa.table({"id": [1000], "body": ["wrong column"]}), input / "b-no-text.parquet")
     pq.write_table(pa.table({"id": [1001], "text": ["a ticket"], "label": ["mine"]}), input / "c-clash.parquet")
-    result = run(*classify(model, input, out))
+    result = run_here(*classify(model, input, out))
     assert result.returncode == 1, result.stderr
     shards = manifest_of(out)["shards"]
     reasons = {"a-corrupt.parquet": "not a Parquet file", "b-no-text.parquet": "has no column 'text'",
@@ -199,7 +199,7 @@ def test_permanent_shard_errors_are_not_retried(demo, tiny_classifier):
     assert ids_of(out) == ids_of(input, "part-*.parquet") and not (out / SUCCESS).exists()
 
 
-def test_corrupt_weights_give_error_rows_and_any_weight_change_is_a_new_model(demo, tmp_path):
+def test_corrupt_weights_give_error_rows_and_any_weight_change_is_a_new_model(ray_local, demo, tmp_path):
     from safetensors.torch import load_file, save_file
 
     model, input, out = demo
@@ -208,7 +208,7 @@ def test_corrupt_weights_give_error_rows_and_any_weight_change_is_a_new_model(de
     weights = load_file(broken / "model.safetensors")
     weights["model.layers.0.mlp.dense_h_to_4h.weight"][0, 0] = float("nan")
     save_file(weights, broken / "model.safetensors", metadata={"format": "pt"})
-    result = run(*classify(broken, input, out))
+    result = run_here(*classify(broken, input, out))
     assert result.returncode == 0, result.stderr
     table = pq.read_table(out / "part-00000.parquet")
     assert set(table.column("error").to_pylist()) == {"model produced non-finite scores"}
@@ -225,7 +225,7 @@ def test_corrupt_weights_give_error_rows_and_any_weight_change_is_a_new_model(de
         f.seek(size // 2)
         f.write(bytes([byte[0] ^ 0x01]))
     assert load_file(path)  # still a loadable checkpoint
-    changed = run(*classify(broken, input, out))
+    changed = run_here(*classify(broken, input, out))
     assert changed.returncode == 2 and "another model or options" in changed.stderr, changed.stdout
 
 

@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from tests.jobs.conftest import run
+from tests.jobs.conftest import run_here
 
 GREEK = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda sigma omega".split()
 COLORS = "red green blue yellow purple orange black white brown pink grey violet".split()
@@ -34,7 +34,7 @@ def labeled(folder, rows=240, shards=2, sources=(("greek", GREEK), ("color", COL
 
 
 def train(base, input, output, *extra, check=True):
-    proc = run("train-head", "--model", base, "--input", input, "--label-column", "topic", "--output", output, *extra)
+    proc = run_here("train-head", "--model", base, "--input", input, "--label-column", "topic", "--output", output, *extra)
     if check:
         assert proc.returncode == 0, proc.stderr
     return proc
@@ -80,7 +80,7 @@ def test_train_head_on_a_causal_base_then_classify(tmp_path, causal_model, train
     assert sum(a == b for a, b in zip(ours.column("label").to_pylist(), truth)) >= 22
 
 
-def test_multi_label_on_a_classifier_base(tmp_path, demo_root):
+def test_multi_label_on_a_classifier_base(ray_local, tmp_path, demo_root):
     from pipelines import ClassificationPipeline
 
     def tags(i, name):  # greek rows, color rows, and rows of both
