@@ -43,6 +43,7 @@ BAD = [
     ("runner type", '[runner]\nactors = "many"', "runner.actors: expected an integer, got 'many'"),
     ("runner key", '[runner]\nnodes = 3', "runner.nodes: unknown key"),
     ("bool is not int", '[runner]\nactors = true', "runner.actors: expected an integer, got True"),
+    ("backup_tasks type", '[runner]\nbackup_tasks = "yes"', "runner.backup_tasks: expected true or false, got 'yes'"),
     ("date", 'date = "last tuesday"', "date: expected YYYY-MM-DD, 'today' or 'yesterday'"),
     ("placeholder", None, "input: unknown placeholder(s) ['day']"),
     ("model missing", None, "model: directory /nonexistent/model does not exist"),
