@@ -248,6 +248,9 @@ def _run(spec: JobSpec, exit_at_end: bool = True) -> int:
     elif result.failed and not result.interrupted:
         typer.echo(f"error: {result.failed} of {result.shards} shards failed (the `failed:` lines say why); the "
                    "others are committed: fix those and rerun", err=True)
+    elif result.left and not result.interrupted:
+        typer.echo(f"error: {result.left} of {result.shards} shards were left unprocessed; the others are "
+                   "committed: rerun the same command to finish", err=True)
     if exit_at_end and result.exit_code:
         raise typer.Exit(result.exit_code)
     return result.exit_code

@@ -76,8 +76,13 @@ class JobResult:
     backups: dict[str, int] = field(default_factory=dict)  # backup attempts started, and won (finished first)
 
     @property
+    def left(self) -> int:
+        """Shards neither committed nor failed at the end (0 for a run that went to its end)."""
+        return max(0, self.shards - self.done - self.failed)
+
+    @property
     def ok(self) -> bool:
-        return self.failed == 0 and not self.interrupted and not self.lost
+        return self.failed == 0 and not self.left and not self.interrupted and not self.lost
 
     @property
     def exit_code(self) -> int:
@@ -106,6 +111,9 @@ class JobResult:
             lines.append(f"backups: {self.backups['started']} started for units far behind their peers, "
                          f"{self.backups['won']} finished first")
         lines += [f"failed: {shard}: {reason}" for shard, reason in self.failures.items()]
+        if self.left and not self.interrupted and not self.lost:
+            lines.append(f"incomplete: {self.left} shards neither committed nor failed; rerun the same command "
+                         "to finish them")
         if self.lost:
             lines.append(f"stopped: {self.lost}; what this run committed is kept")
         if self.interrupted:
@@ -207,7 +215,7 @@ class Layout:
         if self.device == "cuda":
             each = f"{self.resources['num_gpus']:g} GPU each"
         else:
-            each = f"{self.threads} torch thread{'s' * (self.threads != 1)} on {self.resources['num_cpus']:g} CPUs each"
+            each = f"{self.threads} torch thread{'s' * (self.threads != 1)} on {self.resources['num_cpus']:.3g} CPUs each"
         fewer = f" (of {self.requested}: one per unit at most)" if self.actors < self.requested else ""
         return (f"layout: {self.actors} actor{'s' * (self.actors != 1)}{fewer}, {each}; {self.units} work "
                 f"unit{'s' * (self.units != 1)}; backups {'on' if self.backup_tasks else 'off'}")

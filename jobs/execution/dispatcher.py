@@ -71,6 +71,10 @@ class MergeTask:
     def key(self) -> str:
         return f"{self.shard}#merge"
 
+    @property
+    def ident(self) -> tuple:
+        return (self.shard, "merge")
+
 
 Task = WorkUnit | MergeTask
 
@@ -81,7 +85,7 @@ class Cancel:
 
     actor: Hashable
     token: int
-    key: str
+    key: tuple  # the unit's identity (WorkUnit.ident)
 
 
 @dataclass
@@ -171,16 +175,16 @@ class Dispatcher:
                  backup_tasks: bool = False) -> None:
         self.max_attempts, self.stall_timeout, self.placement_timeout = max_attempts, stall_timeout, placement_timeout
         self.clock, self.backup_tasks = clock, backup_tasks
-        self.running: dict[str, set[Hashable]] = collections.defaultdict(set)  # unit key -> actors running it
-        self.done: set[str] = set()  # keys whose result was recorded: a twin attempt's result is discarded
-        self.backed_up: set[str] = set()  # keys that got their one backup
+        self.running: dict[tuple, set[Hashable]] = collections.defaultdict(set)  # unit identity -> its actors
+        self.done: set[tuple] = set()  # units whose result was recorded: a twin attempt's result is discarded
+        self.backed_up: set[tuple] = set()  # units that got their one backup
         self.rates = RunningMedian()  # seconds per unit of work of the attempts recorded
         self.tokens = itertools.count(1)
         self.notes: list[str] = []  # what the user should hear (backups started, won); the pool takes them
         self.backups = {"started": 0, "won": 0}
         self.queue: collections.deque[Task] = collections.deque(units)
         self.actors: dict[Hashable, ActorRecord] = {}
-        self.attempts: collections.Counter[str] = collections.Counter()
+        self.attempts: collections.Counter[tuple] = collections.Counter()  # by unit identity
         self.parts: dict[str, dict[int, UnitResult]] = collections.defaultdict(dict)
         self.failed_shards: set[str] = set()
         self.slowest_batch = 0.0
@@ -191,17 +195,17 @@ class Dispatcher:
     def add(self, units: list[WorkUnit]) -> None:
         """More units (outputs found missing at the end are redone)."""
         shards = {u.shard for u in units}
-        self.done = {k for k in self.done if k.split("#", 1)[0] not in shards}
-        self.backed_up = {k for k in self.backed_up if k.split("#", 1)[0] not in shards}
+        self.done = {k for k in self.done if k[0] not in shards}  # identities start with the shard
+        self.backed_up = {k for k in self.backed_up if k[0] not in shards}
         for actor, record in self.actors.items():  # an attempt still running from before counts no more
             if record.state == ActorState.BUSY and record.task.shard in shards:
                 record.stale = True
-                self.running.get(record.task.key, set()).discard(actor)
+                self.running.get(record.task.ident, set()).discard(actor)
         self.queue.extend(units)
 
     def _wanted(self, record: ActorRecord) -> bool:
         """A busy actor whose result is still wanted (not a twin whose unit was recorded, nor a stale one)."""
-        return record.state == ActorState.BUSY and not record.stale and record.task.key not in self.done
+        return record.state == ActorState.BUSY and not record.stale and record.task.ident not in self.done
 
     @property
     def finished(self) -> bool:
@@ -263,7 +267,7 @@ class Dispatcher:
             return None
         now = self.clock()
         self.actors[actor] = ActorRecord(ActorState.BUSY, now, now, task=task, token=next(self.tokens), backup=backup)
-        self.running[task.key].add(actor)
+        self.running[task.ident].add(actor)
         return task
 
     def _straggler(self) -> Task | None:
@@ -275,7 +279,7 @@ class Dispatcher:
         best, behind = None, 0.0
         for record in self.actors.values():
             task = record.task
-            if not self._wanted(record) or not isinstance(task, WorkUnit) or task.key in self.backed_up:
+            if not self._wanted(record) or not isinstance(task, WorkUnit) or task.ident in self.backed_up:
                 continue
             expected, elapsed = rate * work_of(task), now - record.since
             if elapsed < max(BACKUP_FACTOR * expected, BACKUP_MIN_SECONDS):
@@ -287,7 +291,7 @@ class Dispatcher:
         if best is None:
             return None
         task, ratio = best
-        self.backed_up.add(task.key)
+        self.backed_up.add(task.ident)
         self.backups["started"] += 1
         self.notes.append(f"unit {task.key} has run {ratio:.1f}x as long as its peers' median predicts: a backup "
                           "attempt started on an idle actor (the first to finish is kept)")
@@ -351,7 +355,7 @@ class Dispatcher:
         """One attempt ended. With a twin attempt of the same unit: the first success is the unit's result
         (the twin is cancelled, or its late result discarded); a failure while the twin runs waits for it."""
         task = record.task
-        key = task.key
+        key = task.ident
         if record.stale or key in self.done:  # planned again since, or the twin's result was recorded first
             return [Discard(outcome.temp)] if outcome.ok and outcome.temp else []
         twins = self.running.get(key, set())
@@ -372,7 +376,7 @@ class Dispatcher:
         return self._outcome(task, outcome) + cancels
 
     def _outcome(self, task: Task, outcome: UnitResult) -> list[Commit | Failure]:
-        key = task.key
+        key = task.ident
         if not outcome.ok:
             self.attempts[key] += 1
             if outcome.fatal:
@@ -410,4 +414,4 @@ class Dispatcher:
 
     def _attempts_of(self, shard: str) -> int:
         """The most attempts any unit of a shard needed, less one (the attempt count of its entry)."""
-        return max((n for k, n in self.attempts.items() if k == shard or k.startswith(shard + "#")), default=0)
+        return max((n for k, n in self.attempts.items() if k[0] == shard), default=0)

@@ -50,11 +50,17 @@ def describe_death(exc: BaseException) -> str:
     """One line for an actor that died: out of memory said so, with what to do about it."""
     text = str(exc)
     lowered = text.lower()
-    if isinstance(exc, getattr(ray.exceptions, "OutOfMemoryError", ())) or "out of memory" in lowered or \
-            "low on memory" in lowered or "memory pressure" in lowered or "oom" in lowered.split():
-        return ("actor died: out of memory (Ray or the kernel killed it for using too much memory): lower "
-                "--batch-tokens, or use fewer --actors per node")
-    if "node" in lowered and ("died" in lowered or "dead" in lowered or "crashed" in lowered):
+    # Ray's memory monitor says so; a generic death lists the OOM killer among possible causes, which is
+    # not a diagnosis (a SIGKILL from anyone reads the same)
+    if isinstance(exc, getattr(ray.exceptions, "OutOfMemoryError", ())) or "low on memory" in lowered or \
+            "memory pressure" in lowered or "out of memory" in lowered:
+        return ("actor died: out of memory (Ray killed it for using too much memory): lower --batch-tokens, "
+                "or use fewer --actors per node")
+    if "unexpectedly" in lowered and "oom killer" in lowered:  # the worker process died: the node may live
+        return ("actor died: its process exited unexpectedly (killed by a signal, by the kernel's OOM killer, "
+                "or a crash); if memory ran out, lower --batch-tokens or use fewer --actors per node")
+    if any(p in lowered for p in ("node has died", "node died", "node was marked dead", "node is dead",
+                                  "raylet died", "raylet has died", "node crashed")):
         return "actor died: its node died"
     for line in text.splitlines():
         line = line.strip()

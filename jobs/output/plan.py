@@ -44,7 +44,12 @@ class WorkUnit:
 
     @property
     def key(self) -> str:
+        """For people and file names (a shard's name may hold '#'); the dispatcher goes by `ident`."""
         return self.shard if self.parts == 1 else f"{self.shard}#{self.part}"
+
+    @property
+    def ident(self) -> tuple:
+        return (self.shard, self.part, self.parts)
 
 
 UNITS_PER_ACTOR = 3  # what the planner aims at for a pool: enough that the tail is short, few enough that
@@ -89,8 +94,9 @@ def plan_units(shard: str, info: ShardInfo, rows_per_unit: int, parts: int = 1, 
         if cuts[-1] < row < rows:
             cuts.append(row)
     cuts.append(rows)
+    parts_ = _at_least(list(zip(cuts, cuts[1:])), min_rows)
     ranges = []
-    for a, b in zip(cuts, cuts[1:]):  # a part over the row cap (very uneven rows) is cut again, by rows
+    for a, b in parts_:  # a part over the row cap (very uneven rows) is cut again, by rows: the cap wins
         pieces = -(-(b - a) // rows_per_unit)
         ranges += [(a + (b - a) * i // pieces, a + (b - a) * (i + 1) // pieces) for i in range(pieces)]
     if len(ranges) == 1:
@@ -109,6 +115,21 @@ def plan_units(shard: str, info: ShardInfo, rows_per_unit: int, parts: int = 1, 
         units.append(WorkUnit(shard, list(range(first, last + 1)), i, len(ranges), b - a, info.identity,
                               skip=a - starts[first], work=round(work_before(b) - work_before(a))))
     return units
+
+
+def _at_least(ranges: list[tuple[int, int]], min_rows: int) -> list[tuple[int, int]]:
+    """Row ranges merged until each holds min_rows rows (or one is left): text-balanced cuts of rows of very
+    uneven length can leave a few rows alone. The smallest goes into its smaller neighbour, repeatedly."""
+    size = lambda r: r[1] - r[0]  # noqa: E731
+    while len(ranges) > 1:
+        i = min(range(len(ranges)), key=lambda k: size(ranges[k]))
+        if size(ranges[i]) >= min_rows:
+            break
+        neighbours = [k for k in (i - 1, i + 1) if 0 <= k < len(ranges)]
+        j = min(neighbours, key=lambda k: size(ranges[k]))
+        a, b = min(i, j), max(i, j)
+        ranges[a:b + 1] = [(ranges[a][0], ranges[b][1])]
+    return ranges
 
 
 def size_for_pool(shards: list[tuple[str, ShardInfo]], actors: int, rows_per_unit: int,

@@ -149,16 +149,26 @@ def test_3_train_head_and_classify_share_one_owner_and_never_mix(demo, tmp_path,
 def test_4_a_committed_file_deleted_mid_run_is_redone(ray_local, demo):
     model, input, out = demo
     add_shards(input, 10)
+    # the first to commit has '#' in its name: the dispatcher's own separator in unit names (a trial found such a
+    # shard left pending, the run ending 0 without _SUCCESS)
+    # shard, twice the rows of the others so that it runs first (longest first)
+    table = pq.read_table(input / "part-00000.parquet")
+    again = table.set_column(0, "id", pa.array([i + 500 for i in table.column("id").to_pylist()]))
+    again = again.set_column(again.schema.get_field_index("text"), "text",
+                             pa.array([t + " (again)" for t in table.column("text").to_pylist()]))
+    doubled = pa.concat_tables([table, again])  # texts of its own: the footer's byte count sees twice the text
+    pq.write_table(doubled, input / "part-00000#1.parquet")
+    (input / "part-00000.parquet").unlink()
     proc = cli(*classify(model, input, out, "--batch-rows", "8", "--actors", "1"))
-    wait_for_commits(out, proc, at_least=2)
-    victim = sorted(out.glob("part-*.parquet"))[0]
+    victim = out / "part-00000#1.parquet"
+    wait_for(victim.exists, proc, what="the first commit")
     victim.unlink()
     stdout, stderr = proc.communicate(timeout=300)
     assert proc.returncode == 0, stderr
     assert f"{victim.name} was committed but is no longer in the output: redone" in stdout
     assert ids_of(out) == ids_of(input) and (out / SUCCESS).exists()
     status = runner.invoke(app, ["status", str(out)])
-    assert status.exit_code == 0 and "rows: 600 written" in status.output
+    assert status.exit_code == 0 and "rows: 660 written" in status.output
     # after the run: one file replaced by other bytes of the same size, another removed
     replaced, removed = out / "part-00003.parquet", out / "part-00004.parquet"
     size = replaced.stat().st_size

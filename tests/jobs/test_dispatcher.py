@@ -229,7 +229,7 @@ def test_a_straggler_is_backed_up_once_the_queue_is_empty_and_the_first_to_finis
     clock.now += 10
     commit, cancel = d.record(0, ok(100, "backup-file"))
     assert isinstance(commit, Commit) and commit.shard == "s0" and commit.temp == "backup-file"
-    assert cancel.actor == 1 and cancel.token == d.actors[1].token and cancel.key == "s0"
+    assert cancel.actor == 1 and cancel.token == d.actors[1].token and cancel.key == ("s0", 0, 1)
     assert d.finished  # the cancelled twin is not waited for
     # whatever the twin still returns is nobody's: its file is discarded, nothing is committed twice
     [discard] = d.record(1, ok(100, "slow-file"))
@@ -270,7 +270,7 @@ def test_both_attempts_failing_is_one_retry_of_the_unit():
     d.next(0)
     assert d.record(0, UnitResult(False, error="boom")) == [] and not d.queue
     assert d.lost(1, "actor died") == [] and [u.key for u in d.queue] == ["s0"]
-    assert d.attempts["s0"] == 2
+    assert d.attempts[("s0", 0, 1)] == 2
 
 
 def test_a_redone_unit_can_be_recorded_again():
@@ -297,3 +297,38 @@ def test_the_running_median_is_the_median():
         values.append(rng.lognormvariate(0, 1))
         m.add(values[-1])
         assert m.median == statistics.median(values)
+
+
+def test_shard_names_holding_the_key_separator_are_their_own_units():
+    """'#' joins a shard and its part in names people read; the dispatcher never parses it back."""
+    named = [WorkUnit("a#1.parquet", rows=10), WorkUnit("x.parquet", part=0, parts=2, rows=5),
+             WorkUnit("x.parquet", part=1, parts=2, rows=5), WorkUnit("x.parquet#0", rows=10)]
+    d, _ = with_actors(named, n=1)
+    done = []
+    while not d.finished:
+        task = d.next(0)
+        done += d.record(0, ok(10, f"t-{task.key}"))
+    assert sorted(c.shard for c in done if isinstance(c, Commit)) == ["a#1.parquet", "x.parquet", "x.parquet#0"]
+    # a committed output gone at the end: the shard with '#' in its name is redone, not taken as done
+    d.add([WorkUnit("a#1.parquet", rows=10)])
+    assert not d.finished
+    task = d.next(0)
+    [commit] = d.record(0, ok(10, "again"))
+    assert isinstance(commit, Commit) and task.shard == "a#1.parquet" and commit.temp == "again" and d.finished
+
+
+def test_a_death_is_called_out_of_memory_only_when_ray_says_so():
+    from jobs.execution.pool import describe_death
+
+    # what Ray 2.60 says of an actor whose process got SIGKILL from anyone (copied from a real run)
+    killed = ("The actor died unexpectedly before finishing this task.\n\tclass_name: ShardWorker\n\tpid: 3024\n"
+              "The actor is dead because its worker process has died. Worker exit type: SYSTEM_ERROR Worker exit "
+              "detail: Worker unexpectedly exits with a connection error code 2. End of file. Some common causes "
+              "include: (1) the process was killed by the OOM killer due to high memory usage, (2) ray stop "
+              "--force was called, or (3) the worker crashed unexpectedly due to SIGSEGV or another unexpected "
+              "error. If the process was killed by the kernel OOM killer (verifiable by checking for OOM in dmesg "
+              "of the OOMing node), consider enabling resource isolation")
+    said = describe_death(RuntimeError(killed))
+    assert said.startswith("actor died: its process exited unexpectedly") and "out of memory" not in said
+    monitor = "Task was killed due to the node running low on memory.\nMemory on the node was 23.1GB / 24GB"
+    assert "out of memory" in describe_death(RuntimeError(monitor))

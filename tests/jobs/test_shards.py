@@ -97,6 +97,14 @@ def test_a_shard_is_cut_at_row_group_boundaries_where_close_and_inside_a_group_w
     assert len(plan_units("big.parquet", info, rows_per_unit=10_000, parts=10, min_rows=100)) == 2
     assert len(plan_units("big.parquet", info, rows_per_unit=50, parts=1, min_rows=100)) == 5
     assert "not a Parquet file" in inspect_shard(fs, base, "missing.parquet").error
+    # text-balanced cuts over rows of very uneven length never leave a unit under min_rows rows (found by a
+    # trial: 51 rows in groups of 17, the first group's texts 8x longer, gave units of 7, 7 and 37 rows)
+    texts(tmp_path / "uneven.parquet", [160] * 17 + [20] * 34, row_group_size=17)
+    uneven = inspect_shard(fs, base, "uneven.parquet", text_column="text")
+    for parts, floor in ((3, 16), (8, 16), (8, 5), (20, 2)):
+        units = plan_units("uneven.parquet", uneven, rows_per_unit=10_000, parts=parts, min_rows=floor)
+        assert all(u.rows >= floor for u in units) and sum(u.rows for u in units) == 51, [u.rows for u in units]
+        assert [i for u in units for i in read_unit(tmp_path / "uneven.parquet", u)] == list(range(51))
 
 
 def test_units_balance_text_across_row_groups_and_rows_within_one(tmp_path):
