@@ -94,7 +94,8 @@ def plan_units(shard: str, info: ShardInfo, rows_per_unit: int, parts: int = 1, 
         if cuts[-1] < row < rows:
             cuts.append(row)
     cuts.append(rows)
-    parts_ = _at_least(list(zip(cuts, cuts[1:])), min_rows)
+    spread = _spread(cuts, min_rows)
+    parts_ = _at_least(list(zip(spread, spread[1:])), min_rows)
     ranges = []
     for a, b in parts_:  # a part over the row cap (very uneven rows) is cut again, by rows: the cap wins
         pieces = -(-(b - a) // rows_per_unit)
@@ -115,6 +116,20 @@ def plan_units(shard: str, info: ShardInfo, rows_per_unit: int, parts: int = 1, 
         units.append(WorkUnit(shard, list(range(first, last + 1)), i, len(ranges), b - a, info.identity,
                               skip=a - starts[first], work=round(work_before(b) - work_before(a))))
     return units
+
+
+def _spread(cuts: list[int], min_rows: int) -> list[int]:
+    """Cuts (0 first, the row count last) moved as little as needed for every part to hold min_rows rows,
+    where the rows allow it: text-balanced cuts over rows of very uneven length can leave a few rows alone."""
+    cuts = list(cuts)
+    n = len(cuts) - 1
+    if n * min_rows > cuts[-1]:
+        return cuts  # not possible: _at_least merges parts instead
+    for k in range(1, n):
+        cuts[k] = max(cuts[k], cuts[k - 1] + min_rows)
+    for k in range(n - 1, 0, -1):
+        cuts[k] = min(cuts[k], cuts[k + 1] - min_rows)
+    return cuts
 
 
 def _at_least(ranges: list[tuple[int, int]], min_rows: int) -> list[tuple[int, int]]:

@@ -148,7 +148,7 @@ def test_3_train_head_and_classify_share_one_owner_and_never_mix(demo, tmp_path,
 
 def test_4_a_committed_file_deleted_mid_run_is_redone(ray_local, demo):
     model, input, out = demo
-    add_shards(input, 10)
+    add_shards(input, 8)
     # the first to commit has '#' in its name: the dispatcher's own separator in unit names (a trial found such a
     # shard left pending, the run ending 0 without _SUCCESS)
     # shard, twice the rows of the others so that it runs first (longest first)
@@ -168,7 +168,7 @@ def test_4_a_committed_file_deleted_mid_run_is_redone(ray_local, demo):
     assert f"{victim.name} was committed but is no longer in the output: redone" in stdout
     assert ids_of(out) == ids_of(input) and (out / SUCCESS).exists()
     status = runner.invoke(app, ["status", str(out)])
-    assert status.exit_code == 0 and "rows: 660 written" in status.output
+    assert status.exit_code == 0 and "rows: 540 written" in status.output
     # after the run: one file replaced by other bytes of the same size, another removed
     replaced, removed = out / "part-00003.parquet", out / "part-00004.parquet"
     size = replaced.stat().st_size
@@ -183,7 +183,7 @@ def test_4_a_committed_file_deleted_mid_run_is_redone(ray_local, demo):
     assert rerun.returncode == 0, rerun.stderr
     assert "part-00003.parquet was replaced after it was committed (its modification time changed): redone" in \
         rerun.stdout and "part-00004.parquet was committed but is no longer in the output: redone" in rerun.stdout
-    assert "shards: 10 done (8 already committed)" in rerun.stdout
+    assert "shards: 8 done (6 already committed)" in rerun.stdout
     assert ids_of(out) == ids_of(input) and runner.invoke(app, ["status", str(out)]).exit_code == 0
 
 

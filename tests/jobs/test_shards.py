@@ -105,6 +105,8 @@ def test_a_shard_is_cut_at_row_group_boundaries_where_close_and_inside_a_group_w
         units = plan_units("uneven.parquet", uneven, rows_per_unit=10_000, parts=parts, min_rows=floor)
         assert all(u.rows >= floor for u in units) and sum(u.rows for u in units) == 51, [u.rows for u in units]
         assert [i for u in units for i in read_unit(tmp_path / "uneven.parquet", u)] == list(range(51))
+    # the cuts move rather than parts merge: as many units as the rows allow
+    assert len(plan_units("uneven.parquet", uneven, rows_per_unit=10_000, parts=3, min_rows=16)) == 3
 
 
 def test_units_balance_text_across_row_groups_and_rows_within_one(tmp_path):
