@@ -15,6 +15,8 @@ when a size was never recorded).
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import json
 from dataclasses import dataclass, field
 from typing import Any
@@ -71,23 +73,19 @@ def plan_units(shard: str, info: ShardInfo, rows_per_unit: int, parts: int = 1, 
         return [WorkUnit(shard, rows=rows, identity=info.identity, work=sum(text))]
     sizes = text if balanced >= capped else list(groups)  # the row cap is what splits it: equal rows
     total = sum(sizes)
-    starts, at = [], 0  # the first row of each row group, and the work before it
-    before, seen = [], 0
-    for n, b in zip(groups, sizes):
-        starts.append(at)
-        before.append(seen)
-        at += n
-        seen += b
+    starts = list(itertools.accumulate(groups, initial=0))[:-1]  # the first row of each row group
+    before = list(itertools.accumulate(sizes, initial=0))[:-1]  # the measure before each row group
 
-    def row_at(work: float) -> int:  # the row where the cumulative work reaches `work`
-        g = max(i for i in range(len(groups)) if before[i] <= work)
+    def row_at(work: float) -> int:  # the row where the cumulative measure reaches `work`
+        g = bisect.bisect_right(before, work) - 1
         share = (work - before[g]) / sizes[g] if sizes[g] else 0.0
         return starts[g] + min(groups[g], round(share * groups[g]))
 
     cuts = [0]
     for k in range(1, want):
         goal = total * k / want
-        near = min(range(len(groups)), key=lambda i: abs(before[i] - goal))
+        i = bisect.bisect_left(before, goal)
+        near = min((j for j in (i - 1, i) if 0 <= j < len(groups)), key=lambda j: abs(before[j] - goal))
         row = row_at(goal)
         if abs(before[near] - goal) <= SNAP * total / want and cuts[-1] < starts[near] < rows:
             row = starts[near]
@@ -95,24 +93,22 @@ def plan_units(shard: str, info: ShardInfo, rows_per_unit: int, parts: int = 1, 
             cuts.append(row)
     cuts.append(rows)
     spread = _spread(cuts, min_rows)
-    parts_ = _at_least(list(zip(spread, spread[1:])), min_rows)
     ranges = []
-    for a, b in parts_:  # a part over the row cap (very uneven rows) is cut again, by rows: the cap wins
-        pieces = -(-(b - a) // rows_per_unit)
+    for a, b in _at_least(list(zip(spread, spread[1:])), min_rows):  # a part over the row cap (very uneven
+        pieces = -(-(b - a) // rows_per_unit)  # rows) is cut again, by rows: the cap wins
         ranges += [(a + (b - a) * i // pieces, a + (b - a) * (i + 1) // pieces) for i in range(pieces)]
     if len(ranges) == 1:
         return [WorkUnit(shard, rows=rows, identity=info.identity, work=sum(text))]
-
-    text_before = [sum(text[:g]) for g in range(len(groups))]
+    text_before = list(itertools.accumulate(text, initial=0))[:-1]
 
     def work_before(row: int) -> float:  # the text before `row`
-        g = max(i for i in range(len(groups)) if starts[i] <= row)
+        g = bisect.bisect_right(starts, row) - 1
         return text_before[g] + (text[g] * (row - starts[g]) / groups[g] if groups[g] else 0)
 
     units = []
     for i, (a, b) in enumerate(ranges):
-        first = max(g for g in range(len(groups)) if starts[g] <= a)
-        last = max(g for g in range(len(groups)) if starts[g] < b)
+        first = bisect.bisect_right(starts, a) - 1
+        last = bisect.bisect_left(starts, b) - 1
         units.append(WorkUnit(shard, list(range(first, last + 1)), i, len(ranges), b - a, info.identity,
                               skip=a - starts[first], work=round(work_before(b) - work_before(a))))
     return units
