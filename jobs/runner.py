@@ -227,8 +227,8 @@ class Layout:
                 "backup_tasks": self.backup_tasks}
 
 
-def pool_size(spec: JobSpec) -> tuple[int, str]:
-    """(actors the job may use, device) from the cluster's resources and the spec."""
+def pool_size(spec: JobSpec) -> tuple[int, str, int]:
+    """(actors the job may use, device, the cluster's CPUs) from the cluster's resources and the spec."""
     resources = ray.cluster_resources()
     gpus, cpus = resources.get("GPU", 0.0), int(resources.get("CPU", 1))
     r = spec.runner
@@ -237,27 +237,26 @@ def pool_size(spec: JobSpec) -> tuple[int, str]:
         if actors * r.gpus_per_actor > gpus:  # the rest would wait for GPUs forever
             raise UsageError(f"{actors} actors x {r.gpus_per_actor} GPUs each need {actors * r.gpus_per_actor:g} "
                              f"GPUs; the cluster has {gpus:g}: lower --actors or --gpus-per-actor")
-        return actors, "cuda"
-    return r.actors or max(1, cpus // CPU_THREADS_PER_ACTOR), "cpu"
+        return actors, "cuda", cpus
+    return r.actors or max(1, cpus // CPU_THREADS_PER_ACTOR), "cpu", cpus
 
 
-def actor_layout(spec: JobSpec, units: int | None = None) -> Layout:
-    """The layout for a job of `units` work units: as many actors as may run, but no more than there are units;
-    CPU actors share the cluster's CPUs between the actors started (threads follow them: one actor on 4 CPUs
-    runs 4 threads, not the 1 it would get as one of 4 requested). Backups default to on for a cluster of
-    several nodes (where one slow or throttled node holds a job), off on one machine."""
-    requested, device = pool_size(spec)
-    actors = max(1, min(requested, units)) if units is not None else requested
+def actor_layout(spec: JobSpec, pool: tuple[int, str, int], units: int) -> Layout:
+    """The layout for a job of `units` work units on a pool (pool_size): as many actors as may run, but no more
+    than there are units; CPU actors share the cluster's CPUs between the actors started (threads follow them:
+    one actor on 4 CPUs runs 4 threads, not the 1 it would get as one of 4 requested). Backups default to on
+    for a cluster of several nodes (where one slow or throttled node holds a job), off on one machine."""
+    requested, device, cpus = pool
+    actors = max(1, min(requested, units))
     backups = spec.runner.backup_tasks
     if backups is None:
         backups = sum(1 for n in ray.nodes() if n.get("Alive")) > 1
     if device == "cuda":
         return Layout(actors, device, {"num_gpus": spec.runner.gpus_per_actor, "num_cpus": 1}, None, requested,
-                      units or 0, backups)
-    cpus = int(ray.cluster_resources().get("CPU", 1))
+                      units, backups)
     # more actors than CPUs share them (fractional CPUs) rather than wait for CPUs that never come
     return Layout(actors, device, {"num_cpus": min(cpus / actors, max(1, cpus // actors))}, max(1, cpus // actors),
-                  requested, units or 0, backups)
+                  requested, units, backups)
 
 
 _received: list[int] = []  # the stopping signals received (Ray may re-raise ours as a plain KeyboardInterrupt)
@@ -362,7 +361,7 @@ def run_job(spec: JobSpec, stream=None, tty: bool | None = None,
         embedded = spec.runner.address is None and not ray.is_initialized()
         result.startup_parts["plan"] = time.perf_counter() - started  # discovery, model checksum, lease, manifest
         try:
-            if plan.units:
+            if plan.pending:
                 connect(spec.runner.address)
                 result.startup_parts["ray"] = time.perf_counter() - started - result.startup_parts["plan"]
                 _stop_on_sigterm()
@@ -382,7 +381,7 @@ def run_job(spec: JobSpec, stream=None, tty: bool | None = None,
                 manifest.save()
             except OSError as exc:
                 raise write_error(exc, spec.output) from None
-            if not plan.units:
+            if not plan.pending:
                 result.startup_seconds = time.perf_counter() - started
                 _finish(manifest, result, spec, lease)
                 return result
@@ -472,9 +471,9 @@ class JobRun:
 
     def run(self, shards: list[tuple[str, ShardInfo]]) -> JobResult:
         r = self.spec.runner
-        requested, _ = pool_size(self.spec)
-        units = size_for_pool(shards, requested, r.rows_per_unit, r.batch_rows)
-        layout = actor_layout(self.spec, len(units))
+        pool = pool_size(self.spec)
+        units = size_for_pool(shards, pool[0], r.rows_per_unit, r.batch_rows)
+        layout = actor_layout(self.spec, pool, len(units))
         self.result.layout = layout.describe()
         self.manifest.data["layout"] = layout.as_dict()
         self.dispatcher = Dispatcher(units, r.max_attempts, r.stall_timeout, r.placement_timeout,

@@ -122,9 +122,9 @@ class RunningMedian:
         return (-self.low[0] + self.high[0]) / 2
 
 
-def work_of(task: "Task") -> float:
+def work_of(task: WorkUnit) -> float:
     """A unit's size for rates: its text bytes where the planner knew them, else its rows."""
-    return float(getattr(task, "work", 0) or getattr(task, "rows", 0) or 1)
+    return float(task.work or task.rows or 1)
 
 
 class ActorState(enum.Enum):

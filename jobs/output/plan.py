@@ -94,8 +94,8 @@ def plan_units(shard: str, info: ShardInfo, rows_per_unit: int, parts: int = 1, 
     cuts.append(rows)
     spread = _spread(cuts, min_rows)
     ranges = []
-    for a, b in _at_least(list(zip(spread, spread[1:])), min_rows):  # a part over the row cap (very uneven
-        pieces = -(-(b - a) // rows_per_unit)  # rows) is cut again, by rows: the cap wins
+    for a, b in zip(spread, spread[1:]):  # a part over the row cap (very uneven rows) is cut again, by rows:
+        pieces = -(-(b - a) // rows_per_unit)  # the cap wins over min_rows
         ranges += [(a + (b - a) * i // pieces, a + (b - a) * (i + 1) // pieces) for i in range(pieces)]
     if len(ranges) == 1:
         return [WorkUnit(shard, rows=rows, identity=info.identity, work=sum(text))]
@@ -120,27 +120,12 @@ def _spread(cuts: list[int], min_rows: int) -> list[int]:
     cuts = list(cuts)
     n = len(cuts) - 1
     if n * min_rows > cuts[-1]:
-        return cuts  # not possible: _at_least merges parts instead
+        return cuts  # only where the row cap made the parts: it wins over min_rows
     for k in range(1, n):
         cuts[k] = max(cuts[k], cuts[k - 1] + min_rows)
     for k in range(n - 1, 0, -1):
         cuts[k] = min(cuts[k], cuts[k + 1] - min_rows)
     return cuts
-
-
-def _at_least(ranges: list[tuple[int, int]], min_rows: int) -> list[tuple[int, int]]:
-    """Row ranges merged until each holds min_rows rows (or one is left): text-balanced cuts of rows of very
-    uneven length can leave a few rows alone. The smallest goes into its smaller neighbour, repeatedly."""
-    size = lambda r: r[1] - r[0]  # noqa: E731
-    while len(ranges) > 1:
-        i = min(range(len(ranges)), key=lambda k: size(ranges[k]))
-        if size(ranges[i]) >= min_rows:
-            break
-        neighbours = [k for k in (i - 1, i + 1) if 0 <= k < len(ranges)]
-        j = min(neighbours, key=lambda k: size(ranges[k]))
-        a, b = min(i, j), max(i, j)
-        ranges[a:b + 1] = [(ranges[a][0], ranges[b][1])]
-    return ranges
 
 
 def size_for_pool(shards: list[tuple[str, ShardInfo]], actors: int, rows_per_unit: int,
@@ -162,7 +147,6 @@ def size_for_pool(shards: list[tuple[str, ShardInfo]], actors: int, rows_per_uni
 
 @dataclass
 class Plan:
-    units: list[WorkUnit] = field(default_factory=list)
     done: list[str] = field(default_factory=list)  # committed before this run
     adopted: list[str] = field(default_factory=list)  # committed by a run that died before recording them
     changed: list[str] = field(default_factory=list)  # committed, but their input changed since: redone
@@ -250,8 +234,7 @@ def plan_run(spec, discovery: Discovery, manifest: Manifest, listing: list[pafs.
             plan.changed.append(shard)
             note = "input changed since its output was committed"
         manifest.mark_pending(shard, final, info.identity, note)
-        plan.units += plan_units(shard, info, spec.runner.rows_per_unit)
-        plan.pending.append((shard, info))
+        plan.pending.append((shard, info))  # cut into units once the pool's size is known
     present_shards = set(discovery.shards)
     for shard, entry in list(manifest.shards.items()):
         output = entry.get("output", output_name(shard))
