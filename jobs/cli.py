@@ -20,8 +20,8 @@ from typing import Annotated, Optional
 import typer
 from typer.core import TyperGroup
 
-from pipelines.options import (ClassifyOptions, EmbedOptions, GenerateOptions, ModelOptions, Options, _value_type,
-                               default_of)
+from pipelines.options import ModelOptions, Options, _value_type, default_of
+from pipelines.tasks import TASKS
 
 from .errors import (EXIT_FAILED, EXIT_INCOMPLETE, EXIT_OK, EXIT_USAGE, BatchError, ClusterFailed, ShardState,
                      UsageError)
@@ -256,28 +256,19 @@ def _run(spec: JobSpec, exit_at_end: bool = True) -> int:
     return result.exit_code
 
 
-@command()
-@with_options(options=ClassifyOptions, runner=RunnerSettings)
-def classify(model: Model, input: Input, output: Output, text_column: TextColumn = "text",
-             overwrite: Overwrite = False, *, options: ClassifyOptions, runner: RunnerSettings) -> None:
-    """Classify every row: label, score and probs (or labels / score for multi-label and regression models)."""
-    _run(JobSpec("classify", str(model), input, output, text_column, options, runner, overwrite=overwrite))
+def _task_command(task) -> None:
+    """The command of a registered task (pipelines/tasks.py): its options' flags, the runner's, one job."""
+    def run_task(model: Model, input: Input, output: Output, text_column: TextColumn = "text",
+                 overwrite: Overwrite = False, *, options, runner) -> None:
+        _run(JobSpec(task.name, str(model), input, output, text_column, options, runner, overwrite=overwrite))
+
+    run_task.__name__ = run_task.__qualname__ = task.name
+    run_task.__doc__ = task.summary
+    command(task.name)(with_options(options=task.options, runner=RunnerSettings)(run_task))
 
 
-@command()
-@with_options(options=GenerateOptions, runner=RunnerSettings)
-def generate(model: Model, input: Input, output: Output, text_column: TextColumn = "text",
-             overwrite: Overwrite = False, *, options: GenerateOptions, runner: RunnerSettings) -> None:
-    """Generate a completion for every row: completion, finish_reason, prompt_tokens, completion_tokens."""
-    _run(JobSpec("generate", str(model), input, output, text_column, options, runner, overwrite=overwrite))
-
-
-@command()
-@with_options(options=EmbedOptions, runner=RunnerSettings)
-def embed(model: Model, input: Input, output: Output, text_column: TextColumn = "text",
-          overwrite: Overwrite = False, *, options: EmbedOptions, runner: RunnerSettings) -> None:
-    """Embed every row: `embedding`, the final hidden state pooled at the last real token (or the mean)."""
-    _run(JobSpec("embed", str(model), input, output, text_column, options, runner, overwrite=overwrite))
+for _task in TASKS.values():
+    _task_command(_task)
 
 
 @command("train-head")

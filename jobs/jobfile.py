@@ -19,7 +19,8 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
-from pipelines.options import TASK_OPTIONS, ClassifyOptions
+from pipelines.options import ClassifyOptions
+from pipelines.tasks import TASK_OPTIONS
 
 from .errors import UsageError
 from .spec import TASKS, JobSpec, RunnerSettings

@@ -280,9 +280,10 @@ def _stop_on_sigterm() -> None:
 
 
 def _output_columns(spec: JobSpec, config) -> list[str]:
-    from pipelines.schema import added_columns, task_schema
+    from pipelines.schema import added_columns
+    from pipelines.tasks import TASKS
 
-    return added_columns(task_schema(spec.task, config, spec.wants_lm and spec.task == "classify")).names
+    return added_columns(TASKS[spec.task].columns(config, spec.options)).names
 
 
 def check_output_place(spec: JobSpec, out_fs, out_base: str, discovery: Discovery) -> None:

@@ -3,7 +3,7 @@
 The CLI builds one from its flags, `persimmon-batch run JOB.toml` from a job file; both through the same
 typed options (pipelines/options.py) with the same defaults. The options that can change the output go into
 the job's fingerprint, after defaults are filled in; batching, compilation and the runner settings do not.
-Tasks: classify, generate, embed.
+Tasks: those of the registry (pipelines/tasks.py): classify, generate, embed, score.
 """
 
 from __future__ import annotations
@@ -15,7 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipelines.options import TASK_OPTIONS, ModelOptions, Options, option
+from pipelines.options import ModelOptions, Options, option
+from pipelines.tasks import TASK_OPTIONS
+from pipelines.tasks import TASKS as REGISTRY
 
 from .errors import UsageError
 
@@ -73,6 +75,8 @@ class JobSpec:
             self.options = options
         elif not isinstance(self.options, kind):
             raise TypeError(f"a {self.task} job takes {kind.__name__}, got {type(self.options).__name__}")
+        if hasattr(self.options, "resolved"):  # schema and grammar files read here, on the driver
+            self.options = self.options.resolved()
 
     def validate(self) -> None:
         """Raise ValueError listing every problem found, before anything starts."""
@@ -95,9 +99,9 @@ class JobSpec:
 
     @property
     def wants_lm(self) -> bool:
-        """Generation and zero-shot classification run a causal LM; classification a classifier; embedding
-        runs the base model of either."""
-        return self.task == "generate" or bool(getattr(self.options, "zero_shot", False))
+        """Whether the task runs a causal LM (generation, scoring, zero-shot classification); classification
+        runs a classifier, embedding the base model of either."""
+        return REGISTRY[self.task].needs_lm(self.options)
 
     def _model_problems(self, model: Path) -> list[str]:
         """Say before any actor tries to load the wrong head, a config that does not fit its weights, or a
@@ -117,7 +121,7 @@ class JobSpec:
             return [f"max_new_tokens: {new} does not fit the model's window of {config.max_position_embeddings} "
                     "tokens (prompt and completion together); give fewer"]
         if self.wants_lm and "lm_head" not in heads and not tied:
-            use = "generate" if self.task == "generate" else "zero-shot classification (--candidate-labels)"
+            use = "zero-shot classification (--candidate-labels)" if self.task == "classify" else self.task
             return [f"{use} needs a causal LM, but {model} is a sequence classifier (it has score.weight, "
                     "no lm_head.weight)"]
         if self.task == "classify" and not self.wants_lm and "score" not in heads:
@@ -135,7 +139,7 @@ class JobSpec:
             options["dtype"] = model_dtype
         if config is not None:
             window = config.max_position_embeddings - getattr(self.options, "max_new_tokens", 0)
-            if not self.wants_lm or self.task == "generate":  # zero-shot also subtracts its labels' tokens
+            if not (self.task == "classify" and self.wants_lm):  # zero-shot also subtracts its labels' tokens
                 if options.get("max_length") is not None and options["max_length"] >= window:
                     options["max_length"] = None
             if self.task == "classify" and not self.wants_lm:

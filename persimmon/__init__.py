@@ -12,6 +12,9 @@ __version__ = "0.5.0"
 
 _EXPORTS = {
     "CheckpointError": ".files",
+    "FinishReason": ".sampling",
+    "GenerationEngine": ".engine",
+    "Grammar": ".grammar",
     "GenerationOutput": ".generate",
     "KVCache": ".cache",
     "PersimmonConfig": ".config",
@@ -21,7 +24,7 @@ _EXPORTS = {
     "PersimmonOutput": ".model",
     "PersimmonPreTrainedModel": ".model",
     "PersimmonTokenizer": ".tokenizer",
-    "SamplingParams": ".generate",
+    "SamplingParams": ".sampling",
 }
 __all__ = sorted(_EXPORTS)
 

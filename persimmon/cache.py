@@ -27,12 +27,6 @@ class KVCache:
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.length = 0
-        # Optional, set by generation for decode steps: (first row, end row, first position) triples. Rows of a
-        # window read keys from `first position` on, skipping the left padding of rows longer than theirs.
-        self.read_windows: list[tuple[int, int, int]] | None = None
-        # Static mode (for a compiled decode step): when set, forward passes write at this position tensor and
-        # attend over the whole buffer under the caller's 4-D mask; the caller advances the position.
-        self.write_index: torch.Tensor | None = None
 
     @classmethod
     def for_model(
@@ -52,19 +46,8 @@ class KVCache:
     def get_seq_length(self) -> int:
         return self.length
 
-    def make_static(self, position: int) -> None:
-        """Switch to static mode at `position`; buffers get fixed addresses so a CUDA graph may write them."""
-        self.write_index = torch.tensor([position], device=self.keys[0].device)
-        for buf in (*self.keys, *self.values):
-            torch._dynamo.mark_static_address(buf)
-
     def update(self, layer: int, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write key/value (B, H, T, D) after the filled positions; return this layer's (B, H, length + T, D)
-        (in static mode: write at write_index, return the whole buffer)."""
-        if self.write_index is not None:
-            self.keys[layer].index_copy_(2, self.write_index, key)
-            self.values[layer].index_copy_(2, self.write_index, value)
-            return self.keys[layer], self.values[layer]
+        """Write key/value (B, H, T, D) after the filled positions; return this layer's (B, H, length + T, D)."""
         end = self.length + key.shape[2]
         if end > self.capacity:
             self._grow(end)
@@ -73,10 +56,8 @@ class KVCache:
         return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
 
     def advance(self, num_tokens: int) -> None:
-        """Mark num_tokens more positions as filled (called once per forward, after every layer wrote); in
-        static mode the caller owns the position."""
-        if self.write_index is None:
-            self.length += num_tokens
+        """Mark num_tokens more positions as filled (called once per forward, after every layer wrote)."""
+        self.length += num_tokens
 
     def write_rows(self, rows: torch.Tensor, start: int, other: "KVCache") -> None:
         """Copy other's filled positions into these batch rows at [start, start + other.length)."""
@@ -91,7 +72,6 @@ class KVCache:
         """Keep only these batch rows (e.g. drop finished sequences), in the given order."""
         self.keys = [k.index_select(0, rows) for k in self.keys]
         self.values = [v.index_select(0, rows) for v in self.values]
-        self.read_windows = None  # row ranges no longer hold; the caller sets new ones
 
     def _grow(self, needed: int) -> None:
         new_capacity = max(needed, 2 * self.capacity)

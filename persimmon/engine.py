@@ -18,11 +18,18 @@ start with it copies those keys and values into its slot and prefills only the r
 A row's tokens do not depend on its batch-mates, slot, arrival order or budget: positions and masks are per
 row, and sampling draws from the row's own generator seeded by (seed, prompt tokens), as in generate().
 Token ids past `vocab_limit` (a vocabulary padded beyond the tokenizer) are never produced.
+
+Every request carries its own SamplingParams (temperature, top-k/p, seed, max_new_tokens, stop strings,
+logprobs, grammar); rows with different parameters share decode steps. A grammar's masks for the next step
+are computed on a second thread while the model runs the step (llguidance releases the GIL), then applied to
+the step's logits before sampling.
 """
 
 from __future__ import annotations
 
 import collections
+import dataclasses
+import concurrent.futures
 import functools
 import secrets
 import time
@@ -32,44 +39,62 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import torch
 
 from .cache import KVCache
-from .generate import (
-    FINISH_EOS,
-    FINISH_LENGTH,
-    FINISH_NONFINITE,
-    FINISH_STOP,
-    SamplingParams,
-    StopChecker,
-    length_groups,
-    row_seed,
-    row_uniforms,
-    sample,
-)
+from .sampling import FinishReason, SamplingParams, StopChecker, TokenLogprob, row_seed, row_uniforms, sample
 
 CAPACITY_STEP = 64  # slot capacity is a multiple of this (fewer regrowths, fewer compiled shapes)
 ADMIT_FRACTION = 8  # while decoding, rows are admitted once 1/8 of the slots are free
+
+
+INCOMPLETE = "incomplete structured output"
+
+
+def length_groups(lengths: Sequence[int], max_waste: float = 0.25, max_tokens: int = 16384) -> list[list[int]]:
+    """Split row indices into groups of similar length: each group's padded size (rows x longest) stays within
+    (1 + max_waste) x its real tokens and within max_tokens (a single longer row still gets a group)."""
+    groups: list[list[int]] = []
+    real = 0
+    for i in sorted(range(len(lengths)), key=lambda i: lengths[i]):
+        if groups:
+            padded = (len(groups[-1]) + 1) * lengths[i]  # sorted ascending: row i is the group's longest
+            if padded <= (1 + max_waste) * (real + lengths[i]) and padded <= max_tokens:
+                groups[-1].append(i)
+                real += lengths[i]
+                continue
+        groups.append([i])
+        real = lengths[i]
+    return groups
 
 
 @dataclass
 class Request:
     key: Any  # the caller's handle, returned with the completion
     ids: list[int]  # the whole prompt, BOS included, as it tokenizes on its own
+    params: SamplingParams | None = None  # None: the engine's defaults; max_new_tokens None: the engine's
+    seed_key: bytes | None = None  # what the row's sampling seed hashes (default: its prompt tokens)
 
 
 @dataclass
 class Completion:
     key: Any
     tokens: list[int]  # new tokens, up to and including the EOS / stop-completing token
-    finish_reason: str  # "eos" | "stop" | "length" | "nonfinite"
+    finish_reason: FinishReason
     text: str | None  # without EOS, cut before a stop string (needs `decode`)
     prompt_tokens: int
+    logprobs: list[TokenLogprob] | None = None  # one per token when the request asked for them
+    error: str | None = None  # e.g. "incomplete structured output" (the completion is kept)
 
 
 @dataclass
 class _Row:
     request: Request
-    uniforms: torch.Tensor | None  # (max_new_tokens,) float64, the row's own draws
+    params: SamplingParams  # resolved: max_new_tokens set
+    uniforms: list[float] | None  # the row's own draws, one per step
+    stopper: StopChecker | None = None
+    matcher: Any = None  # the grammar's state for this row
+    logprobs: list[TokenLogprob] | None = None
     tokens: list[int] = field(default_factory=list)
-    finish: str | None = None
+    finish: FinishReason | None = None
+    error: str | None = None
 
     @property
     def next_position(self) -> int:
@@ -106,8 +131,6 @@ class SlotPool:
 class SlotBatch:
     """The cache a decode step sees: the first `rows` slots of a pool, each row writing its one new key and
     value at its own position and reading positions [0, read). The engine owns the positions."""
-
-    read_windows = None
 
     def __init__(self, pool: SlotPool, rows: int, positions: torch.Tensor, read: int) -> None:
         self.pool, self.rows, self.positions, self.read = pool, rows, positions, read
@@ -199,43 +222,54 @@ class GenerationEngine:
         vocab_limit: int | None = None,
         pad_token_id: int = 0,
         compile: bool | None = None,
+        vocabulary=None,
     ) -> None:
-        """token_budget: cache positions over all slots (slots x capacity). prefix_ids: tokens most prompts
-        start with (BOS included), prefilled once. vocab_limit: ids at or past it are never produced.
-        compile: decode with a compiled fixed-shape step over the whole pool (CUDA graphs on GPU); None = on
-        for CUDA."""
+        """max_new_tokens, sampling, stop: the defaults of requests that bring no parameters of their own (and
+        the max_new_tokens of those whose parameters leave it None). token_budget: cache positions over all
+        slots (slots x capacity). prefix_ids: tokens most prompts start with (BOS included), prefilled once.
+        vocab_limit: ids at or past it are never produced. compile: decode with a compiled fixed-shape step
+        over the whole pool (CUDA graphs on GPU); None = on for CUDA. vocabulary: a persimmon.grammar.
+        Vocabulary, needed by requests with a grammar or logprobs."""
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
-        if stop and decode is None:
-            raise ValueError("stop strings need a decode function (token ids -> text)")
         self.model, self.config = model, model.config
         self.device, self.dtype = model.device, model.dtype
         self.max_new_tokens = max_new_tokens
-        self.sampling = sampling or SamplingParams()
+        sampling = sampling or SamplingParams()
+        if stop:
+            sampling = dataclasses.replace(sampling, stop=tuple(stop))
+        self.sampling = sampling.with_defaults(max_new_tokens)
         eos = self.config.eos_token_id if eos_token_id is None else eos_token_id
         self.eos_ids = set() if eos is None else {eos} if isinstance(eos, int) else set(eos)
-        self.stopper = StopChecker(stop, decode) if stop else None
         self.decode = decode
+        self._check(self.sampling)
         self.token_budget, self.max_slots = token_budget, max_slots
         self.prefix_ids = list(prefix_ids) if prefix_ids and len(prefix_ids) > 1 else None
         self.prefix_cache: KVCache | None = None
         self.vocab_limit = vocab_limit if vocab_limit is not None and vocab_limit < self.config.vocab_size else None
+        self.vocabulary = vocabulary
         self.pad = pad_token_id
         self.static = compile if compile is not None else self.device.type == "cuda"
-        self.seed = None
-        if not self.sampling.greedy:
-            self.seed = self.sampling.seed if self.sampling.seed is not None else secrets.randbits(63)
+        self.fallback_seed = secrets.randbits(63)  # for sampled requests whose seed is None
         self.waiting: collections.deque[Request] = collections.deque()
         self.active: list[_Row] = []  # slot i holds active[i]
         self.pool: SlotPool | None = None
-        self.uniforms: torch.Tensor | None = None  # (slots, max_new_tokens), row i's draws in slot i
+        self._masker: concurrent.futures.ThreadPoolExecutor | None = None
         self.counters = collections.Counter()  # prefill_tokens, prefix_tokens_shared, decode_steps, ...
-        self.seconds = collections.Counter()  # wall time in admission + prefill, and in decode steps
+        self.seconds = collections.Counter()  # wall time in admission + prefill, decode steps, mask work
+
+    def _check(self, params: SamplingParams) -> None:
+        if params.stop and self.decode is None:
+            raise ValueError("stop strings need a decode function (token ids -> text)")
+        if (params.grammar is not None or params.logprobs is not None) and getattr(self, "vocabulary", 1) is None:
+            raise ValueError("a grammar or logprobs need the engine's vocabulary (persimmon.grammar.Vocabulary)")
 
     # -- queue -----------------------------------------------------------------------------------------------
     def add(self, request: Request) -> None:
         if not request.ids:
             raise ValueError(f"request {request.key!r} has no tokens")
+        if request.params is not None:
+            self._check(request.params)
         self.waiting.append(request)
 
     def reset(self) -> None:
@@ -273,8 +307,11 @@ class GenerationEngine:
         return done
 
     # -- pool ------------------------------------------------------------------------------------------------
+    def _params(self, request: Request) -> SamplingParams:
+        return self.sampling if request.params is None else request.params.with_defaults(self.max_new_tokens)
+
     def _need(self, request: Request) -> int:
-        return len(request.ids) + self.max_new_tokens
+        return len(request.ids) + self._params(request).max_new_tokens
 
     def _layout(self, capacity: int) -> tuple[int, int]:
         capacity = -(-capacity // CAPACITY_STEP) * CAPACITY_STEP
@@ -292,11 +329,9 @@ class GenerationEngine:
         if occupied >= slots:
             return False  # a longer row waits until enough rows finish for the bigger slots to fit the budget
         pool = SlotPool(self.config, slots, capacity, self.dtype, self.device)
-        uniforms = torch.zeros(slots, self.max_new_tokens, dtype=torch.float64, device=self.device)
         if self.pool is not None and self.active:
             pool.copy_from(self.pool, len(self.active), self.pool.capacity)
-            uniforms[: len(self.active)] = self.uniforms[: len(self.active)]
-        self.pool, self.uniforms = pool, uniforms
+        self.pool = pool
         if self.static:
             for buf in (*pool.keys, *pool.values):
                 torch._dynamo.mark_static_address(buf)
@@ -310,6 +345,21 @@ class GenerationEngine:
             self.counters["prefix_prefills"] += 1
         return self.prefix_cache
 
+    def _row(self, request: Request) -> _Row:
+        params = self._params(request)
+        uniforms = None
+        if not params.greedy:
+            seed = params.seed if params.seed is not None else self.fallback_seed
+            uniforms = row_uniforms(row_seed(seed, request.seed_key or request.ids), params.max_new_tokens)
+        row = _Row(request, params, uniforms)
+        if params.stop:
+            row.stopper = StopChecker(params.stop, self.decode)
+        if params.grammar is not None:
+            row.matcher = self.vocabulary.matcher(params.grammar)
+        if params.logprobs is not None:
+            row.logprobs = []
+        return row
+
     def _admit(self) -> list[Completion]:
         admitted: list[_Row] = []
         if self.active and self.pool is not None:
@@ -319,17 +369,12 @@ class GenerationEngine:
             if free < min(max(1, self.pool.slots // ADMIT_FRACTION), len(self.waiting)):
                 return []
         while self.waiting and self._fit(self.waiting[0], len(self.active) + len(admitted)):
-            request = self.waiting.popleft()
-            uniforms = None
-            if self.seed is not None:
-                uniforms = row_uniforms([row_seed(self.seed, request.ids)], self.max_new_tokens, self.device)[0]
-            admitted.append(_Row(request, uniforms))
+            admitted.append(self._row(self.waiting.popleft()))
         if not admitted:
             return []
         first = len(self.active)
         self.active += admitted
-        if self.uniforms is not None and self.seed is not None:
-            self.uniforms[first:first + len(admitted)] = torch.stack([r.uniforms for r in admitted])
+        masks = self._start_masks(admitted)  # computed while the rows prefill
         logits = torch.empty(len(admitted), self.config.vocab_size, device=self.device)
         for shared in (True, False):
             members = [i for i, r in enumerate(admitted) if shares_prefix(r.request.ids, self.prefix_ids) == shared]
@@ -340,7 +385,7 @@ class GenerationEngine:
             for group in length_groups(lengths):
                 rows = [members[j] for j in group]
                 logits[rows] = self._prefill([admitted[i] for i in rows], [first + i for i in rows], start)
-        return self._advance(logits, list(range(first, first + len(admitted))))
+        return self._advance(logits, list(range(first, first + len(admitted))), masks)
 
     def _prefill(self, rows: list[_Row], slots: list[int], start: int) -> torch.Tensor:
         """Prefill rows into these slots (from `start`, after the shared prefix); their last logits (rows, V)."""
@@ -354,9 +399,44 @@ class GenerationEngine:
         self.counters["prefix_tokens_shared"] += start * len(rows)
         return logits
 
+    # -- grammar masks ---------------------------------------------------------------------------------------
+    def _start_masks(self, rows: list[_Row]):
+        """Begin computing the next-token masks of these rows' grammars on the mask thread; None if none."""
+        matchers = [r.matcher for r in rows if r.matcher is not None]
+        if not matchers:
+            return None
+        if self._masker is None:
+            self._masker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="grammar-masks")
+
+        def work():
+            began = time.perf_counter()
+            masks = self.vocabulary.masks(matchers)
+            return masks, time.perf_counter() - began
+
+        return self._masker.submit(work)
+
+    def _apply_masks(self, logits: torch.Tensor, rows: list[_Row], pending) -> None:
+        """Forbid, in place, every token a constrained row's grammar does not allow next."""
+        if pending is None:
+            return
+        waited = time.perf_counter()
+        bitmask, spent = pending.result()
+        self.seconds["mask_wait"] += time.perf_counter() - waited  # what the forward pass did not hide
+        self.seconds["mask"] += spent
+        self.counters["mask_rows"] += bitmask.shape[0]
+        self.counters["mask_steps"] += 1
+        index = [i for i, r in enumerate(rows) if r.matcher is not None]
+        width = min(logits.shape[-1], self.vocabulary.size)
+        allowed = self.vocabulary.allowed(bitmask, width).to(logits.device)
+        part = logits[index]
+        part[:, :width] = part[:, :width].masked_fill(~allowed, float("-inf"))
+        part[:, width:] = float("-inf")
+        logits[index] = part
+
     # -- decode ----------------------------------------------------------------------------------------------
     def _decode(self) -> list[Completion]:
         n = len(self.active)
+        masks = self._start_masks(self.active)  # computed while the step runs
         rows = self.pool.slots if self.static else n
         positions = [r.next_position for r in self.active] + [0] * (rows - n)
         tokens = [r.tokens[-1] for r in self.active] + [self.pad] * (rows - n)
@@ -371,37 +451,61 @@ class GenerationEngine:
         logits = step(self.model, tokens, pos[:, None], mask, batch)[:n].float()
         self.counters["decode_steps"] += 1
         self.counters["decode_rows"] += n
-        return self._advance(logits, list(range(n)))
+        return self._advance(logits, list(range(n)), masks)
 
-    def _advance(self, logits: torch.Tensor, slots: list[int]) -> list[Completion]:
-        """Sample the next token of the rows in these slots (logits row i for slots[i]); finish and free the
-        rows that end."""
+    def _advance(self, logits: torch.Tensor, slots: list[int], masks=None) -> list[Completion]:
+        """Sample the next token of the rows in these slots (logits row i for slots[i]) under each row's own
+        parameters and grammar; finish and free the rows that end."""
+        rows = [self.active[s] for s in slots]
         finite = torch.isfinite(logits).all(dim=-1)
+        # logprobs are the model's own distribution: before the vocabulary limit, grammar, temperature, top-k/p
+        wanted = [i for i, r in enumerate(rows) if r.logprobs is not None]
+        raw = torch.log_softmax(logits[wanted].float(), dim=-1) if wanted else None
         if self.vocab_limit is not None:
             logits[:, self.vocab_limit:] = float("-inf")
-        uniforms = None
-        if self.seed is not None:
-            index = torch.tensor(slots, device=self.device)
-            steps = torch.tensor([len(self.active[s].tokens) for s in slots], device=self.device)
-            uniforms = self.uniforms[index, steps]
-        chosen = sample(logits, self.sampling, uniforms)
-        chosen = torch.where(finite, chosen, -1).tolist()
+        self._apply_masks(logits, rows, masks)
+        uniforms = [None if r.uniforms is None else r.uniforms[len(r.tokens)] for r in rows]
+        chosen = sample(logits, [r.params for r in rows], uniforms)
+        chosen = torch.where(finite, chosen, -1)
+        if raw is not None:
+            self._record_logprobs(raw, [rows[i] for i in wanted], chosen[wanted].clamp(min=0))
         finished = []
-        for slot, token in zip(slots, chosen):
-            row = self.active[slot]
-            if token < 0:
-                row.finish = FINISH_NONFINITE
-            else:
-                row.tokens.append(token)
-                if token in self.eos_ids:
-                    row.finish = FINISH_EOS
-                elif self.stopper is not None and self.stopper.hit(row.tokens):
-                    row.finish = FINISH_STOP
-                elif len(row.tokens) == self.max_new_tokens:
-                    row.finish = FINISH_LENGTH
+        for slot, row, token in zip(slots, rows, chosen.tolist()):
+            self._take(row, token)
             if row.finish is not None:
                 finished.append(slot)
         return [self._release(slot) for slot in sorted(finished, reverse=True)]
+
+    def _record_logprobs(self, raw: torch.Tensor, rows: list[_Row], chosen: torch.Tensor) -> None:
+        own = raw.gather(1, chosen[:, None])[:, 0].tolist()
+        k = max(r.params.logprobs for r in rows)
+        top = torch.topk(raw, k, dim=-1) if k else None
+        values = top.values.tolist() if k else [[]] * len(rows)
+        ids = top.indices.tolist() if k else [[]] * len(rows)
+        for i, (row, token) in enumerate(zip(rows, chosen.tolist())):
+            n = row.params.logprobs
+            row.logprobs.append(TokenLogprob(token, own[i], list(zip(ids[i][:n], values[i][:n]))))
+
+    def _take(self, row: _Row, token: int) -> None:
+        """Append a sampled token to its row and decide whether the row ends."""
+        if token < 0:
+            row.finish = FinishReason.NONFINITE
+            return
+        row.tokens.append(token)
+        matcher = row.matcher
+        if matcher is not None and not matcher.consume_token(token):
+            row.finish, row.error = FinishReason.STOP, f"structured output: {matcher.get_error()}"
+            return
+        if token in self.eos_ids:
+            row.finish = FinishReason.EOS
+        elif matcher is not None and matcher.is_stopped():
+            row.finish = FinishReason.STOP  # the grammar is complete: nothing may follow
+        elif row.stopper is not None and row.stopper.hit(row.tokens):
+            row.finish = FinishReason.STOP
+        elif len(row.tokens) == row.params.max_new_tokens:
+            row.finish = FinishReason.LENGTH
+        if row.finish is not None and matcher is not None and row.error is None and not matcher.is_accepting():
+            row.error = INCOMPLETE
 
     def _release(self, slot: int) -> Completion:
         """The row's completion; the last active row moves into its slot (active rows stay contiguous)."""
@@ -410,13 +514,14 @@ class GenerationEngine:
         if slot != last:
             moved = self.active[last]
             self.pool.move(last, slot, moved.next_position + 1)
-            if self.seed is not None:
-                self.uniforms[slot] = self.uniforms[last]
             self.active[slot] = moved
         self.active.pop()
         text = None
-        if self.decode is not None:
+        if row.matcher is not None:  # the bytes the grammar matched (decode would drop a leading space)
+            text = self.vocabulary.decode([t for t in row.tokens if t not in self.eos_ids])
+        elif self.decode is not None:
             text = self.decode([t for t in row.tokens if t not in self.eos_ids])
-            if row.finish == FINISH_STOP:
-                text = self.stopper.cut(text)
-        return Completion(row.request.key, row.tokens, row.finish, text, len(row.request.ids))
+            if row.finish == FinishReason.STOP and row.stopper is not None:
+                text = row.stopper.cut(text)
+        return Completion(row.request.key, row.tokens, row.finish, text, len(row.request.ids), row.logprobs,
+                          row.error)

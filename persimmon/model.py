@@ -76,15 +76,6 @@ class PersimmonAttention(nn.Module):
         weights = None
         if output_attentions:
             y, weights = self._eager_attention(q, k, v, mask, dropout)
-        elif T == 1 and dropout == 0.0 and cache is not None and cache.read_windows:
-            # one query per row (a decode step of generate()): two small matmuls beat the fused kernel's
-            # per-call cost, and read windows let short rows skip the long rows' left padding in the cache
-            windows = cache.read_windows
-            y = torch.cat([
-                self._eager_attention(q[r0:r1], k[r0:r1, :, p0:], v[r0:r1, :, p0:],
-                                      None if mask is None else mask[r0:r1, ..., p0:], 0.0)[0]
-                for r0, r1, p0 in windows
-            ])
         else:
             # mask None means plain causal over a fresh sequence (or one query over all keys). The fused
             # kernel reads a strided cache slice in place (the engine's slots), where bf16 matmuls copy it
@@ -360,7 +351,8 @@ class PersimmonForCausalLM(PersimmonPreTrainedModel):
         """Greedy (default) or sampled continuation of a padded batch -> LongTensor (B, T + new), left-padded
         prompts followed by the new tokens; rows that stop early are padded after their stop token.
         persimmon.generate.generate returns more (per-row tokens, finish reasons, stop strings)."""
-        from .generate import SamplingParams, generate
+        from .generate import generate
+        from .sampling import SamplingParams
 
         params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed) if do_sample else SamplingParams()
         return generate(self, input_ids, attention_mask, max_new_tokens, params, eos_token_id).sequences

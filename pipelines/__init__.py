@@ -1,4 +1,4 @@
-"""pipelines: Persimmon classification, embedding and generation over Arrow record batches (no Ray in here).
+"""pipelines: Persimmon classification, embedding, generation and scoring over Arrow record batches (no Ray in here).
 
 The pipeline classes are imported on first use: `pipelines.options` and `pipelines.schema` stay free of torch.
 """
@@ -13,6 +13,7 @@ _EXPORTS = {
     "GenerationPipeline": ".generate",
     "PaddingStats": ".batching",
     "PipelineStats": ".batching",
+    "ScorePipeline": ".score",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,12 +21,12 @@ import torch
 
 from persimmon import PersimmonForCausalLM, PersimmonTokenizer, SamplingParams
 from persimmon.engine import GenerationEngine, Request
-from persimmon.generate import FINISH_NONFINITE
+from persimmon.sampling import FinishReason
 
 from .batching import NONFINITE, PipelineStats, ReportsRows, check_vocabulary, encode_rows, text_column
 from .options import GenerateOptions
 from .prompts import PromptTemplate
-from .schema import GENERATION, append_columns
+from .schema import append_columns, generation_schema, parsed_type
 
 
 class GenerationPipeline(ReportsRows):
@@ -67,11 +68,20 @@ class GenerationPipeline(ReportsRows):
         self.max_length = min(o.max_length or window, window)
         self.template.check_fits(self.tokenizer, self.max_length)
         self.stats = PipelineStats()
+        self.grammar = self.sampling.grammar
+        self.vocabulary = None
+        if self.grammar is not None or o.logprobs is not None:
+            from persimmon.grammar import vocabulary_for
+
+            self.vocabulary = vocabulary_for(self.tokenizer, config.vocab_size)
+        # `parsed`: the completion under --json-schema as a typed value, when the schema maps to Arrow
+        self.parsed_type = parsed_type(self.grammar.schema) if self.grammar is not None else None
+        self.schema = generation_schema(self.parsed_type, o.logprobs is not None)
         prefix = self.tokenizer.encode(self.template.prefix)[:-1]  # its last piece may merge with the text
         self.engine = GenerationEngine(
-            self.model, max_new_tokens, sampling=self.sampling, stop=self.stop, decode=self.tokenizer.decode,
+            self.model, max_new_tokens, sampling=self.sampling, decode=self.tokenizer.decode,
             token_budget=o.batch_tokens, prefix_ids=prefix, vocab_limit=self.tokenizer.vocab_size,
-            pad_token_id=self.tokenizer.padding_id, compile=o.compile)
+            pad_token_id=self.tokenizer.padding_id, compile=o.compile, vocabulary=self.vocabulary)
         self._counted = (0, 0, 0)
 
     def _encode(self, text: str) -> tuple[list[int], bool]:
@@ -95,21 +105,27 @@ class GenerationPipeline(ReportsRows):
                 now = time.perf_counter()
                 self.stats.record(entry.errors, entry.rows, now - clock[0])
                 clock[0] = now
-                yield append_columns(entry.batch, GENERATION, entry.columns, entry.errors)
+                yield append_columns(entry.batch, self.schema, entry.columns, entry.errors)
 
         def drain(completions) -> None:
             self._report(len(completions))
             for c in completions:
                 entry, index = c.key
                 entry.left -= 1
-                if c.finish_reason == FINISH_NONFINITE:
+                if c.finish_reason == FinishReason.NONFINITE:
                     entry.errors[index] = NONFINITE
                     self.stats.nonfinite += 1
                     continue
                 entry.columns["completion"][index] = c.text
-                entry.columns["finish_reason"][index] = c.finish_reason
+                entry.columns["finish_reason"][index] = c.finish_reason.value
                 entry.columns["prompt_tokens"][index] = c.prompt_tokens
                 entry.columns["completion_tokens"][index] = len(c.tokens)
+                if c.error is not None:  # e.g. cut by max_new_tokens before the grammar completed
+                    entry.errors[index] = c.error
+                if self.parsed_type is not None and c.error is None:
+                    entry.columns["parsed"][index] = json.loads(c.text)
+                if c.logprobs is not None:
+                    entry.columns["logprobs"][index] = [self._logprob(t) for t in c.logprobs]
                 self.stats.generated_tokens += len(c.tokens)
             self._count_prefill()
 
@@ -128,11 +144,16 @@ class GenerationPipeline(ReportsRows):
     def _enqueue(self, batch: pa.RecordBatch | pa.Table) -> "_InFlight":
         texts, errors = text_column(batch, self.text_column)
         rows = encode_rows(texts, errors, self._encode, self.max_length, self.truncation_side)
-        entry = _InFlight(batch, errors, rows, {name: [None] * len(texts) for name in GENERATION.names}, len(rows))
+        entry = _InFlight(batch, errors, rows, {name: [None] * len(texts) for name in self.schema.names}, len(rows))
         self._report(len(texts) - len(rows))  # rows that never reach the model
         for row in rows:
             self.engine.add(Request((entry, row.index), row.ids))
         return entry
+
+    def _logprob(self, t) -> dict:
+        text = self.vocabulary.text
+        return {"token": text(t.id), "id": t.id, "logprob": t.logprob,
+                "top_logprobs": [{"token": text(i), "id": i, "logprob": lp} for i, lp in t.top]}
 
     def _count_prefill(self) -> None:
         """Prefill tokens (real and padded) from the engine's counters, into the pipeline's padding stats."""

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import types
 import typing
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -171,19 +173,89 @@ class GenerateOptions(ModelOptions):
     top_p: float = option(1.0, "Nucleus sampling mass, in (0, 1] (1 = off).", min=0.0, max=1.0)
     seed: int = option(0, "Sampling seed: a row's completion depends on (seed, prompt) only.")
     stop: list[str] = option([], "Stop string (repeatable); the completion ends before it.", escapes=True)
+    json_schema: str | None = option(
+        None, "JSON schema the completion must match (a file, or inline JSON); adds a typed `parsed` column.")
+    regex: str | None = option(None, "Regular expression the whole completion must match.")
+    choices: list[str] | None = option(None, "a,b,c: the completion is exactly one of these.", cli="comma")
+    grammar: str | None = option(None, "Lark grammar file the completion must match (llguidance's dialect).")
+    logprobs: int | None = option(
+        None, "Add `logprobs`: each generated token's log-probability and its K likeliest alternatives (0-20).",
+        min=0, max=20)
     compile: bool | None = option(None, "Compiled decode step (default: on for CUDA).", identity=False)
 
     def problems(self) -> list[str]:
         found = super().problems() + _template_problems(self.prompt_template)
         if self.top_p == 0:
             found.append("top_p: must be in (0, 1], got 0")
+        given = [name for name in CONSTRAINTS if getattr(self, name) is not None]
+        if len(given) > 1:
+            found.append(f"{given[1]}: give one constraint at most, got {', '.join(given)}")
+        elif given:
+            try:
+                self.constraint().check()
+            except (ValueError, OSError) as e:  # GrammarError is a ValueError
+                found.append(f"{given[0]}: {_one_line(e)}")
         return found
+
+    def resolved(self) -> "GenerateOptions":
+        """A copy holding the contents of --json-schema and --grammar files instead of their paths (what the
+        actors, which may run elsewhere, and the job's fingerprint need); unreadable ones are left for
+        problems() to report."""
+        values = {}
+        for name in ("json_schema", "grammar"):
+            value = getattr(self, name)
+            if value is not None and not _inline(name, value):
+                try:
+                    values[name] = read_text_file(value)
+                except (OSError, ValueError):
+                    pass
+        return dataclasses.replace(self, **values) if values else self
+
+    def constraint(self):
+        """The persimmon.grammar.Grammar these options ask for, or None."""
+        from persimmon.grammar import Grammar
+
+        if self.json_schema is not None:
+            text = self.json_schema if _inline("json_schema", self.json_schema) else read_text_file(self.json_schema)
+            return Grammar.json_schema(text)
+        if self.regex is not None:
+            return Grammar.regex(self.regex)
+        if self.choices is not None:
+            return Grammar.choices(self.choices)
+        if self.grammar is not None:
+            return Grammar.lark(self.grammar if _inline("grammar", self.grammar) else read_text_file(self.grammar))
+        return None
 
     @property
     def sampling(self):
         from persimmon import SamplingParams
 
-        return SamplingParams(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, seed=self.seed)
+        return SamplingParams(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, seed=self.seed,
+                              max_new_tokens=self.max_new_tokens, stop=tuple(self.stop), logprobs=self.logprobs,
+                              grammar=self.constraint())
+
+
+CONSTRAINTS = ("json_schema", "regex", "choices", "grammar")
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())
+
+
+def _inline(name: str, value: str) -> bool:
+    """A JSON schema given inline starts with `{`; a Lark grammar inline holds a rule (`:`) over lines."""
+    if name == "json_schema":
+        return value.lstrip().startswith("{")
+    return "\n" in value or ("start" in value and ":" in value and not Path(os.path.expanduser(value)).is_file())
+
+
+def read_text_file(path: str) -> str:
+    file = Path(os.path.expanduser(path))
+    if not file.is_file():
+        raise ValueError(f"no such file: {path}")
+    if file.stat().st_size > 1 << 20:
+        raise ValueError(f"{path} is over 1 MiB: not a schema or grammar")
+    return file.read_text(encoding="utf-8")
 
 
 @dataclass
@@ -194,5 +266,12 @@ class EmbedOptions(ModelOptions):
     normalize: bool = option(False, "Scale each embedding to unit length (for cosine similarity).")
 
 
-TASK_OPTIONS: dict[str, type[ModelOptions]] = {"classify": ClassifyOptions, "generate": GenerateOptions,
-                                               "embed": EmbedOptions}
+@dataclass
+class ScoreOptions(ModelOptions):
+    truncation_side: str = option("right", "Which end of a too-long text to drop.", choices=SIDES)
+    prompt_template: str | None = option(
+        None, "Score the text inside this prompt ({text} is replaced): only the text's own tokens are scored.",
+        escapes=True)
+
+    def problems(self) -> list[str]:
+        return super().problems() + _template_problems(self.prompt_template)

@@ -17,6 +17,72 @@ GENERATION = pa.schema([
     ("completion_tokens", pa.int32()),
 ])
 ERROR = pa.field("error", pa.string())
+SCORE = pa.schema([("logprob", pa.float64()), ("tokens", pa.int32()), ("perplexity", pa.float64())])
+_ALTERNATIVE = pa.struct([("token", pa.string()), ("id", pa.int32()), ("logprob", pa.float32())])
+LOGPROBS = pa.field("logprobs", pa.list_(pa.struct([
+    ("token", pa.string()), ("id", pa.int32()), ("logprob", pa.float32()),
+    ("top_logprobs", pa.list_(_ALTERNATIVE))])))
+_SCALARS = {"string": pa.string(), "integer": pa.int64(), "number": pa.float64(), "boolean": pa.bool_()}
+
+
+class UnmappedSchema(ValueError):
+    """A JSON schema with no Arrow type (the output then has no `parsed` column)."""
+
+
+def arrow_type(schema: dict, where: str = "the schema") -> pa.DataType:
+    """The Arrow type of values matching a JSON schema: object -> struct (its declared properties, in order; a
+    property not required is nullable), string / enum of strings -> string, integer -> int64, number ->
+    float64, boolean -> bool, array -> list. Raises UnmappedSchema naming the part that does not map."""
+    if not isinstance(schema, dict):
+        raise UnmappedSchema(f"{where} is not a schema object")
+    kind = schema.get("type")
+    if isinstance(kind, list):  # ["string", "null"]: nullable, which every Arrow value is
+        kinds = [k for k in kind if k != "null"]
+        if len(kinds) != 1:
+            raise UnmappedSchema(f"{where} allows several types {kind}")
+        kind = kinds[0]
+    if kind is None and "enum" in schema:
+        if all(isinstance(v, str) for v in schema["enum"]):
+            return pa.string()
+        raise UnmappedSchema(f"{where} is an enum of values that are not all strings")
+    if kind is None and isinstance(schema.get("const"), str):
+        return pa.string()
+    if kind in _SCALARS:
+        return _SCALARS[kind]
+    if kind == "array":
+        if not isinstance(schema.get("items"), dict):
+            raise UnmappedSchema(f"{where} is an array without one `items` schema")
+        return pa.list_(arrow_type(schema["items"], f"{where}.items"))
+    if kind == "object" or "properties" in schema:
+        properties = schema.get("properties")
+        if not isinstance(properties, dict) or not properties:
+            raise UnmappedSchema(f"{where} is an object without declared properties")
+        if schema.get("additionalProperties") not in (None, False):
+            raise UnmappedSchema(f"{where} allows properties it does not declare (additionalProperties)")
+        required = set(schema.get("required", ()))
+        return pa.struct([pa.field(name, arrow_type(sub, f"{where}.{name}"), nullable=name not in required)
+                          for name, sub in properties.items()])
+    raise UnmappedSchema(f"{where} has no type this maps ({', '.join(k for k in ('anyOf', 'oneOf', 'allOf', '$ref') if k in schema) or kind!r})")
+
+
+def parsed_type(schema: dict | None) -> pa.DataType | None:
+    """The `parsed` column's type for a --json-schema, or None when the schema does not map."""
+    if schema is None:
+        return None
+    try:
+        return arrow_type(schema)
+    except UnmappedSchema:
+        return None
+
+
+def generation_schema(parsed: pa.DataType | None = None, logprobs: bool = False) -> pa.Schema:
+    """generate's columns: the fixed four, then `parsed` (with a mappable --json-schema), then `logprobs`."""
+    fields = list(GENERATION)
+    if parsed is not None:
+        fields.append(pa.field("parsed", parsed))
+    if logprobs:
+        fields.append(LOGPROBS)
+    return pa.schema(fields)
 
 
 def is_text_type(kind: pa.DataType) -> bool:

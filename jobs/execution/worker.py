@@ -35,7 +35,6 @@ CONCURRENCY_GROUPS = {"work": 1, "control": 1}
 MODEL_CHANGED, OUTPUT_UNWRITABLE = "model changed", "output unwritable"  # UnitResult.fatal: the job stops
 # what a write to a full, read-only or over-quota output says (pyarrow's errors carry the text, not errno)
 FULL_OR_READ_ONLY = ("No space left on device", "Read-only file system", "Disk quota exceeded")
-PIPELINES = {"classify": "ClassificationPipeline", "generate": "GenerationPipeline", "embed": "EmbeddingPipeline"}
 
 
 class Cancelled(Exception):
@@ -58,9 +57,9 @@ def failed(exc: BaseException, context: str = "") -> UnitResult:
 
 def build_pipeline(spec: JobSpec, device: str):
     """The pipeline a job spec describes."""
-    import pipelines  # torch comes with it: only the workers need it
+    from pipelines.tasks import TASKS
 
-    pipeline = getattr(pipelines, PIPELINES[spec.task])
+    pipeline = TASKS[spec.task].pipeline_class()  # torch comes with it: only the workers need it
     return pipeline(spec.model, spec.options, device=device, text_column=spec.text_column)
 
 

@@ -9,8 +9,8 @@ import torch
 
 from persimmon import PersimmonForCausalLM, SamplingParams
 from persimmon.engine import GenerationEngine, Request
-from persimmon.generate import generate
 from tests.conftest import build_hf_model
+from tests.oracle import naive_generate
 
 SAMPLED = SamplingParams(temperature=0.9, top_k=40, top_p=0.95, seed=7)
 
@@ -29,14 +29,14 @@ def prompts(n: int = 10, seed: int = 0) -> list[list[int]]:
 
 
 def alone(model, rows, new, sampling, eos):
-    return [generate(model, torch.tensor([r]), max_new_tokens=new, sampling=sampling, eos_token_id=eos)
-            for r in rows]
+    """Each row through the naive loop: (tokens, finish reason)."""
+    return [naive_generate(model, r, new, sampling, eos) for r in rows]
 
 
 def frequent_token(model, rows, new) -> int:
     """A token the rows really emit early on (as EOS it ends rows at different points)."""
     first = alone(model, rows, new, SamplingParams(), [])
-    return first[0].tokens[0][3]
+    return first[0][0][3]
 
 
 @pytest.mark.parametrize("sampling", [SamplingParams(), SAMPLED], ids=["greedy", "sampled"])
@@ -50,8 +50,8 @@ def test_rows_joining_mid_decode_give_their_tokens_alone(model, sampling):
     assert engine.slots == 3 and engine.counters["pools"] == 1
     assert sorted(c.key for c in done) == list(range(len(rows)))
     for c in done:
-        assert c.tokens == expected[c.key].tokens[0], f"row {c.key}"
-        assert c.finish_reason == expected[c.key].finish_reasons[0]
+        assert c.tokens == expected[c.key][0], f"row {c.key}"
+        assert c.finish_reason == expected[c.key][1]
         assert c.prompt_tokens == len(rows[c.key])
     assert {"eos", "length"} <= {c.finish_reason for c in done}
     # the same rows in another order, with another budget: the same tokens
@@ -60,13 +60,28 @@ def test_rows_joining_mid_decode_give_their_tokens_alone(model, sampling):
     assert again == {c.key: c.tokens for c in done}
 
 
+def test_each_request_brings_its_own_parameters(model):
+    """Greedy and differently sampled rows with their own lengths share the decode steps; each gives what it
+    gives alone under its own parameters."""
+    rows = prompts(9, seed=5)
+    mix = [SamplingParams(), SAMPLED, SamplingParams(temperature=1.3, seed=3, max_new_tokens=5),
+           SamplingParams(temperature=0.7, top_k=5, seed=9, max_new_tokens=14)]
+    params = [mix[i % len(mix)] for i in range(len(rows))]
+    expected = [naive_generate(model, r, p.max_new_tokens or 10, p, []) for r, p in zip(rows, params)]
+    engine = GenerationEngine(model, 10, eos_token_id=[], token_budget=4 * 128)
+    done = {c.key: c for c in engine.run(Request(i, r, params[i]) for i, r in enumerate(rows))}
+    for i, (tokens, finish) in enumerate(expected):
+        assert done[i].tokens == tokens and done[i].finish_reason == finish, f"row {i}"
+    assert {len(done[i].tokens) for i in range(len(rows))} == {5, 10, 14}
+
+
 def test_a_shared_prefix_changes_no_token(model):
     prefix = [1] + list(range(50, 90))
     rows = [prefix + r[1:] for r in prompts(6, seed=1)] + [[1, 5, 6, 7]]  # the last row does not share it
     expected = alone(model, rows, 10, SAMPLED, [])
     engine = GenerationEngine(model, 10, SAMPLED, eos_token_id=[], token_budget=4 * 128, prefix_ids=prefix)
     got = {c.key: c.tokens for c in engine.run(Request(i, r) for i, r in enumerate(rows))}
-    assert got == {i: e.tokens[0] for i, e in enumerate(expected)}
+    assert got == {i: e[0] for i, e in enumerate(expected)}
     assert engine.counters["prefix_prefills"] == 1 and engine.counters["prefix_tokens_shared"] == 6 * len(prefix)
 
 
@@ -82,7 +97,7 @@ def test_the_pool_grows_for_a_longer_row(model):
     while engine.busy:
         got.update({c.key: c.tokens for c in engine.step()})
     assert engine.pool.capacity > capacity and engine.counters["pools"] == 2
-    assert got == {i: e.tokens[0] for i, e in enumerate(expected)}
+    assert got == {i: e[0] for i, e in enumerate(expected)}
 
 
 def test_ids_past_the_vocabulary_limit_are_never_produced(model):
