@@ -24,7 +24,7 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--compile", action="store_true", help="ours with the compiled static decode step")
+    ap.add_argument("--compile", action="store_true", help="ours with the engine's compiled decode step")
     args = ap.parse_args()
     dtype = getattr(torch, args.dtype)
 

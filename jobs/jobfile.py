@@ -88,6 +88,7 @@ def read_job_file(path: str | Path, check_model: bool = True) -> dict[str, Any]:
         problems.append(f"task: expected one of {list(TASKS)}, got {task!r}")
     kind = TASK_OPTIONS.get(task, ClassifyOptions)
     options = raw.get("options", {}) if isinstance(raw.get("options", {}), dict) else {}
+    options = file_options(options, path.parent)
     problems += kind.from_mapping(options, "options.", f"unknown option for task {task!r}")[1]
     runner = raw.get("runner", {}) if isinstance(raw.get("runner", {}), dict) else {}
     problems += RunnerSettings.from_mapping(runner, "runner.")[1]
@@ -132,13 +133,24 @@ def local_path(value: str, folder: Path | None) -> str:
     return str(folder / value)
 
 
+def file_options(options: dict[str, Any], folder: Path | None) -> dict[str, Any]:
+    """Options naming a file (json_schema, grammar), relative to the job file's folder like every path in it."""
+    from pipelines.options import _inline
+
+    out = dict(options)
+    for key in ("json_schema", "grammar"):
+        if isinstance(out.get(key), str) and not _inline(key, out[key]):
+            out[key] = local_path(out[key], folder)
+    return out
+
+
 def job_spec(raw: dict[str, Any], date: dt.date, overwrite: bool = False, folder: Path | None = None) -> JobSpec:
     """The JobSpec for one date of a validated job file; `folder`: the job file's folder."""
     return JobSpec(
         task=raw["task"], model=local_path(render(raw["model"], date), folder),
         input=local_path(render(raw["input"], date), folder), output=local_path(render(raw["output"], date), folder),
         text_column=raw.get("text_column", "text"),
-        options=dict(raw.get("options", {})), runner=RunnerSettings.from_mapping(raw.get("runner", {}))[0],
+        options=file_options(raw.get("options", {}), folder), runner=RunnerSettings.from_mapping(raw.get("runner", {}))[0],
         name=raw["name"], overwrite=overwrite,
         date=date.isoformat(),
     )

@@ -92,8 +92,8 @@ def generate(
     done = {}
     if max_new_tokens:
         engine = GenerationEngine(model, max_new_tokens, sampling, eos_token_id=eos_token_id, stop=stop,
-                                  decode=decode, token_budget=token_budget, pad_token_id=pad, compile=compile,
-                                  vocabulary=vocabulary)
+                                  decode=decode, token_budget=token_budget, max_slots=B, pad_token_id=pad,
+                                  compile=compile, vocabulary=vocabulary)
         keys = [None if row_keys is None else repr(row_keys[i]).encode() for i in range(B)]
         done = {c.key: c for c in engine.run(Request(i, prompts[i], seed_key=keys[i]) for i in range(B))}
     tokens = [done[i].tokens if i in done else [] for i in range(B)]

@@ -3,6 +3,7 @@ start block, in a copy of the checkout (its own demo-data/), with the suite's .v
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -60,3 +61,8 @@ def test_readme_demo_and_quick_start_run_as_written(tmp_path):
     vectors = pq.read_table(repo / "demo-data" / "vectors")
     assert vectors.num_rows == 900 and vectors.schema.field("embedding").type.list_size == 256
     assert (repo / "demo-data" / "daily" / "dt=2026-11-24" / "_SUCCESS").exists()
+    fields = pq.read_table(repo / "demo-data" / "fields").to_pylist()
+    valid = [r for r in fields if r["error"] is None]
+    assert len(valid) >= 0.9 * len(fields) and all(json.loads(r["completion"]) == r["parsed"] for r in valid)
+    scores = pq.read_table(repo / "demo-data" / "scores", columns=["tokens", "perplexity"]).to_pylist()
+    assert len(scores) == 900 and all(r["perplexity"] > 1 for r in scores if r["tokens"])

@@ -99,6 +99,7 @@ def test_validate_starts_no_ray(demo_root, tmp_path):
 
 
 def test_examples_are_valid_with_a_real_model(demo_root, causal_model, tmp_path):
+    shutil.copy(EXAMPLES / "ticket.schema.json", tmp_path)  # nightly-extract's schema, beside the job file
     for example in sorted(EXAMPLES.glob("*.toml")):
         text = example.read_text()
         model = text.split('model = "')[1].split('"')[0]
@@ -109,6 +110,8 @@ def test_examples_are_valid_with_a_real_model(demo_root, causal_model, tmp_path)
         assert "dt=2026-11-23" in spec.output
         assert "dt=2026-11-23" in spec.input or "{date}" not in raw["input"]
         spec.validate()
+        if "json_schema" in text:  # the file's content travels in the spec (actors may run elsewhere)
+            assert spec.options.json_schema == (EXAMPLES / "ticket.schema.json").read_text()
 
 
 def partition(root: Path, demo_root: Path, day: str) -> None:
