@@ -36,7 +36,7 @@ def good(model: Path, root: Path) -> str:
 BAD = [
     ("unknown top key", 'colour = "red"', "colour: unknown key"),
     ("missing name", None, "name: missing"),
-    ("task value", None, "task: expected one of ['classify', 'generate', 'embed'], got 'score'"),
+    ("task value", None, "task: expected one of ['classify', 'generate', 'embed', 'score'], got 'summarize'"),
     ("option type", '[options]\nmax_length = "2k"', 'options.max_length: expected an integer, got \'2k\''),
     ("unknown option", '[options]\nmax_new_tokens = 5', "options.max_new_tokens: unknown option for task 'classify'"),
     ("dtype value", '[options]\ndtype = "int4"', "options.dtype: expected one of"),

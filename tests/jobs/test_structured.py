@@ -5,7 +5,6 @@ pipeline; bad constraints fail in one line before anything starts, with nothing 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import jsonschema
 import pyarrow as pa
@@ -32,6 +31,8 @@ def generate(model, input, out, *extra):
 
 def test_an_extraction_job_gives_valid_typed_rows(ray_local, demo, causal_model, tmp_path):
     _, input, out = demo
+    for name in ("part-00002.parquet", "part-00003.parquet"):  # two shards are enough here
+        (input / name).unlink()
     schema = tmp_path / "ticket.json"
     schema.write_text(json.dumps(SCHEMA))
     args = generate(causal_model, input, out, "--json-schema", schema, "--max-new-tokens", 60, "--logprobs", 2,
@@ -58,7 +59,7 @@ def test_an_extraction_job_gives_valid_typed_rows(ray_local, demo, causal_model,
     assert complete >= 0.9 * len(ids_of(out))
     assert manifest_of(out)["spec"]["options"]["json_schema"] == json.dumps(SCHEMA)  # the file's content
     again = run_here(*args)
-    assert again.returncode == 0 and "4 done (4 already committed)" in again.stdout
+    assert again.returncode == 0 and "2 done (2 already committed)" in again.stdout
     # the schema file changed: the outputs are another job's
     schema.write_text(json.dumps({**SCHEMA, "required": ["sentiment"]}))
     changed = run_here(*args)
