@@ -55,7 +55,7 @@ BAD = [
 def test_bad_job_files_name_the_key(demo_root, tmp_path, case, extra, message):
     body = good(demo_root / "model", tmp_path)
     if case == "task value":
-        body = body.replace('task = "classify"', 'task = "score"')
+        body = body.replace('task = "classify"', 'task = "summarize"')
     elif case == "missing name":
         body = body.replace('name = "nightly"\n', "")
     elif case == "placeholder":
@@ -80,7 +80,7 @@ def test_bad_job_files_name_the_key(demo_root, tmp_path, case, extra, message):
 
 
 def test_every_problem_listed_at_once(tmp_path):
-    body = 'name = 3\ntask = "score"\nmodel = "/nope"\n[options]\nmax_length = -1\n'
+    body = 'name = 3\ntask = "summarize"\nmodel = "/nope"\n[options]\nmax_length = -1\n'
     with pytest.raises(JobFileError) as info:
         read_job_file(write_job(tmp_path, body))
     problems = "\n".join(info.value.problems)
