@@ -85,6 +85,8 @@ def build_walkthrough(root: str | Path, per_source: int = 500, labeled_fraction:
             ids = list(range(s * step, s * step + len(rows)))
             table = pa.table({"id": ids, "text": [t for t, _ in rows], "source": [src for _, src in rows]})
             pq.write_table(table, folder / f"part-{s:05d}.parquet", row_group_size=100)
+    # a few rows for the README's extraction example (generation under a schema costs tokens per row)
+    pq.write_table(pq.read_table(root / "input" / "part-00000.parquet").slice(0, 24), root / "tickets.parquet")
     return root
 
 
