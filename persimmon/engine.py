@@ -242,12 +242,12 @@ class GenerationEngine:
         eos = self.config.eos_token_id if eos_token_id is None else eos_token_id
         self.eos_ids = set() if eos is None else {eos} if isinstance(eos, int) else set(eos)
         self.decode = decode
+        self.vocabulary = vocabulary
         self._check(self.sampling)
         self.token_budget, self.max_slots = token_budget, max_slots
         self.prefix_ids = list(prefix_ids) if prefix_ids and len(prefix_ids) > 1 else None
         self.prefix_cache: KVCache | None = None
         self.vocab_limit = vocab_limit if vocab_limit is not None and vocab_limit < self.config.vocab_size else None
-        self.vocabulary = vocabulary
         self.pad = pad_token_id
         self.static = compile if compile is not None else self.device.type == "cuda"
         self.fallback_seed = secrets.randbits(63)  # for sampled requests whose seed is None
@@ -261,7 +261,7 @@ class GenerationEngine:
     def _check(self, params: SamplingParams) -> None:
         if params.stop and self.decode is None:
             raise ValueError("stop strings need a decode function (token ids -> text)")
-        if (params.grammar is not None or params.logprobs is not None) and getattr(self, "vocabulary", 1) is None:
+        if (params.grammar is not None or params.logprobs is not None) and self.vocabulary is None:
             raise ValueError("a grammar or logprobs need the engine's vocabulary (persimmon.grammar.Vocabulary)")
 
     # -- queue -----------------------------------------------------------------------------------------------

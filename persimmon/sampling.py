@@ -118,8 +118,7 @@ def sample(logits: torch.Tensor, params: Sequence[SamplingParams], uniforms: Seq
     groups: dict[tuple, list[int]] = {}
     for i, p in enumerate(params):
         groups.setdefault(p.filters, []).append(i)
-    if len(groups) == 1:
-        (filters, rows), = groups.items()
+    if len(groups) == 1:  # the common case: one set of filters for the whole step, no gather
         u = None if params[0].greedy else torch.tensor(uniforms, dtype=torch.float64, device=logits.device)
         return _sample_group(logits, params[0], u)
     out = torch.empty(logits.shape[0], dtype=torch.long, device=logits.device)

@@ -23,7 +23,7 @@ from .batching import (EncodedRow, PipelineStats, ReportsRows, check_vocabulary,
                        pad_batch, plan_batches, text_column)
 from .options import ZERO_SHOT_TEMPLATE, ClassifyOptions
 from .prompts import PromptTemplate
-from .schema import ZERO_SHOT, append_columns, classification_kind, task_schema
+from .schema import ZERO_SHOT, append_columns, classification_kind, classification_schema
 
 class ClassificationPipeline(ReportsRows):
     def __init__(
@@ -65,7 +65,7 @@ class ClassificationPipeline(ReportsRows):
             self.label_ids = []
             self.model = PersimmonForSequenceClassification.from_pretrained(model_dir, dtype=o.dtype, device=self.device)
             self.kind = classification_kind(self.model.config)
-            self.schema = task_schema("classify", self.model.config)
+            self.schema = classification_schema(self.model.config)
         config = self.model.config
         check_vocabulary(self.tokenizer, config)
         longest_label = max((len(ids) for ids in self.label_ids), default=0)

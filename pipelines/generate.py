@@ -53,7 +53,6 @@ class GenerationPipeline(ReportsRows):
         self.template = PromptTemplate(o.prompt_template)
         self.max_new_tokens = max_new_tokens = o.max_new_tokens
         self.sampling = o.sampling
-        self.stop = [s for s in o.stop if s]
         self.text_column, self.truncation_side = text_column, o.truncation_side
         self.batch_tokens, self.compile = o.batch_tokens, o.compile
         self.device = torch.device(device)

@@ -104,12 +104,8 @@ def classification_kind(config) -> str:
     return config.problem_type or ("regression" if config.num_labels == 1 else "single_label_classification")
 
 
-def task_schema(task: str, config, zero_shot: bool = False) -> pa.Schema:
-    """The columns a task adds (before `error`), for a model with this config."""
-    if task == "generate":
-        return GENERATION
-    if task == "embed":
-        return embedding_schema(config.hidden_size)
+def classification_schema(config, zero_shot: bool = False) -> pa.Schema:
+    """The columns classify adds (before `error`) for a model with this config, or for zero-shot."""
     if zero_shot:
         return ZERO_SHOT
     return {"regression": REGRESSION, "single_label_classification": SINGLE_LABEL,

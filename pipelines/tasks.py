@@ -15,7 +15,7 @@ from typing import Any, Callable
 import pyarrow as pa
 
 from .options import ClassifyOptions, EmbedOptions, GenerateOptions, ModelOptions, ScoreOptions
-from .schema import SCORE, embedding_schema, generation_schema, parsed_type, task_schema
+from .schema import SCORE, embedding_schema, generation_schema, parsed_type, classification_schema
 
 
 @dataclass(frozen=True)
@@ -41,7 +41,7 @@ def _generate_columns(config, options: GenerateOptions) -> pa.Schema:
 TASKS: dict[str, Task] = {t.name: t for t in (
     Task("classify", ClassifyOptions, "classify:ClassificationPipeline",
          "Classify every row: label, score and probs (or labels / score for multi-label and regression models).",
-         lambda config, o: task_schema("classify", config, o.zero_shot), lambda o: o.zero_shot),
+         lambda config, o: classification_schema(config, o.zero_shot), lambda o: o.zero_shot),
     Task("generate", GenerateOptions, "generate:GenerationPipeline",
          "Generate a completion for every row: completion, finish_reason, prompt_tokens, completion_tokens "
          "(and `parsed` under --json-schema, `logprobs` with --logprobs).",
