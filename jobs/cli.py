@@ -146,7 +146,8 @@ def command(*args, **kwargs):
 
 Model = Annotated[Path, typer.Option("--model", help="Checkpoint directory (config.json, safetensors, tokenizer.model).",
                                      exists=True, file_okay=False, resolve_path=True)]
-Input = Annotated[str, typer.Option("--input", help="Parquet file, directory or glob; local or a URI (s3://, gs://, hdfs://).")]
+Input = Annotated[str, typer.Option("--input", help="Parquet, CSV or JSON Lines file, directory or glob; local or a URI "
+                                                   "(s3://, gs://, hdfs://).")]
 Output = Annotated[str, typer.Option("--output", help="Output directory (local or URI): one file per input shard.")]
 TextColumn = Annotated[str, typer.Option(help="Column holding the text.")]
 Overwrite = Annotated[bool, typer.Option(help="Replace this tool's outputs of a different model or options, and "
@@ -256,11 +257,31 @@ def _run(spec: JobSpec, exit_at_end: bool = True) -> int:
     return result.exit_code
 
 
+class InputFormat(str, enum.Enum):
+    parquet = "parquet"
+    csv = "csv"
+    jsonl = "jsonl"
+
+
+InputFormatOption = Annotated[Optional[InputFormat], typer.Option(
+    "--input-format", help="Read every input file as this format (default: by suffix: .parquet, .csv, "
+                           ".jsonl/.ndjson; other names given as a file are Parquet).")]
+Requests = Annotated[str, typer.Option("--input", help="OpenAI batch file (.jsonl) or a folder or glob of them; "
+                                                        "local or a URI.")]
+
+
 def _task_command(task) -> None:
     """The command of a registered task (pipelines/tasks.py): its options' flags, the runner's, one job."""
-    def run_task(model: Model, input: Input, output: Output, text_column: TextColumn = "text",
-                 overwrite: Overwrite = False, *, options, runner) -> None:
-        _run(JobSpec(task.name, str(model), input, output, text_column, options, runner, overwrite=overwrite))
+    if task.requests:
+        def run_task(model: Model, input: Requests, output: Output, overwrite: Overwrite = False, *, options,
+                     runner) -> None:
+            _run(JobSpec(task.name, str(model), input, output, "text", options, runner, overwrite=overwrite))
+    else:
+        def run_task(model: Model, input: Input, output: Output, text_column: TextColumn = "text",
+                     input_format: InputFormatOption = None, overwrite: Overwrite = False, *, options,
+                     runner) -> None:
+            _run(JobSpec(task.name, str(model), input, output, text_column, options, runner, overwrite=overwrite,
+                         input_format=input_format.value if input_format else None))
 
     run_task.__name__ = run_task.__qualname__ = task.name
     run_task.__doc__ = task.summary

@@ -36,7 +36,8 @@ from .execution.worker import MODEL_CHANGED
 from .execution.progress import Progress
 from .execution.submit import AlreadySubmitted, follow_job, submission_id, submit_job
 from .output.checksum import model_checksum, pin_model
-from .output.commit import commit, output_name, remove_temporaries
+from .output import formats
+from .output.commit import commit, remove_temporaries
 from .output.discovery import Discovery, ShardInfo, absolute, discover, inspect_shard, join, output_overlap, resolve
 from .output.lease import OutputLease
 from .output.manifest import Manifest
@@ -331,7 +332,7 @@ def run_job(spec: JobSpec, stream=None, tty: bool | None = None,
     from persimmon.files import load_dtype
 
     out_fs, out_base = resolve(spec.output)
-    discovery = discover(spec.input, output=(out_fs, out_base))
+    discovery = discover(spec.input, output=(out_fs, out_base), input_format=spec.input_format)
     check_text_column(spec, discovery)
     check_output_place(spec, out_fs, out_base, discovery)
     _read_manifest(out_fs, out_base, discovery, spec)  # refuse someone else's folder before writing into it
@@ -358,7 +359,7 @@ def run_job(spec: JobSpec, stream=None, tty: bool | None = None,
         elif manifest.data.get("fingerprint") != fingerprint:  # overwrite: the old results are replaced
             manifest.data["shards"] = {s: {**e, "state": "pending"} for s, e in manifest.shards.items()}
         plan = plan_run(spec, discovery, manifest, listing, recognised, fingerprint, _output_columns(spec, config))
-        result = _result_of(plan, discovery, takeover)
+        result = _result_of(spec, plan, discovery, takeover)
         embedded = spec.runner.address is None and not ray.is_initialized()
         result.startup_parts["plan"] = time.perf_counter() - started  # discovery, model checksum, lease, manifest
         try:
@@ -418,12 +419,13 @@ def run_job(spec: JobSpec, stream=None, tty: bool | None = None,
 _cluster_gone: list[str] = []  # set when the cluster died under a run: no more Ray calls in this process
 
 
-def _result_of(plan: Plan, discovery: Discovery, takeover: str | None) -> JobResult:
+def _result_of(spec: JobSpec, plan: Plan, discovery: Discovery, takeover: str | None) -> JobResult:
     result = JobResult(shards=len(discovery.shards), skipped=len(plan.done) + len(plan.adopted))
     result.done = result.skipped
     result.notes = [takeover] if takeover else []
     if discovery.skipped:
-        result.notes.append(f"input: {discovery.skipped} files or folders skipped (hidden, _-prefixed, not .parquet "
+        kinds = ".jsonl" if spec.input_format == formats.REQUESTS else ".parquet, .csv or .jsonl"
+        result.notes.append(f"input: {discovery.skipped} files or folders skipped (hidden, _-prefixed, not {kinds} "
                             "or not regular files)")
     result.notes += _listed(discovery.notes, lambda s: s)
     result.notes += _listed(plan.changed, lambda s: f"{s} changed since its output was committed: reprocessed")
@@ -448,6 +450,10 @@ def _finish(manifest: Manifest, result: JobResult, spec: JobSpec, lease: OutputL
                                 "startup_seconds": round(result.startup_seconds, 3),
                                 "startup_parts": {k: round(v, 3) for k, v in result.startup_parts.items()},
                                 "backups": result.backups}
+    if spec.input_format == formats.REQUESTS:  # OpenAI's batch object counts requests, over the whole job
+        done = [e for e in manifest.shards.values() if e.get("state") == "done"]
+        manifest.data["summary"]["request_counts"] = formats.request_counts(
+            {"rows": sum(e.get("rows", 0) for e in done), "errors": sum(e.get("errors", 0) for e in done)})
     manifest.data["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     try:
         lease.confirm(force=True)
@@ -576,8 +582,8 @@ class JobRun:
                 for key in UNIT_COUNTS:
                     setattr(self.result, key, getattr(self.result, key) - entry.get(key, 0))
                 info = inspect_shard(self.discovery.fs, self.discovery.base, shard, self.discovery.files.get(shard),
-                                     self.spec.text_column)
-                self.manifest.mark_pending(shard, entry.get("output", output_name(shard)), info.identity,
+                                     self.spec.text_column, self.discovery.format_of(shard))
+                self.manifest.mark_pending(shard, entry.get("output", self.discovery.output(shard)), info.identity,
                                            "its committed output was gone before the run ended")
                 self.dispatcher.add(plan_units(shard, info, self.spec.runner.rows_per_unit))
             if round == 1:
@@ -586,12 +592,23 @@ class JobRun:
 
     def _done(self, decision: Commit) -> None:
         self.lease.confirm()  # raises LeaseLost: another run owns the output now, commit nothing more
-        final = output_name(decision.shard)
-        committed = commit(self.out_fs, self.out_base, decision.temp, final)
-        entry = {"output": final, "attempts": decision.attempts, **committed, **decision.stats}
+        final = self.discovery.output(decision.shard)
+        fmt = self.discovery.format_of(decision.shard)
+        entry = {"output": final, "attempts": decision.attempts, **decision.stats}
         entry.pop("input_identity", None)
         if decision.identity is not None:
             entry["input_identity"] = decision.identity
+        temps, finals = formats.companions(decision.temp, fmt), formats.companions(final, fmt)
+        if len(finals) > 1:  # files without metadata: journal the commit before moving them (manifest.py)
+            sizes = [self.out_fs.get_file_info(join(self.out_base, t)).size for t in temps]
+            self.manifest.mark_committing(decision.shard, {**entry, "size": sizes[0], "companions": {
+                name: {"size": size} for name, size in zip(finals[1:], sizes[1:])}})
+        for temp, name in reversed(list(zip(temps, finals))):  # the main file last: its presence means all are
+            committed = commit(self.out_fs, self.out_base, temp, name)
+            if name == final:
+                entry.update(committed)
+            else:
+                entry.setdefault("companions", {})[name] = committed
         self.manifest.mark_done(decision.shard, entry)
         self.result.done += 1
         for key in UNIT_COUNTS:
@@ -602,13 +619,15 @@ class JobRun:
 
     def _discard(self, temp: str) -> None:
         """A backup's twin finished too: its file is nobody's (the end of the run would remove it anyway)."""
-        try:
-            self.out_fs.delete_file(join(self.out_base, temp))
-        except OSError:
-            pass
+        for name in formats.companions(temp, formats.REQUESTS if temp.endswith(".jsonl") else "parquet"):
+            try:
+                self.out_fs.delete_file(join(self.out_base, name))
+            except OSError:
+                pass
 
     def _failed(self, decision: Failure) -> None:
-        self.manifest.mark_failed(decision.shard, output_name(decision.shard), decision.reason, decision.attempts)
+        self.manifest.mark_failed(decision.shard, self.discovery.output(decision.shard), decision.reason,
+                                  decision.attempts)
         self.result.failed += 1
         self.result.failures[decision.shard] = decision.reason
         self.progress.shard_failed(decision.shard, decision.reason)

@@ -59,12 +59,19 @@ class JobSpec:
     name: str | None = None
     overwrite: bool = False
     date: str | None = None  # the run's date, for jobs from a job file
+    input_format: str | None = None  # parquet | csv | jsonl (None: by each file's suffix); openai-batch: its own
 
     def __post_init__(self) -> None:
         self.model, self.input, self.output = (p if "://" in p else os.path.expanduser(p)
                                                for p in (str(self.model), str(self.input), str(self.output)))
         if self.task not in TASKS:
             raise ValueError(f"task must be one of {TASKS}, got {self.task!r}")
+        from .output.formats import REQUESTS, check_format
+
+        if REGISTRY[self.task].requests:
+            self.input_format = REQUESTS
+        else:
+            check_format(self.input_format)
         kind = TASK_OPTIONS[self.task]
         if self.options is None:
             self.options = kind()
@@ -147,11 +154,14 @@ class JobSpec:
 
                 if classification_kind(config) != "multi_label_classification":
                     options.pop("threshold", None)
-        payload = json.dumps({"task": self.task, "model": model_checksum, "text_column": self.text_column,
-                              "options": options}, sort_keys=True, default=str)
+        what = {"task": self.task, "model": model_checksum, "text_column": self.text_column, "options": options}
+        if self.input_format is not None:  # only where given: the fingerprints of earlier jobs stay as they were
+            what["input_format"] = self.input_format
+        payload = json.dumps(what, sort_keys=True, default=str)
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
     def to_dict(self) -> dict[str, Any]:
         return {"task": self.task, "model": self.model, "input": self.input, "output": self.output,
                 "text_column": self.text_column, "options": self.options.as_dict(),
-                "runner": self.runner.as_dict(), "name": self.name, "overwrite": self.overwrite, "date": self.date}
+                "runner": self.runner.as_dict(), "name": self.name, "overwrite": self.overwrite, "date": self.date,
+                "input_format": self.input_format}

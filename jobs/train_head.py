@@ -29,7 +29,6 @@ from pipelines.options import EmbedOptions, ModelOptions
 from pipelines.schema import is_text_type
 
 from .errors import BatchError, UsageError
-from .output.commit import output_name
 from .output.discovery import absolute, discover, join, resolve
 from .output.lease import LEASE_DIR
 from .output.ownership import check_train_head_folder
@@ -247,7 +246,7 @@ def read_features(spec: TrainHeadSpec) -> Rows:
     fs, base = resolve(spec.features_dir())
     chunks, labels, unlabeled, unusable = [], [], 0, collections.Counter()
     for shard in discovery.shards:
-        with fs.open_input_file(join(base, output_name(shard))) as f:
+        with fs.open_input_file(join(base, discovery.output(shard))) as f:
             table = pq.read_table(f, columns=[spec.label_column, "embedding", "error"])
         row_names = row_labels(table.column(0).to_pylist(), spec.multi_label)
         errors = table.column("error").to_pylist()

@@ -275,3 +275,15 @@ class ScoreOptions(ModelOptions):
 
     def problems(self) -> list[str]:
         return super().problems() + _template_problems(self.prompt_template)
+
+
+@dataclass
+class BatchAPIOptions(ModelOptions):
+    """openai-batch: what holds for every line (each line brings its own sampling parameters)."""
+
+    max_new_tokens: int = option(256, "Tokens a chat or completion line may generate when it gives no max_tokens "
+                                      "(and the room left in the model's window allows).", min=1)
+    pooling: str = option("last", "Embeddings: the last real token's final hidden state, or the mean.",
+                          choices=("last", "mean"))
+    normalize: bool = option(True, "Embeddings: unit length, as OpenAI's are.")
+    compile: bool | None = option(None, "Compiled decode step (default: on for CUDA).", identity=False)

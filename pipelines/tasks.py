@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 import pyarrow as pa
 
-from .options import ClassifyOptions, EmbedOptions, GenerateOptions, ModelOptions, ScoreOptions
+from .options import BatchAPIOptions, ClassifyOptions, EmbedOptions, GenerateOptions, ModelOptions, ScoreOptions
 from .schema import SCORE, embedding_schema, generation_schema, parsed_type, classification_schema
 
 
@@ -26,6 +26,7 @@ class Task:
     summary: str  # the CLI command's help
     columns: Callable[[Any, Any], pa.Schema]  # (model config, options) -> the columns added (before `error`)
     needs_lm: Callable[[Any], bool] = lambda options: True  # (options) -> runs a causal LM
+    requests: bool = False  # reads OpenAI batch request lines (no text column), writes JSON Lines
 
     def pipeline_class(self) -> type:
         module, name = self.pipeline.split(":")
@@ -53,5 +54,9 @@ TASKS: dict[str, Task] = {t.name: t for t in (
          "Score every row by a causal LM's likelihood: logprob (summed over its tokens after BOS), tokens, "
          "perplexity.",
          lambda config, o: SCORE),
+    Task("openai-batch", BatchAPIOptions, "batch_api:OpenAIBatchPipeline",
+         "Serve OpenAI batch files (.jsonl of /v1/chat/completions, /v1/completions and /v1/embeddings requests): "
+         "OUT/<name>.jsonl holds the responses, OUT/<name>.errors.jsonl the failed lines.",
+         lambda config, o: pa.schema([("record", pa.string())]), requests=True),
 )}
 TASK_OPTIONS: dict[str, type[ModelOptions]] = {name: t.options for name, t in TASKS.items()}

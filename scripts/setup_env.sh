@@ -30,6 +30,22 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
          "build, which is the CUDA one: several GB)" >&2
     "${pip[@]}" "torch==$TORCH_VERSION"
   fi
+  # what was installed, whichever way it came: the build, and how to choose another
+  "$VENV/bin/python" - "$CPU_INDEX" <<'PY' >&2 || true
+import sys
+import torch
+cuda = torch.version.cuda
+build = f"CUDA {cuda} build" if cuda else "CPU build"
+print(f"setup: torch {torch.__version__} ({build}) is installed")
+gpu = torch.cuda.is_available() if cuda else False
+if cuda and not gpu:
+    print("setup: this machine has no usable NVIDIA GPU, so the CUDA build's libraries (GB of nvidia-* wheels) "
+          "are dead weight: for the CPU build, remove .venv and rerun with TORCH_CPU_INDEX=<a reachable CPU "
+          f"wheel index> (default {sys.argv[1]})")
+elif not cuda:
+    print("setup: for another build, remove .venv and rerun with TORCH_CPU_INDEX=<index> (CPU builds) or on a "
+          "machine with an NVIDIA GPU (the CUDA build)")
+PY
   echo "setup: installing persimmon-batch and its dependencies (ray, pyarrow, transformers for the tests...;" \
        "a minute or two the first time)" >&2
   "${pip[@]}" -e ".[test]"

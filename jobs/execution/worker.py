@@ -24,6 +24,7 @@ import ray
 
 from ..errors import ModelChanged
 from ..output.checksum import check_pin
+from ..output import formats
 from ..output.commit import META_FINGERPRINT, META_IDENTITY, META_INPUT, temporary_name
 from ..output.discovery import join
 from ..output.lease import _machine
@@ -147,12 +148,14 @@ class ShardWorker:
         start = time.perf_counter()
         self._rows, self._progress_at, self._token = 0, time.monotonic(), token
         before = self.pipeline.stats.as_dict()
-        temp = temporary_name(unit.key, self.run_id)
+        fmt = formats.shard_format(unit.shard, self.spec.input_format)
+        temp = temporary_name(unit.key, self.run_id, formats.temporary_suffix(fmt))
         try:
-            rows = self._run(unit, temp)
+            rows = self._run(unit, temp, fmt)
             check_pin(self.spec.model, self.pin)  # weights read through a memory map change with the file
         except Exception as exc:  # a bad shard is a result to report, not a crash of the actor
-            self._discard(temp)
+            for name in formats.companions(temp, fmt):
+                self._discard(name)
             return failed(exc)
         after = self.pipeline.stats.as_dict()
         delta = {k: after[k] - before[k] for k in UNIT_COUNTS if k != "rows"}  # rows: counted by _run
@@ -169,41 +172,51 @@ class ShardWorker:
             raise InputProblem(f"{unit.shard} changed while the job ran; rerun to process its new content")
         return self.in_fs.open_input_file(path)
 
-    def _run(self, unit: WorkUnit, temp: str) -> int:
-        with self._open(unit) as source:
+    def _read(self, source, unit: WorkUnit, fmt: str) -> formats.Opened:
+        """The unit's rows as record batches, with the input's schema metadata."""
+        batch_rows = self.spec.runner.batch_rows
+        if fmt == formats.REQUESTS:
+            return formats.read_requests(source, batch_rows)
+        if fmt != "parquet":
+            try:
+                opened = formats.read_tabular(source, fmt, self.spec.text_column, batch_rows)
+            except pa.ArrowInvalid as exc:
+                raise InputProblem(f"not a {formats.NAMES[fmt]} file ({exc})") from None
+        else:
             try:
                 parquet = pq.ParquetFile(source)
             except pa.ArrowInvalid as exc:
                 raise InputProblem(f"not a Parquet file ({exc})") from None
-            columns = parquet.schema_arrow.names
-            if self.spec.text_column not in columns:
-                raise InputProblem(f"shard {unit.shard} has no column {self.spec.text_column!r}; its columns are {columns}")
-            metadata = {**(parquet.schema_arrow.metadata or {}), META_FINGERPRINT: self.fingerprint.encode(),
+            batches = parquet.iter_batches(batch_size=batch_rows, row_groups=unit.row_groups)
+            if unit.row_groups is not None:
+                batches = rows_of(batches, unit.skip, unit.rows)
+            opened = formats.Opened(parquet.schema_arrow, batches, dict(parquet.schema_arrow.metadata or {}))
+        columns = opened.schema.names
+        if self.spec.text_column not in columns:
+            raise InputProblem(f"shard {unit.shard} has no column {self.spec.text_column!r}; its columns are {columns}")
+        return opened
+
+    def _run(self, unit: WorkUnit, temp: str, fmt: str) -> int:
+        with self._open(unit) as source:
+            opened = self._read(source, unit, fmt)
+            metadata = {**opened.metadata, META_FINGERPRINT: self.fingerprint.encode(),
                         META_INPUT: unit.shard.encode(), META_IDENTITY: json.dumps(unit.identity).encode()}
             metadata.pop(b"pandas", None)  # describes the input's columns, not ours
-            writer = None
+            self.out_fs.create_dir(join(self.out_base, temp).rsplit("/", 1)[0], recursive=True)
+            sink = formats.sink_for(fmt, self.out_fs, join(self.out_base, temp))
             rows = 0
             self.pipeline.on_rows = self._on_rows
             try:
-                batches = parquet.iter_batches(batch_size=self.spec.runner.batch_rows, row_groups=unit.row_groups)
-                if unit.row_groups is not None:
-                    batches = rows_of(batches, unit.skip, unit.rows)
-                for out in self.pipeline.stream(batches):  # generation overlaps one batch's tail with the next
+                for out in self.pipeline.stream(opened.batches):  # generation overlaps one batch's tail with the next
                     if self._cancel == self._token:
                         raise Cancelled("cancelled: another attempt of this unit finished first")
-                    out = out.replace_schema_metadata(metadata)
-                    if writer is None:
-                        writer = self._writer(temp, out.schema)
-                    writer.write_table(out)
+                    sink.write(out.replace_schema_metadata(metadata))
                     rows += out.num_rows
-                if writer is None:  # an empty shard still gets its (empty) output file
-                    out = self.pipeline(parquet.schema_arrow.empty_table()).replace_schema_metadata(metadata)
-                    writer = self._writer(temp, out.schema)
-                    writer.write_table(out)
+                if sink.empty:  # an empty shard still gets its (empty) output file
+                    sink.write(self.pipeline(opened.schema.empty_table()).replace_schema_metadata(metadata))
             finally:
                 self.pipeline.on_rows = None
-                if writer is not None:
-                    writer.close()
+                sink.close()
         return rows
 
     @ray.method(concurrency_group="work")

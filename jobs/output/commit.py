@@ -22,14 +22,10 @@ META_INPUT = b"persimmon_batch.input"
 META_IDENTITY = b"persimmon_batch.input_identity"
 
 
-def output_name(shard: str) -> str:
-    return shard if shard.endswith(".parquet") else shard + ".parquet"
-
-
-def temporary_name(key: str, run_id: str) -> str:
+def temporary_name(key: str, run_id: str, suffix: str = ".parquet") -> str:
     """An attempt-unique name under this run's _temporary/ folder: no two attempts write the same file."""
     flat = key.replace("/", "__").replace("#", ".part")
-    return f"{TEMPORARY}/{run_id}/{flat}.{uuid.uuid4().hex[:12]}.parquet"
+    return f"{TEMPORARY}/{run_id}/{flat}.{uuid.uuid4().hex[:12]}{suffix}"
 
 
 def commit(fs: pafs.FileSystem, out_base: str, temp: str, final: str) -> dict[str, int]:

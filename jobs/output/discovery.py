@@ -132,6 +132,18 @@ class Discovery:
     # holding the files of a file or glob input)
     folders: dict[tuple[int, int], str] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)  # links not followed, files listed under another name
+    format: str | None = None  # the job's input format (None: each file's by its suffix)
+
+    def format_of(self, shard: str) -> str:
+        from .formats import shard_format
+
+        return shard_format(shard, self.format)
+
+    def output(self, shard: str) -> str:
+        """The output file a shard's results are committed to, relative to the output folder."""
+        from .formats import output_name
+
+        return output_name(shard, self.format_of(shard))
 
 
 @dataclass
@@ -216,10 +228,13 @@ def _not_regular(uri: str) -> UsageError:
                       "folder or a glob")
 
 
-def discover(uri: str, output: tuple[pafs.FileSystem, str] | None = None) -> Discovery:
+def discover(uri: str, output: tuple[pafs.FileSystem, str] | None = None, input_format: str | None = None) -> Discovery:
     """The input's shards, sorted, relative to its base folder; files under `output` (the job's output
-    folder, on its filesystem) are never input. Raises UsageError when the input names nothing, holds no
-    Parquet files, or cannot be read."""
+    folder, on its filesystem) are never input. A folder's files are taken by suffix (formats.takes), or all
+    of them when `input_format` names the format. Raises UsageError when the input names nothing, holds no
+    input files, or cannot be read."""
+    from .formats import NAMES, takes
+
     if not str(uri).strip():
         raise UsageError("the input is empty: give a Parquet file, a folder or a glob")
     fs, path = resolve(uri)
@@ -252,7 +267,7 @@ def discover(uri: str, output: tuple[pafs.FileSystem, str] | None = None) -> Dis
         base = path
         while any(ch in base for ch in GLOB_CHARS):
             base = base.rsplit("/", 1)[0]
-    found = Discovery(fs, base, [], kind=kind)
+    found = Discovery(fs, base, [], kind=kind, format=input_format)
     exclude_path = output[1] if same_fs else None
     if exclude_path is not None and inside(found.base, exclude_path):
         exclude_path = None  # the input lies inside the output folder: the output files are beside it, not in it
@@ -263,21 +278,20 @@ def discover(uri: str, output: tuple[pafs.FileSystem, str] | None = None) -> Dis
     for item in candidates:
         rel = str(PurePosixPath(item.path).relative_to(found.base)) if found.base else item.path
         if any(_hidden(part) for part in PurePosixPath(rel).parts) or \
-                (found.kind == "directory" and not rel.endswith(".parquet")):
+                (found.kind == "directory" and not takes(rel, input_format)):
             found.skipped += 1
             continue
         found.shards.append(rel)
         found.files[rel] = item
     found.shards.sort()
     if not found.shards:
-        raise UsageError(f"no Parquet files in input {uri}")
+        kinds = NAMES.get(input_format) or "Parquet, CSV or JSON Lines"
+        raise UsageError(f"no {kinds} files in input {uri}")
     outputs: dict[str, str] = {}
-    from .commit import output_name
-
     for rel in found.shards:
-        other = outputs.setdefault(output_name(rel), rel)
+        other = outputs.setdefault(found.output(rel), rel)
         if other != rel:
-            raise UsageError(f"input shards {other} and {rel} would both write output {output_name(rel)}; "
+            raise UsageError(f"input shards {other} and {rel} would both write output {found.output(rel)}; "
                              "rename one of them or narrow the input")
     return found
 
@@ -326,7 +340,7 @@ def _remote_candidates(found: Discovery, path: str, exclude_path: str | None) ->
 def output_overlap(discovery: Discovery, out_fs: pafs.FileSystem, out_base: str) -> str | None:
     """Why writing to out_base would overwrite the input (or feed outputs back into it), or None. Locally
     decided by folder identity (device, inode), so a link or a bind mount does not hide the overlap."""
-    from .commit import output_name
+    from .formats import companions
 
     if out_fs.type_name != discovery.fs.type_name:
         return None
@@ -343,7 +357,8 @@ def output_overlap(discovery: Discovery, out_fs: pafs.FileSystem, out_base: str)
     elif inside(out_base, discovery.base) and (discovery.kind == "directory"
                                                or out_base.rstrip("/") == discovery.base.rstrip("/")):
         return f"output {out_base} overlaps the input {discovery.base}: its files would replace or join the input"
-    targets = {join(out_base, output_name(s)) for s in discovery.shards}
+    targets = {join(out_base, name) for s in discovery.shards
+               for name in companions(discovery.output(s), discovery.format_of(s))}
     clash = sorted(targets & {info.path for info in discovery.files.values()})
     if clash:
         return f"output {out_base} overlaps the input: {clash[0]} would be overwritten"
@@ -357,18 +372,35 @@ class ShardInfo:
     identity: dict[str, Any]
     row_groups: list[int]  # rows per row group
     columns: list[str]
-    error: str | None = None  # not readable as Parquet
+    error: str | None = None  # not readable as its format
     group_bytes: list[int] = field(default_factory=list)  # the text column's uncompressed bytes per row group
+    format: str = "parquet"
+    estimated_rows: int = 0  # CSV / JSON Lines / request files: from the first block (no footer says)
+
+    @property
+    def rows(self) -> int:
+        return self.identity.get("rows", self.estimated_rows)
 
 
 def inspect_shard(fs: pafs.FileSystem, base: str, shard: str, info: pafs.FileInfo | None = None,
-                  text_column: str | None = None) -> ShardInfo:
+                  text_column: str | None = None, fmt: str = "parquet") -> ShardInfo:
     """Read a shard's footer: its identity (size, modification time, rows, a digest of the row-group
     layout), row-group sizes, the text column's bytes per row group (the planner's measure of work; all
-    columns' where there is no such column) and column names. A shard that is not Parquet gets `error`."""
+    columns' where there is no such column) and column names. A shard that is not of its format gets
+    `error`. CSV, JSON Lines and request files have no footer: their identity is size and modification time,
+    their columns and an estimate of their rows come from the first block, their work is their size."""
     path = join(base, shard)
     info = info or fs.get_file_info(path)
     identity: dict[str, Any] = {"size": info.size, "mtime_ns": info.mtime_ns}
+    if fmt != "parquet":
+        from .formats import NAMES, inspect_text_file
+
+        try:
+            columns, rows = inspect_text_file(fs, path, fmt, text_column)
+        except Exception as exc:  # ArrowInvalid for what does not parse, OSError for what cannot be read
+            return ShardInfo(identity, [], [], f"not a {NAMES[fmt]} file ({type(exc).__name__}: "
+                                               f"{' '.join(str(exc).split())[:300]})", format=fmt)
+        return ShardInfo(identity, [], columns, group_bytes=[info.size or 0], format=fmt, estimated_rows=rows)
     try:
         with fs.open_input_file(path) as f:
             meta = pq.ParquetFile(f).metadata

@@ -32,7 +32,7 @@ WRITE_LEFTOVER = re.compile(r"\._manifest\.json\.[0-9a-f]{8}")  # a manifest wri
 
 # the types of the fields the runner and `status` read (a hand-edited manifest is checked before it is used)
 ENTRY_FIELDS = {"output": str, "input_identity": dict, "rows": int, "errors": int, "size": int, "attempts": int,
-                "output_mtime_ns": int, "error": str}
+                "output_mtime_ns": int, "error": str, "companions": dict, "committing": dict}
 JOB_FIELDS = {"fingerprint": str, "runs": list, "spec": dict, "model": dict, "lease": str}
 
 
@@ -133,9 +133,19 @@ class Manifest:
     def mark_done(self, shard: str, entry: dict[str, Any]) -> None:
         """Record a commit at once, as one small journal record (constant cost whatever the shard count)."""
         entry = {**entry, "state": ShardState.DONE.value}
+        entry.pop("committing", None)
         self.shards[shard] = entry
         name = hashlib.sha1(shard.encode()).hexdigest()[:20]
         record = {"shard": shard, "fingerprint": self.data.get("fingerprint"), "entry": entry}
+        self._write(join(self.out_base, f"{JOURNAL}/{name}.json"), json.dumps(record, default=str).encode())
+
+    def mark_committing(self, shard: str, entry: dict[str, Any]) -> None:
+        """Journal a commit of files that carry no metadata of their own (JSON Lines) before they are moved
+        into place: a run that dies between the move and mark_done leaves a record its successor adopts the
+        files by (when they are all there with these sizes) instead of taking them for someone else's."""
+        self.shards[shard] = {**self.shards.get(shard, {}), "committing": entry}
+        name = hashlib.sha1(shard.encode()).hexdigest()[:20]
+        record = {"shard": shard, "fingerprint": self.data.get("fingerprint"), "entry": self.shards[shard]}
         self._write(join(self.out_base, f"{JOURNAL}/{name}.json"), json.dumps(record, default=str).encode())
 
     def forget(self, shard: str) -> None:

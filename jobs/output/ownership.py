@@ -3,9 +3,10 @@
 An output folder that exists and holds anything this tool did not write is refused before anything is
 written, `--overwrite` included (overwrite replaces our outputs only). Ours are: the manifest and `_SUCCESS`
 beside it, the lease records under `_lease/`, journal records under `_journal/`, the temporaries of runs the
-manifest names under `_temporary/<run id>/`, the output files the manifest names, and files named like an
-output of this input whose Parquet metadata carries a persimmon-batch fingerprint (committed by a run that
-died before recording them). Anything else, a Spark `_temporary/attempt_0/` included, is someone else's.
+manifest names under `_temporary/<run id>/`, the output files the manifest names (with the files committed
+beside them, and those of a commit journaled as under way), and files named like an output of this input
+whose Parquet metadata carries a persimmon-batch fingerprint (committed by a run that died before recording
+them). Anything else, a Spark `_temporary/attempt_0/` included, is someone else's.
 
 System folders (/, /etc, /usr, the home folder itself, ...) are never outputs, and neither is a folder inside
 another job's output (it would become that job's foreign files).
@@ -87,7 +88,11 @@ def foreign_entries(listing: list[pafs.FileInfo], out_base: str, manifest: Manif
     """(entries that are not ours, files that are ours only if their metadata says so). `candidates`: the
     output names of this job's input shards."""
     prefix = out_base.rstrip("/") + "/"
-    named = {e.get("output") for e in manifest.shards.values()} if manifest else set()
+    named = set()
+    for entry in manifest.shards.values() if manifest else ():
+        for recorded in (entry, entry.get("committing") or {}):  # a commit under way names its files too
+            named.add(recorded.get("output"))
+            named.update(recorded.get("companions") or {})
     named.discard(None)
     runs = manifest.runs() if manifest else set()
     foreign, unrecorded = [], []

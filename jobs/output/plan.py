@@ -24,8 +24,9 @@ from typing import Any
 import pyarrow.fs as pafs
 
 from ..errors import ShardState, UsageError
-from .commit import META_FINGERPRINT, META_IDENTITY, committed_metadata, on_disk, output_name
+from .commit import META_FINGERPRINT, META_IDENTITY, committed_metadata, on_disk
 from .discovery import Discovery, ShardInfo, inspect_shard, join
+from .formats import REQUESTS, companions
 from .manifest import Manifest
 from .ownership import foreign_entries, refuse_foreign
 
@@ -64,13 +65,13 @@ def plan_units(shard: str, info: ShardInfo, rows_per_unit: int, parts: int = 1, 
     """The shard cut into about `parts` units of equal text (never under `min_rows` rows each), and into as many
     more as keep each unit at most `rows_per_unit` rows; one unit when that is one. Cuts fall at row-group
     boundaries where one is close, else inside a row group (the unit skips to its first row)."""
-    rows = info.identity.get("rows", 0)
+    rows = info.rows
     groups = info.row_groups
     text = info.group_bytes if len(info.group_bytes) == len(groups) else list(groups)
     capped, balanced = -(-rows // rows_per_unit), min(parts, rows // max(1, min_rows))
     want = max(capped, balanced)
-    if want <= 1 or not groups:
-        return [WorkUnit(shard, rows=rows, identity=info.identity, work=sum(text))]
+    if want <= 1 or not groups:  # CSV / JSON Lines: no row groups, one unit of the file's size
+        return [WorkUnit(shard, rows=rows, identity=info.identity, work=sum(text) or sum(info.group_bytes))]
     sizes = text if balanced >= capped else list(groups)  # the row cap is what splits it: equal rows
     total = sum(sizes)
     starts = list(itertools.accumulate(groups, initial=0))[:-1]  # the first row of each row group
@@ -136,7 +137,7 @@ def size_for_pool(shards: list[tuple[str, ShardInfo]], actors: int, rows_per_uni
     is split into as many units as its text is shares, a small one stays whole (a job of many similar shards
     is not split at all); no unit is under min_rows rows (the pipelines sort each record batch by length to
     pad little, so a unit under one record batch pads more and runs its batches part-full)."""
-    works = {shard: sum(info.group_bytes) or info.identity.get("rows", 0) for shard, info in shards}
+    works = {shard: sum(info.group_bytes) or info.rows for shard, info in shards}
     total = sum(works.values())
     share = total / (UNITS_PER_ACTOR * actors) if actors > 1 and total else 0.0
     units = [u for shard, info in shards for u in
@@ -171,7 +172,7 @@ def check_ownership(spec_output: str, fs: pafs.FileSystem, out_base: str, listin
                     manifest: Manifest | None, discovery: Discovery) -> dict[str, tuple[dict, int]]:
     """Refuse (ForeignOutput) an output that holds anything not ours; returns the metadata and rows of the
     unrecorded files named like this job's outputs, which are ours by their metadata."""
-    candidates = {output_name(s) for s in discovery.shards}
+    candidates = {name for s in discovery.shards for name in companions(discovery.output(s), discovery.format_of(s))}
     foreign, unrecorded = foreign_entries(listing, out_base, manifest, candidates)
     recognised = {}
     for name in unrecorded:
@@ -186,6 +187,8 @@ def check_ownership(spec_output: str, fs: pafs.FileSystem, out_base: str, listin
 
 
 def _column_problem(text_column: str, shard: str, info: ShardInfo, added: list[str]) -> str | None:
+    if info.format == REQUESTS:
+        return None  # request lines, not a table: each line's problems are that line's error
     if text_column not in info.columns:
         return f"shard {shard} has no column {text_column!r}; its columns are {info.columns}"
     clash = [name for name in added if name in info.columns]
@@ -203,22 +206,26 @@ def plan_run(spec, discovery: Discovery, manifest: Manifest, listing: list[pafs.
     for shard in discovery.shards:
         file = discovery.files[shard]
         entry = manifest.shards.get(shard, {})
-        final = output_name(shard)
+        final = discovery.output(shard)
         recorded = entry.get("input_identity") or {}
         present = outputs.get(final)
         was_done = entry.get("state") == ShardState.DONE.value
-        output_problem = committed_problem(final, entry, present) if was_done else None
+        output_problem = committed_problem(final, entry, present, outputs) if was_done else None
         if was_done and output_problem is None and \
                 (recorded.get("size"), recorded.get("mtime_ns")) == (file.size, file.mtime_ns):
             plan.done.append(shard)
             continue
-        info = inspect_shard(discovery.fs, discovery.base, shard, file, spec.text_column)
+        info = inspect_shard(discovery.fs, discovery.base, shard, file, spec.text_column, discovery.format_of(shard))
         problem = info.error or _column_problem(spec.text_column, shard, info, added)
         if problem:
             plan.rejected[shard] = problem
             manifest.mark_failed(shard, final, problem, attempts=0)
             continue
-        if present is not None:
+        if entry.get("committing") and _committed_pair(entry, outputs, info.identity, fingerprint, manifest):
+            manifest.shards[shard] = {**entry["committing"], "state": ShardState.DONE.value, "adopted": True}
+            plan.adopted.append(shard)
+            continue
+        if present is not None and info.format == "parquet":
             meta, rows = recognised.get(final) or committed_metadata(manifest.fs, manifest.out_base, final)
             if meta.get(META_FINGERPRINT, b"").decode() == fingerprint and \
                     json.loads(meta.get(META_IDENTITY, b"null")) == info.identity:
@@ -237,13 +244,16 @@ def plan_run(spec, discovery: Discovery, manifest: Manifest, listing: list[pafs.
         plan.pending.append((shard, info))  # cut into units once the pool's size is known
     present_shards = set(discovery.shards)
     for shard, entry in list(manifest.shards.items()):
-        output = entry.get("output", output_name(shard))
+        output = entry.get("output", discovery.output(shard))
         if shard in present_shards:
             continue
         if output not in outputs:
             manifest.forget(shard)  # nothing of it in the output: nothing to keep or report
         elif spec.overwrite:
             plan.delete[shard] = output
+            for companion in entry.get("companions") or {}:
+                if companion in outputs:
+                    plan.delete[f"{shard} ({companion})"] = companion
             manifest.forget(shard)
         else:  # committed once (whatever its last state), its input gone: the output stays until --overwrite
             entry["state"] = ShardState.INPUT_REMOVED.value
@@ -258,25 +268,42 @@ def missing_outputs(fs: pafs.FileSystem, out_base: str, manifest: Manifest) -> d
     for shard, entry in manifest.shards.items():
         if entry.get("state") != ShardState.DONE.value:
             continue
-        name = entry.get("output", output_name(shard))
+        name = entry.get("output", shard)
         found = outputs.get(name)
         if entry.get("size") is None and found is not None:  # committed before 0.4.0: its footer says
             if committed_metadata(fs, out_base, name)[1] != entry.get("rows"):
                 missing[shard] = f"{name} no longer holds the {entry.get('rows')} rows committed"
-        elif committed_problem(name, entry, found):
-            missing[shard] = committed_problem(name, entry, found)
+        elif committed_problem(name, entry, found, outputs):
+            missing[shard] = committed_problem(name, entry, found, outputs)
     return missing
 
 
-def committed_problem(name: str, entry: dict[str, Any], found: pafs.FileInfo | None) -> str | None:
-    """How a committed file on disk differs from what its commit recorded (None: it does not)."""
-    if found is None:
-        return f"{name} was committed but is no longer in the output"
-    if entry.get("size") is not None and entry["size"] != found.size:
-        return f"{name} was committed with {entry['size']} bytes but now has {found.size}"
-    if entry.get("output_mtime_ns") is not None and entry["output_mtime_ns"] != found.mtime_ns:
-        return f"{name} was replaced after it was committed (its modification time changed)"
+def committed_problem(name: str, entry: dict[str, Any], found: pafs.FileInfo | None,
+                      outputs: dict[str, pafs.FileInfo] | None = None) -> str | None:
+    """How a committed file on disk (and the files committed with it, e.g. openai-batch's errors file)
+    differs from what its commit recorded (None: it does not)."""
+    checks = [(name, entry, found)] + [(other, recorded, (outputs or {}).get(other))
+                                       for other, recorded in (entry.get("companions") or {}).items()]
+    for file, recorded, present in checks:
+        if present is None:
+            return f"{file} was committed but is no longer in the output"
+        if recorded.get("size") is not None and recorded["size"] != present.size:
+            return f"{file} was committed with {recorded['size']} bytes but now has {present.size}"
+        if recorded.get("output_mtime_ns") is not None and recorded["output_mtime_ns"] != present.mtime_ns:
+            return f"{file} was replaced after it was committed (its modification time changed)"
     return None
+
+
+def _committed_pair(entry: dict[str, Any], outputs: dict[str, pafs.FileInfo], identity: dict[str, Any],
+                    fingerprint: str, manifest: Manifest) -> bool:
+    """Whether a commit journaled as under way (files without metadata of their own: JSON Lines) finished:
+    every file it was moving is there with the size it had, from this job and this input."""
+    committing = entry["committing"]
+    if manifest.data.get("fingerprint") not in (None, fingerprint) or entry.get("input_identity") != identity:
+        return False
+    sizes = {committing.get("output"): committing.get("size"),
+             **{k: v.get("size") for k, v in (committing.get("companions") or {}).items()}}
+    return all(name in outputs and outputs[name].size == size for name, size in sizes.items())
 
 
 def check_text_column(spec, discovery: Discovery, sample: int = 8) -> None:
@@ -284,10 +311,17 @@ def check_text_column(spec, discovery: Discovery, sample: int = 8) -> None:
     name) before anything is written. A single shard without it fails on its own, in the manifest."""
     first: tuple[str, list[str]] | None = None
     checked = 0
+    unreadable: list[str] = []
     for shard in discovery.shards:
-        info = inspect_shard(discovery.fs, discovery.base, shard, discovery.files[shard])
+        fmt = discovery.format_of(shard)
+        info = inspect_shard(discovery.fs, discovery.base, shard, discovery.files[shard], spec.text_column, fmt)
         if info.error:
+            unreadable.append(f"{shard} is {info.error}")
+            if len(unreadable) == sample:
+                break
             continue
+        if fmt == REQUESTS:
+            return
         if spec.text_column in info.columns:
             return
         first = first or (shard, info.columns)
@@ -296,6 +330,9 @@ def check_text_column(spec, discovery: Discovery, sample: int = 8) -> None:
             break
     if first is not None:
         raise UsageError(f"text column {spec.text_column!r} not in {first[0]}; its columns are {first[1]}")
+    if unreadable:  # not one readable shard among the first: the format or the path is wrong
+        more = f" (and {len(unreadable) - 1} more)" if len(unreadable) > 1 else ""
+        raise UsageError(f"input {unreadable[0]}{more}; nothing was written")
 
 
 __all__ = ["Plan", "WorkUnit", "check_ownership", "check_text_column", "join", "list_output", "missing_outputs",
