@@ -19,7 +19,7 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
-from pipelines.options import ClassifyOptions
+from pipelines.options import ClassifyOptions, did_you_mean
 from pipelines.tasks import TASK_OPTIONS
 
 from .errors import UsageError
@@ -73,7 +73,7 @@ def read_job_file(path: str | Path, check_model: bool = True) -> dict[str, Any]:
         raise JobFileError(str(path), [f"not valid TOML: {exc}"]) from None
     problems: list[str] = []
     for key in sorted(set(raw) - set(TOP)):
-        problems.append(f"{key}: unknown key; known keys are {sorted(TOP)}")
+        problems.append(f"{key}: unknown key{did_you_mean(key, TOP)}; known keys are {sorted(TOP)}")
     for key in REQUIRED:
         if key not in raw:
             problems.append(f"{key}: missing")

@@ -75,6 +75,7 @@ class JobResult:
     notes: list[str] = field(default_factory=list)  # what the run found (changed / removed shards, takeovers)
     layout: str = ""  # the actors started and what each holds (Layout.describe)
     backups: dict[str, int] = field(default_factory=dict)  # backup attempts started, and won (finished first)
+    kept: list[str] = field(default_factory=list)  # outputs kept whose input is gone (every run says so)
 
     @property
     def left(self) -> int:
@@ -123,10 +124,16 @@ class JobResult:
 
     def warnings(self) -> list[str]:
         """What must not pass unnoticed in a run that otherwise succeeded."""
+        found = []
         if self.nonfinite:
-            return [f"WARNING: {self.nonfinite} of {self.rows} rows got non-finite scores from the model (NaN or "
-                    "inf): their `error` says so. The checkpoint is likely corrupt or the dtype overflows."]
-        return []
+            found.append(f"WARNING: {self.nonfinite} of {self.rows} rows got non-finite scores from the model (NaN "
+                         "or inf): their `error` says so. The checkpoint is likely corrupt or the dtype overflows.")
+        if self.kept:
+            shown = ", ".join(self.kept[:LISTED]) + (f" and {len(self.kept) - LISTED} more" if len(self.kept) > LISTED else "")
+            found.append(f"WARNING: the output still holds {len(self.kept)} file(s) whose input is gone ({shown}): "
+                         "whatever reads the whole folder (pandas, duckdb, Spark) still reads their rows; rerun "
+                         "with --overwrite to remove them")
+        return found
 
 
 def _listed(names: list[str], line: Callable[[str], str]) -> list[str]:
@@ -433,6 +440,7 @@ def _result_of(spec: JobSpec, plan: Plan, discovery: Discovery, takeover: str | 
     result.notes += _listed(plan.removed, lambda s: f"{s} is no longer in the input; its output is kept "
                                                     "(--overwrite removes it)")
     result.notes += _listed(list(plan.delete), lambda s: f"removed the output of {s} (its input is gone)")
+    result.kept = list(plan.removed)
     for shard, reason in plan.rejected.items():
         result.failed += 1
         result.failures[shard] = reason
@@ -444,16 +452,18 @@ def _finish(manifest: Manifest, result: JobResult, spec: JobSpec, lease: OutputL
     (and, for a run that did work, found on disk: JobRun checks that before), each while the lease is still
     this run's (LeaseLost otherwise)."""
     counts = manifest.counts()
-    manifest.data["summary"] = {**counts, "rows": result.rows, "errors": result.errors,
-                                "truncated": result.truncated, "nonfinite": result.nonfinite,
+    done = [e for e in manifest.shards.values() if e.get("state") == "done"]
+    totals = {key: sum(e.get(key, 0) or 0 for e in done) for key in ("rows", "errors", "truncated", "nonfinite")}
+    # the job's totals over every committed shard (a no-op rerun leaves them as they were); `run`: this run's own
+    manifest.data["summary"] = {**counts, **totals,
+                                "run": {"rows": result.rows, "errors": result.errors, "truncated": result.truncated,
+                                        "nonfinite": result.nonfinite, "shards": result.done - result.skipped},
                                 "seconds": round(result.seconds, 3),
                                 "startup_seconds": round(result.startup_seconds, 3),
                                 "startup_parts": {k: round(v, 3) for k, v in result.startup_parts.items()},
                                 "backups": result.backups}
     if spec.input_format == formats.REQUESTS:  # OpenAI's batch object counts requests, over the whole job
-        done = [e for e in manifest.shards.values() if e.get("state") == "done"]
-        manifest.data["summary"]["request_counts"] = formats.request_counts(
-            {"rows": sum(e.get("rows", 0) for e in done), "errors": sum(e.get("errors", 0) for e in done)})
+        manifest.data["summary"]["request_counts"] = formats.request_counts(totals)
     manifest.data["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     try:
         lease.confirm(force=True)

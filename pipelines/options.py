@@ -16,20 +16,23 @@ from pathlib import Path
 from typing import Any
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+DTYPE_ALIASES = {"fp32": "float32", "float": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
 SIDES = ("left", "right")
 CHAT_TEMPLATE = "human: {text}\n\nadept:"
 ZERO_SHOT_TEMPLATE = "human: Which of these labels fits the text best: {labels}?\n\nText: {text}\n\nadept:"
 
 
 def option(default: Any, help: str, *, choices: tuple | None = None, min: float | None = None,
-           max: float | None = None, identity: bool = True, cli: str | None = None, escapes: bool = False) -> Any:
+           max: float | None = None, identity: bool = True, cli: str | None = None, escapes: bool = False,
+           aliases: dict[str, str] | None = None) -> Any:
     """A dataclass field carrying what the CLI, job files and fingerprints need to know about it.
 
     identity: False for options that cannot change the output (batching, compilation): kept out of the
     job's fingerprint. cli: "comma" when the flag takes a comma-separated list. escapes: the CLI turns a
-    typed backslash-n into a newline (shells pass it literally)."""
+    typed backslash-n into a newline (shells pass it literally). aliases: other names accepted for choices
+    (`fp16` for float16), turned into the choice itself wherever the options are built."""
     meta = {"help": help, "choices": choices, "min": min, "max": max, "identity": identity, "cli": cli,
-            "escapes": escapes}
+            "escapes": escapes, "aliases": aliases or {}}
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -66,6 +69,12 @@ def _accepts(kind: Any, value: Any) -> bool:
 class Options:
     """Behaviour shared by every options dataclass (task options and runner settings)."""
 
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):  # an alias of a choice (fp16) is the choice itself (float16)
+            aliases = f.metadata.get("aliases")
+            if aliases and isinstance(getattr(self, f.name), str):
+                setattr(self, f.name, aliases.get(getattr(self, f.name), getattr(self, f.name)))
+
     @classmethod
     def hints(cls) -> dict[str, Any]:
         return typing.get_type_hints(cls)
@@ -79,7 +88,7 @@ class Options:
         known = [f.name for f in dataclasses.fields(cls)]
         for key, value in values.items():
             if key not in known:
-                problems.append(f"{prefix}{key}: {unknown}; known: {sorted(known)}")
+                problems.append(f"{prefix}{key}: {unknown}{did_you_mean(key, known)}; known: {sorted(known)}")
                 continue
             kind, optional = _value_type(hints[key])
             if not (_accepts(kind, value) or (optional and value is None)):
@@ -132,7 +141,8 @@ def _template_problems(template: str | None) -> list[str]:
 class ModelOptions(Options):
     """What every task needs to load and batch the model."""
 
-    dtype: str = option("auto", "Model dtype; auto = the checkpoint's own (bf16 for Persimmon-8B).", choices=DTYPES)
+    dtype: str = option("auto", "Model dtype; auto = the checkpoint's own (bf16 for Persimmon-8B); fp32, bf16 and "
+                                "fp16 are accepted too.", choices=DTYPES, aliases=DTYPE_ALIASES)
     max_length: int | None = option(None, "Tokens per text (default: the model's window).", min=1)
     batch_tokens: int = option(16384, "Padded tokens per forward pass.", min=1, identity=False)
 
@@ -236,6 +246,14 @@ class GenerateOptions(ModelOptions):
 
 
 CONSTRAINTS = ("json_schema", "regex", "choices", "grammar")
+
+
+def did_you_mean(key: str, known) -> str:
+    """` (did you mean 'max_length'?)` for a key close to a known one, else nothing."""
+    import difflib
+
+    close = difflib.get_close_matches(key, list(known), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 def _one_line(exc: BaseException) -> str:

@@ -225,6 +225,7 @@ class RequestSink:
         for f, chunk in zip(self.files, chunks):
             if chunk:
                 f.write(b"".join(chunk))
+                f.flush()  # what is done is on disk as it goes (a reader of the temporary sees whole lines)
 
     def close(self) -> None:
         for f in self.files:

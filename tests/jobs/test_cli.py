@@ -39,7 +39,7 @@ def input_ids(input: Path) -> list[int]:
     (["--model", "{notokenizer}"], "has no tokenizer.model"),
     (["--text-column", "body"], "text column 'body' not in part-00000.parquet; its columns are ['id', 'text']"),
     (["--input", "{missing}"], "input {missing} does not exist"),
-    (["--input", "{empty}"], "no Parquet files in input"),
+    (["--input", "{empty}"], "no Parquet, CSV or JSON Lines files in input"),
     (["--candidate-labels", "onlyone"], "--candidate-labels: needs at least two non-empty labels"),
     (["--prompt-template", "x {{text}}"], "--prompt-template: applies only to zero-shot classification"),
     (["--actors", "0"], "--actors': Input should be greater than or equal to 1"),
