@@ -422,11 +422,14 @@ def schedule(
     image: Annotated[str, typer.Option(help="Container image (k8s).")] = "persimmon-batch:latest",
 ) -> None:
     """Print a daily schedule for a job file."""
-    from .schedule import render
+    from .schedule import k8s_warnings, render
 
     raw = _read(job)
+    warnings = k8s_warnings(raw) if format == ScheduleFormat.k8s else []
+    for warning in warnings:  # in the recipe's comments too: whoever installs it sees them
+        typer.echo(f"WARNING: {warning}", err=True)
     try:
-        typer.echo(render(job, raw["name"], format.value, at=at, image=image), nl=False)
+        typer.echo(render(job, raw["name"], format.value, at=at, image=image, warnings=warnings), nl=False)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
 

@@ -106,12 +106,14 @@ def read_job_file(path: str | Path, check_model: bool = True) -> dict[str, Any]:
     model = raw.get("model")
     if check_model and isinstance(model, str) and "://" not in model and "{" not in model:
         folder = Path(local_path(model, path.parent))
+        shown = model if os.path.isabs(model) and ".." not in Path(model).parts else \
+            f"{model} (= {os.path.normpath(folder)}, relative to the job file)"  # where it was looked for
         if not folder.is_dir():
-            problems.append(f"model: directory {model} does not exist")
+            problems.append(f"model: directory {shown} does not exist")
         elif not (folder / "config.json").is_file():
-            problems.append(f"model: {model} has no config.json")
+            problems.append(f"model: {shown} has no config.json")
         elif not any((folder / n).is_file() for n in ("tokenizer.model", "adept_vocab.model")):
-            problems.append(f"model: {model} has no tokenizer.model")
+            problems.append(f"model: {shown} has no tokenizer.model")
     if problems:
         raise JobFileError(str(path), problems)
     return raw

@@ -25,8 +25,26 @@ def _unit_name(name: str) -> str:
     return "persimmon-batch-" + re.sub(r"[^A-Za-z0-9_.-]+", "-", name)
 
 
+def k8s_warnings(raw: dict) -> list[str]:
+    """What in a job file will not hold inside a Kubernetes pod: paths relative to the job file (the pod sees
+    the file at /jobs, not where it is here), a model on this machine's disk, no Ray cluster to join."""
+    found = []
+    for key in ("input", "output", "model"):
+        value = str(raw.get(key) or "")
+        if value and "://" not in value and not value.startswith("/"):
+            found.append(f"{key} {value!r} is relative: in the pod it resolves against /jobs (where the job file is "
+                         "mounted), not this machine's folder; give an absolute path on a mounted volume or a URI")
+    model = str(raw.get("model") or "")
+    if model.startswith("/") and not model.startswith(("/models/", "/mnt/", "/data/")):
+        found.append(f"model {model!r} is a local path: the image or a volume must hold it at that path in the pod")
+    if not (raw.get("runner") or {}).get("address"):
+        found.append("the job file sets no runner.address: the pod starts a Ray of its own and runs on that one "
+                     "pod's CPUs and GPUs; set runner.address to the cluster's head (e.g. a KubeRay head service)")
+    return found
+
+
 def render(job: Path, name: str, fmt: str, at: str = "02:00", image: str = "persimmon-batch:latest",
-           log: str | None = None) -> str:
+           log: str | None = None, warnings: list[str] = ()) -> str:
     match = re.fullmatch(r"([01]?\d|2[0-3]):([0-5]\d)", at)
     if not match:
         raise ValueError(f"--at must be HH:MM (UTC), got {at!r}")
@@ -53,7 +71,8 @@ def render(job: Path, name: str, fmt: str, at: str = "02:00", image: str = "pers
     if fmt == "k8s":
         unit = _unit_name(name).lower()[:52]
         args = ", ".join(json.dumps(a) for a in ["persimmon-batch", "run", f"/jobs/{job.name}"])  # YAML flow strings
-        return (f"# A daily Kubernetes CronJob; the container joins the Ray cluster named in the job file's\n"
+        notes = "".join(f"# WARNING: {w}\n" for w in warnings)
+        return (f"{notes}# A daily Kubernetes CronJob; the container joins the Ray cluster named in the job file's\n"
                 f"# runner.address (e.g. a KubeRay RayCluster's head service) and mounts the job file at /jobs.\n"
                 f"apiVersion: batch/v1\nkind: CronJob\nmetadata:\n  name: {unit}\n"
                 f"spec:\n  schedule: \"{minute} {hour} * * *\"\n  timeZone: \"Etc/UTC\"\n"

@@ -33,7 +33,8 @@ def models(tmp_path_factory, sentencepiece_model):
     root = tmp_path_factory.mktemp("models")
     paths = {}
     for name, kind in (("chat", "causal"), ("triage", "seqcls")):
-        model = build_hf_model(root / name, kind, num_labels=3) if kind == "seqcls" else build_hf_model(root / name, kind)
+        extra = {"num_labels": 3} if kind == "seqcls" else {}
+        model = build_hf_model(root / name, kind, max_position_embeddings=512, **extra)  # room for the examples
         if kind == "seqcls":
             model.config.id2label = {0: "billing", 1: "bug", 2: "praise"}
             model.save_pretrained(root / name)
@@ -69,10 +70,12 @@ def test_the_readme_python_blocks_run(models, release, tmp_path):  # noqa: F811 
     _, adept = release
     names = {"/models/persimmon-8b-triage": str(models["triage"]), "/models/persimmon-8b-chat": str(models["chat"]),
              "/models/persimmon-8b-base": str(models["chat"]), "/models/copy": str(tmp_path / "copy"),
-             "8b_base_model_release/": str(adept), "persimmon-8b-base-hf/": str(tmp_path / "converted")}
+             "8b_base_model_release/": str(adept), "persimmon-8b-base-hf/": str(tmp_path / "converted"),
+             "tickets/": str(tmp_path / "tickets"), "labels/": str(tmp_path / "labels")}  # Ray's workers: absolute
     preamble = ("import torch\ninput_ids = torch.tensor([[1, 5, 9, 12]])\nattention_mask = torch.ones_like(input_ids)\n"
                 "questions = ['What does the license permit?', 'Who wrote it?']\n")
-    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING", log_to_driver=False)
+    # logical CPUs for the example's two actors and the read and write tasks beside them (a 2-core machine)
+    ray.init(address="local", num_cpus=4, include_dashboard=False, logging_level="WARNING", log_to_driver=False)
     try:
         ns = run_page("README.md", tmp_path, names, preamble)
     finally:

@@ -104,16 +104,16 @@ def test_ray_data_map_batches_equals_the_in_process_pipeline(ray_local, demo_roo
     from pipelines import ClassificationPipeline, EmbeddingPipeline
 
     model, table = str(demo_root / "model"), rows_of(demo_root)
-    ds = ray.data.from_arrow(table).repartition(3)
+    ds = ray.data.from_arrow([table.slice(0, 20), table.slice(20, 20), table.slice(40)])  # three blocks
     labeled = ds.map_batches(ClassificationPipeline, fn_constructor_args=(model,), batch_format="pyarrow",
-                             batch_size=16, concurrency=1)
-    embedded = labeled.drop_columns(["error"]).map_batches(
-        EmbeddingPipeline, fn_constructor_args=(model,), fn_constructor_kwargs={"normalize": True},
-        batch_format="pyarrow", concurrency=1)
-    got = sorted(embedded.take_all(), key=lambda r: r["id"])
+                             batch_size=16, concurrency=1).take_all()
+    embedded = ds.map_batches(EmbeddingPipeline, fn_constructor_args=(model,), fn_constructor_kwargs={"normalize": True},
+                              batch_format="pyarrow", concurrency=1).take_all()
     expected_labels = ClassificationPipeline(model)(table).to_pylist()
     expected = EmbeddingPipeline(model, normalize=True)(table).column("embedding").to_pylist()
-    assert [r["id"] for r in got] == table.column("id").to_pylist()
-    for row, want, vector in zip(got, expected_labels, expected):
+    labeled, embedded = (sorted(rows, key=lambda r: r["id"]) for rows in (labeled, embedded))
+    assert [r["id"] for r in labeled] == [r["id"] for r in embedded] == table.column("id").to_pylist()
+    for row, want in zip(labeled, expected_labels):
         assert row["label"] == want["label"] and abs(row["score"] - want["score"]) < 1e-5
+    for row, vector in zip(embedded, expected):
         assert max(abs(a - b) for a, b in zip(row["embedding"], vector)) < 1e-5
