@@ -52,8 +52,40 @@ def _parser_errors() -> tuple[tuple[type, ...], tuple[type, ...], tuple[type, ..
 PARSER_ERRORS, NO_ARGS, EXITS = _parser_errors()
 
 
+def _tidy(command):
+    """Help that reads like a command's, not like Python's types: flags show no `<bool>`, repeatable options
+    `TEXT`, arguments their name in capitals (`JOB`, not `{job}`)."""
+    if getattr(command, "_tidied", False):
+        return command
+    for param in command.params:
+        if getattr(param, "is_flag", False):
+            param.metavar = ""
+        elif getattr(param, "multiple", False):
+            param.metavar = "TEXT"
+        elif param.param_type_name == "argument":
+            shown = param.name.upper()
+            param.metavar = shown
+            param._usage_display_name = (lambda shown=shown, required=param.required:
+                                         shown if required else f"[{shown}]")
+    make_help = command.get_help_option
+
+    def help_option(ctx):
+        option = make_help(ctx)
+        if option is not None:
+            option.metavar = ""
+        return option
+
+    command.get_help_option = help_option
+    command._tidied = True
+    return command
+
+
 class _Group(TyperGroup):
     """The parser's own errors (a missing option, a bad value) as one `error:` line, like every other error."""
+
+    def get_command(self, ctx, name):
+        command = super().get_command(ctx, name)
+        return _tidy(command) if command is not None else None
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
         try:

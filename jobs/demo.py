@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 import sys
 from pathlib import Path
@@ -86,8 +87,28 @@ def build_walkthrough(root: str | Path, per_source: int = 500, labeled_fraction:
             table = pa.table({"id": ids, "text": [t for t, _ in rows], "source": [src for _, src in rows]})
             pq.write_table(table, folder / f"part-{s:05d}.parquet", row_group_size=100)
     # a few rows for the README's extraction example (generation under a schema costs tokens per row)
-    pq.write_table(pq.read_table(root / "input" / "part-00000.parquet").slice(0, 24), root / "tickets.parquet")
+    tickets = pq.read_table(root / "input" / "part-00000.parquet").slice(0, 24)
+    pq.write_table(tickets, root / "tickets.parquet")
+    write_requests(root / "requests.jsonl", tickets.column("text").to_pylist()[:6])
     return root
+
+
+def write_requests(path: Path, texts: list[str]) -> None:
+    """An OpenAI batch file for the README's openai-batch example: chat, completion and embedding lines."""
+    lines = []
+    for i, text in enumerate(texts):
+        excerpt = text[:200]
+        if i % 3 == 0:
+            url, body = "/v1/chat/completions", {"messages": [{"role": "system", "content": "Answer in one line."},
+                                                              {"role": "user", "content": f"Summarise: {excerpt}"}],
+                                                 "max_tokens": 16, "temperature": 0}
+        elif i % 3 == 1:
+            url, body = "/v1/completions", {"prompt": excerpt, "max_tokens": 12, "temperature": 0.7, "seed": i}
+        else:
+            url, body = "/v1/embeddings", {"input": excerpt}
+        lines.append(json.dumps({"custom_id": f"ticket-{i}", "method": "POST", "url": url,
+                                 "body": {"model": "demo", **body}}))
+    path.write_text("".join(line + "\n" for line in lines))
 
 
 if __name__ == "__main__":

@@ -60,6 +60,7 @@ class JobSpec:
     overwrite: bool = False
     date: str | None = None  # the run's date, for jobs from a job file
     input_format: str | None = None  # parquet | csv | jsonl (None: by each file's suffix); openai-batch: its own
+    only_where: str | None = None  # rows whose value in this column is null skip the model (train-head's labels)
 
     def __post_init__(self) -> None:
         self.model, self.input, self.output = (p if "://" in p else os.path.expanduser(p)
@@ -155,8 +156,9 @@ class JobSpec:
                 if classification_kind(config) != "multi_label_classification":
                     options.pop("threshold", None)
         what = {"task": self.task, "model": model_checksum, "text_column": self.text_column, "options": options}
-        if self.input_format is not None:  # only where given: the fingerprints of earlier jobs stay as they were
-            what["input_format"] = self.input_format
+        for key in ("input_format", "only_where"):  # only where given: earlier jobs' fingerprints stay as they were
+            if getattr(self, key) is not None:
+                what[key] = getattr(self, key)
         payload = json.dumps(what, sort_keys=True, default=str)
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
@@ -164,4 +166,4 @@ class JobSpec:
         return {"task": self.task, "model": self.model, "input": self.input, "output": self.output,
                 "text_column": self.text_column, "options": self.options.as_dict(),
                 "runner": self.runner.as_dict(), "name": self.name, "overwrite": self.overwrite, "date": self.date,
-                "input_format": self.input_format}
+                "input_format": self.input_format, "only_where": self.only_where}

@@ -102,8 +102,9 @@ class TrainHeadSpec:
         options = EmbedOptions(dtype=self.options.dtype, max_length=self.options.max_length,
                                batch_tokens=self.options.batch_tokens, pooling="last", normalize=False)
         # overwrite: the features follow the base model; an earlier model's features are replaced
+        # only_where: unlabeled rows keep their place but never reach the model (they are not trained on)
         return JobSpec("embed", self.base, self.input, self.features_dir(), self.text_column, options, self.runner,
-                       name=FEATURES_JOB, overwrite=True)
+                       name=FEATURES_JOB, overwrite=True, only_where=self.label_column)
 
 
 # -- labels ---------------------------------------------------------------------------------------------------

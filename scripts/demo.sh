@@ -13,8 +13,10 @@ pb="$VENV/bin/persimmon-batch"
 echo "== persimmon-batch demo: about a minute after the first set-up (which takes a few minutes)"
 echo "== building the demo: a random-weight base model, a tokenizer and Parquet rows from this machine's text"
 "$VENV/bin/python" -m jobs.demo "$dir" >/dev/null
-# a rerun of the demo starts over: the model is rebuilt with the same seed, so outputs would be skipped
-rm -rf "$dir/classifier" "$dir/output" "$dir/completions"
+# a rerun of the demo starts over: its outputs and those of the README's quick start go (a retrained head
+# may differ in its last bits, and a job's output refuses another model's results)
+rm -rf "$dir/classifier" "$dir/output" "$dir/completions" "$dir/daily" "$dir/vectors" "$dir/fields" \
+  "$dir/scores" "$dir/batch-results"
 echo "== train-head: features of the labeled rows (an embed job on Ray), then a linear head on them"
 "$pb" train-head --model "$dir/base" --input "$dir/labeled" --label-column source --output "$dir/classifier" \
   --features "$dir/features"

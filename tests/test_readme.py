@@ -65,5 +65,8 @@ def test_readme_demo_and_quick_start_run_as_written(tmp_path):
     valid = [r for r in fields if r["error"] is None]  # a random-weight model often runs out of its 40 tokens
     assert valid and all(json.loads(r["completion"]) == r["parsed"] for r in valid)
     assert {r["error"] for r in fields} <= {None, "incomplete structured output"}
+    responses = [json.loads(x) for x in (repo / "demo-data" / "batch-results" / "requests.jsonl").read_text().splitlines()]
+    assert [r["custom_id"] for r in responses] == [f"ticket-{i}" for i in range(6)]
+    assert (repo / "demo-data" / "batch-results" / "requests.errors.jsonl").read_text() == ""
     scores = pq.read_table(repo / "demo-data" / "scores", columns=["tokens", "perplexity"]).to_pylist()
     assert len(scores) == 900 and all(r["perplexity"] > 1 for r in scores if r["tokens"])

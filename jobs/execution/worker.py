@@ -84,6 +84,24 @@ def rows_of(batches, skip: int, take: int):
         yield part
 
 
+def skip_where_null(batch, text_column: str, column: str):
+    """The batch with the text of rows whose `column` is null (or an empty string) set to null: they keep their
+    place (an error row) but cost no model work."""
+    import pyarrow.compute as pc
+
+    if column not in batch.schema.names:
+        raise InputProblem(f"no column {column!r}; its columns are {batch.schema.names}")
+    index = batch.schema.get_field_index(text_column)
+    text, values = batch.column(index), batch.column(column)
+    missing = pc.is_null(values)
+    if pa.types.is_string(values.type) or pa.types.is_large_string(values.type):  # "" and " " are no label either
+        missing = pc.or_(missing, pc.equal(pc.utf8_trim_whitespace(values), ""))
+    masked = pc.if_else(missing, pa.scalar(None, text.type), text)
+    return batch.set_column(index, batch.schema.field(index), masked) if isinstance(batch, pa.Table) else \
+        pa.RecordBatch.from_arrays([masked if i == index else c for i, c in enumerate(batch.columns)],
+                                   schema=batch.schema)
+
+
 class ShardWorker:
     def __init__(self, spec: JobSpec, fingerprint: str, run_id: str, pin: dict[str, Any], in_fs: pafs.FileSystem,
                  in_base: str, out_fs: pafs.FileSystem, out_base: str, device: str, threads: int | None) -> None:
@@ -207,7 +225,10 @@ class ShardWorker:
             rows = 0
             self.pipeline.on_rows = self._on_rows
             try:
-                for out in self.pipeline.stream(opened.batches):  # generation overlaps one batch's tail with the next
+                batches = opened.batches
+                if self.spec.only_where is not None:
+                    batches = (skip_where_null(b, self.spec.text_column, self.spec.only_where) for b in batches)
+                for out in self.pipeline.stream(batches):  # generation overlaps one batch's tail with the next
                     if self._cancel == self._token:
                         raise Cancelled("cancelled: another attempt of this unit finished first")
                     sink.write(out.replace_schema_metadata(metadata))

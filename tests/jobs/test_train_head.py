@@ -58,6 +58,7 @@ def test_train_head_on_a_causal_base_then_classify(tmp_path, causal_model, train
     assert metrics["rows"]["skipped_without_label"] == 12 and metrics["labels"] == ["color", "greek"]
     assert metrics["rows"]["train"] + metrics["rows"]["holdout"] == 228
     assert "12 rows without a label are skipped" in proc.stdout and "held-out accuracy" in proc.stdout
+    assert "rows: 240 processed, 12 with errors" in proc.stdout  # the unlabeled rows never reached the model
     head = root / "head"
     assert (head / "score.safetensors").is_file() and (head / "README.md").is_file()
     assert all((head / f).is_symlink() for f in json.loads((head / "model.safetensors.index.json").read_text())[
