@@ -23,10 +23,11 @@ from pipelines.options import ClassifyOptions, did_you_mean
 from pipelines.tasks import TASK_OPTIONS
 
 from .errors import UsageError
+from .output.formats import TABULAR
 from .spec import TASKS, JobSpec, RunnerSettings
 
 TOP = {"name": str, "task": str, "model": str, "input": str, "output": str, "text_column": str, "date": str,
-       "options": dict, "runner": dict}
+       "options": dict, "runner": dict, "input_format": str}
 REQUIRED = ("name", "task", "model", "input", "output")
 PLACEHOLDERS = re.compile(r"\{([^{}]*)\}")
 KNOWN_PLACEHOLDERS = {"date", "ds", "ds_nodash"}
@@ -83,6 +84,8 @@ def read_job_file(path: str | Path, check_model: bool = True) -> dict[str, Any]:
     if isinstance(raw.get("name"), str) and not NAME.fullmatch(raw["name"]):
         problems.append(f"name: only letters, digits and . _ - (A-Za-z0-9._-), got {raw['name']!r}: a job name "
                         "goes into schedule recipes and job ids")
+    if raw.get("input_format") is not None and raw.get("input_format") not in TABULAR:
+        problems.append(f"input_format: expected one of {list(TABULAR)}, got {raw['input_format']!r}")
     task = raw.get("task")
     if isinstance(task, str) and task not in TASKS:
         problems.append(f"task: expected one of {list(TASKS)}, got {task!r}")
@@ -154,7 +157,7 @@ def job_spec(raw: dict[str, Any], date: dt.date, overwrite: bool = False, folder
         text_column=raw.get("text_column", "text"),
         options=file_options(raw.get("options", {}), folder), runner=RunnerSettings.from_mapping(raw.get("runner", {}))[0],
         name=raw["name"], overwrite=overwrite,
-        date=date.isoformat(),
+        date=date.isoformat(), input_format=raw.get("input_format"),
     )
 
 

@@ -1,4 +1,5 @@
-"""pipelines: Persimmon classification, embedding, generation and scoring over Arrow record batches (no Ray in here).
+"""pipelines: Persimmon classification, embedding, generation, scoring and OpenAI batch requests over Arrow record
+batches (no Ray in here).
 
 The pipeline classes are imported on first use: `pipelines.options` and `pipelines.schema` stay free of torch.
 """
@@ -11,6 +12,7 @@ _EXPORTS = {
     "ClassificationPipeline": ".classify",
     "EmbeddingPipeline": ".embed",
     "GenerationPipeline": ".generate",
+    "OpenAIBatchPipeline": ".batch_api",
     "PaddingStats": ".batching",
     "PipelineStats": ".batching",
     "ScorePipeline": ".score",

@@ -95,7 +95,9 @@ def open_csv(source, text_column: str | None):
     import pyarrow.csv as pacsv
 
     types = {text_column: pa.string()} if text_column else {}
+    # newlines_in_values: a quoted text may span lines (tickets, documents), at some cost in parsing speed
     return pacsv.open_csv(source, read_options=pacsv.ReadOptions(block_size=READ_BLOCK),
+                          parse_options=pacsv.ParseOptions(newlines_in_values=True),
                           convert_options=pacsv.ConvertOptions(column_types=types, strings_can_be_null=False))
 
 

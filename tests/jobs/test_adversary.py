@@ -413,7 +413,7 @@ def test_10_a_job_name_cannot_inject_lines_into_a_recipe(demo, tmp_path):
     assert systemd.exit_code == 0 and "100%%h" in systemd.output
     import yaml
 
-    k8s = yaml.safe_load(runner.invoke(app, ["schedule", str(odd), "--format", "k8s"]).output)
+    k8s = yaml.safe_load(runner.invoke(app, ["schedule", str(odd), "--format", "k8s"]).stdout)
     assert k8s["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]["command"][-1] == '/jobs/j"x.toml'
 
 

@@ -49,16 +49,18 @@ def test_csv_and_jsonl_inputs_give_the_labels_of_the_same_rows_in_parquet(ray_lo
     # a rerun is a no-op by the files' identity
     again = run_here(*classify(model, texts, tmp_path / "out"))
     assert again.returncode == 0 and "2 already committed" in again.stdout
+    summary = manifest_of(tmp_path / "out")["summary"]  # the job's totals stay; this run did nothing
+    assert summary["rows"] == table.num_rows and summary["run"]["rows"] == 0 and summary["done"] == 2
 
 
 def test_input_format_reads_a_file_of_any_name_and_numbers_as_text(ray_local, demo_root, tmp_path):
-    table = pa.table({"id": [1, 2, 3], "text": ["12", "3.5", "hello there"]})
+    table = pa.table({"id": [1, 2, 3], "text": ["12", "3.5", "hello there,\nover two lines"]})
     pacsv.write_csv(table, tmp_path / "export.txt")
     out = tmp_path / "out"
     done = run_here(*classify(demo_root / "model", tmp_path / "export.txt", out, "--input-format", "csv"))
     assert done.returncode == 0, done.stdout + done.stderr
     result = pq.read_table(out / "export.txt.parquet")
-    assert result.column("text").to_pylist() == ["12", "3.5", "hello there"]  # read as text, not numbers
+    assert result.column("text").to_pylist() == ["12", "3.5", "hello there,\nover two lines"]  # text, not numbers
     assert result.column("error").to_pylist() == [None] * 3
 
 

@@ -36,7 +36,7 @@ def good(model: Path, root: Path) -> str:
 BAD = [
     ("unknown top key", 'colour = "red"', "colour: unknown key"),
     ("missing name", None, "name: missing"),
-    ("task value", None, "task: expected one of ['classify', 'generate', 'embed', 'score'], got 'summarize'"),
+    ("task value", None, "task: expected one of ['classify', 'generate', 'embed', 'score', 'openai-batch'], got 'summarize'"),
     ("option type", '[options]\nmax_length = "2k"', 'options.max_length: expected an integer, got \'2k\''),
     ("unknown option", '[options]\nmax_new_tokens = 5', "options.max_new_tokens: unknown option for task 'classify'"),
     ("dtype value", '[options]\ndtype = "int4"', "options.dtype: expected one of"),
@@ -165,7 +165,7 @@ def test_schedule_recipes(demo_root, tmp_path):
     assert pq.read_table(tmp_path / "out" / "dt=2026-11-24").num_rows == 120
     systemd = runner.invoke(app, ["schedule", str(job), "--format", "systemd"]).output
     assert "OnCalendar=*-*-* 02:00:00 UTC" in systemd and f"ExecStart={shlex.join(command)}" in systemd
-    manifest = yaml.safe_load("\n".join(l for l in runner.invoke(app, ["schedule", str(job), "--format", "k8s"]).output.splitlines()))
+    manifest = yaml.safe_load("\n".join(l for l in runner.invoke(app, ["schedule", str(job), "--format", "k8s"]).stdout.splitlines()))
     assert manifest["kind"] == "CronJob" and manifest["spec"]["schedule"] == "0 2 * * *"
     container = manifest["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]
     assert container["command"] == ["persimmon-batch", "run", "/jobs/job.toml"]

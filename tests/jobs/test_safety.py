@@ -93,6 +93,8 @@ def test_changed_input_is_reprocessed_and_removed_input_reported(ray_local, demo
     assert ids_of(out, "part-00001.parquet") == ids_of(input, "part-00001.parquet")  # the 5 new rows are there
     assert (out / "part-00003.parquet").exists() and (out / SUCCESS).exists()
     assert (out / "part-00000.parquet").stat().st_mtime_ns == untouched
+    for run in (rerun, run_here(*args)):  # said on every run that keeps the file, as a warning
+        assert "WARNING: the output still holds 1 file(s) whose input is gone (part-00003.parquet)" in run.stderr
     identity = json.loads(pq.read_schema(out / "part-00001.parquet").metadata[b"persimmon_batch.input_identity"])
     assert identity["rows"] == 65 and identity["size"] == (input / "part-00001.parquet").stat().st_size
     assert manifest_of(out)["shards"]["part-00001.parquet"]["input_identity"] == identity
