@@ -39,7 +39,8 @@ from persimmon import PersimmonForCausalLM, PersimmonTokenizer, SamplingParams, 
 from persimmon.engine import GenerationEngine, Request
 from persimmon.sampling import MAX_LOGPROBS, FinishReason
 
-from .batching import EncodedRow, PipelineStats, ReportsRows, check_vocabulary, pad_batch, plan_batches
+from .batching import (EncodedRow, PipelineStats, ReportsRows, check_vocabulary, engine_stream, pad_batch,
+                       plan_batches)
 from .embed import pool
 from .options import BatchAPIOptions
 
@@ -237,21 +238,15 @@ class OpenAIBatchPipeline(ReportsRows):
         within it)."""
         self.engine.reset()
         self._seen = {}
-        pending: collections.deque[_Batch] = collections.deque()
-        clock = [time.perf_counter()]
 
-        def ready() -> Iterator[pa.Table]:
-            while pending and pending[0].left == 0:
-                entry = pending.popleft()
-                now = time.perf_counter()
-                self.stats.rows += len(entry.lines)
-                self.stats.errors += sum(not line.ok for line in entry.lines)
-                self.stats.seconds += now - clock[0]
-                clock[0] = now
-                yield pa.table([pa.array([x.number for x in entry.lines], pa.int64()),
-                                pa.array([x.custom_id for x in entry.lines], pa.string()),
-                                pa.array([x.ok for x in entry.lines], pa.bool_()),
-                                pa.array([x.record for x in entry.lines], pa.string())], schema=OUTPUT)
+        def finish(entry: _Batch, seconds: float) -> pa.Table:
+            self.stats.rows += len(entry.lines)
+            self.stats.errors += sum(not line.ok for line in entry.lines)
+            self.stats.seconds += seconds
+            return pa.table([pa.array([x.number for x in entry.lines], pa.int64()),
+                             pa.array([x.custom_id for x in entry.lines], pa.string()),
+                             pa.array([x.ok for x in entry.lines], pa.bool_()),
+                             pa.array([x.record for x in entry.lines], pa.string())], schema=OUTPUT)
 
         def drain(done) -> None:
             for c in done:
@@ -264,17 +259,7 @@ class OpenAIBatchPipeline(ReportsRows):
                     entry.left -= 1
                     self._report(1)
 
-        for batch in batches:
-            entry = self._enqueue(batch)
-            pending.append(entry)
-            yield from ready()
-            while self.engine.waiting:
-                drain(self.engine.step())
-                yield from ready()
-        while self.engine.busy:
-            drain(self.engine.step())
-            yield from ready()
-        yield from ready()
+        yield from engine_stream(self.engine, batches, self._enqueue, drain, finish)
 
     # -- lines in ------------------------------------------------------------------------------------------
     def _enqueue(self, batch: pa.RecordBatch | pa.Table) -> _Batch:

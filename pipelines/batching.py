@@ -220,3 +220,34 @@ class ReportsRows:
     def _report(self, rows: int) -> None:
         if self.on_rows is not None and rows:
             self.on_rows(rows)
+
+
+def engine_stream(engine, batches, enqueue, drain, finish):
+    """Record batches through a continuous-batching engine, each batch's output in input order. enqueue(batch)
+    adds its rows to the engine and returns an entry whose `left` counts rows not finished; drain(completions)
+    takes what a step finished; finish(entry, seconds) is the entry's output table (seconds since the last one).
+    The next batch is read as soon as the engine has taken every waiting row into a slot, so one batch's tail
+    overlaps the next one's start."""
+    import collections
+    import time
+
+    pending = collections.deque()
+    clock = [time.perf_counter()]
+
+    def ready():
+        while pending and pending[0].left == 0:
+            entry = pending.popleft()
+            now = time.perf_counter()
+            yield finish(entry, now - clock[0])
+            clock[0] = now
+
+    for batch in batches:
+        pending.append(enqueue(batch))
+        yield from ready()
+        while engine.waiting:  # keep stepping until every queued row holds a slot
+            drain(engine.step())
+            yield from ready()
+    while engine.busy:
+        drain(engine.step())
+        yield from ready()
+    yield from ready()

@@ -8,10 +8,8 @@ Sampling is seeded per row by its prompt, so a rerun reproduces every completion
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import json
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -23,7 +21,8 @@ from persimmon import PersimmonForCausalLM, PersimmonTokenizer, SamplingParams
 from persimmon.engine import GenerationEngine, Request
 from persimmon.sampling import FinishReason
 
-from .batching import NONFINITE, PipelineStats, ReportsRows, check_vocabulary, encode_rows, text_column
+from .batching import (NONFINITE, PipelineStats, ReportsRows, check_vocabulary, encode_rows, engine_stream,
+                       text_column)
 from .options import GenerateOptions
 from .prompts import PromptTemplate
 from .schema import append_columns, generation_schema, parsed_type
@@ -95,16 +94,10 @@ class GenerationPipeline(ReportsRows):
         next batch is read as soon as the engine has taken every waiting row into a slot, so one batch's
         tail overlaps the next one's start. Memory: the engine's slots plus the batches still in flight."""
         self.engine.reset()  # whatever an interrupted stream left behind
-        pending: collections.deque[_InFlight] = collections.deque()
-        clock = [time.perf_counter()]
 
-        def ready() -> Iterator[pa.Table]:
-            while pending and pending[0].left == 0:
-                entry = pending.popleft()
-                now = time.perf_counter()
-                self.stats.record(entry.errors, entry.rows, now - clock[0])
-                clock[0] = now
-                yield append_columns(entry.batch, self.schema, entry.columns, entry.errors)
+        def finish(entry: "_InFlight", seconds: float) -> pa.Table:
+            self.stats.record(entry.errors, entry.rows, seconds)
+            return append_columns(entry.batch, self.schema, entry.columns, entry.errors)
 
         def drain(completions) -> None:
             self._report(len(completions))
@@ -128,17 +121,7 @@ class GenerationPipeline(ReportsRows):
                 self.stats.generated_tokens += len(c.tokens)
             self._count_prefill()
 
-        for batch in batches:
-            entry = self._enqueue(batch)
-            pending.append(entry)
-            yield from ready()
-            while self.engine.waiting:  # keep stepping until every queued row holds a slot
-                drain(self.engine.step())
-                yield from ready()
-        while self.engine.busy:
-            drain(self.engine.step())
-            yield from ready()
-        yield from ready()
+        yield from engine_stream(self.engine, batches, self._enqueue, drain, finish)
 
     def _enqueue(self, batch: pa.RecordBatch | pa.Table) -> "_InFlight":
         texts, errors = text_column(batch, self.text_column)

@@ -23,6 +23,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 
 from ..errors import UsageError
+
 TABULAR = ("parquet", "csv", "jsonl")
 REQUESTS = "openai"  # OpenAI batch request lines (openai-batch)
 SUFFIXES = {".parquet": "parquet", ".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl"}
