@@ -6,11 +6,15 @@ own position under its own mask. A row that ends (EOS, stop string, length) free
 result is handed back and a waiting row takes the slot at the next step, so decode steps stay full instead
 of shrinking to each batch's stragglers.
 
+Two parts: the decisions (admission, the pool's layout, finish rules, which row moves into a freed slot) are
+persimmon.scheduler's SlotScheduler, pure code; this module is the model runner that carries them out on
+tensors: the pool, prefill, the decode step, sampling, grammar masks.
+
 The pool holds `slots` rows of `capacity` positions per layer, (slots, H, capacity, D); slot s holds one row's
-tokens at [0, length). Active rows always occupy slots [0, active): when a row ends, the last active row's
-cache moves into its slot, so a decode step runs on a prefix of the pool without gathering. The pool is
-sized by a token budget: capacity is the longest row seen (prompt + max_new_tokens, rounded up) and slots =
-budget // capacity; a longer row grows the capacity (and may shrink the slot count) once the active rows fit.
+tokens at [0, length). Running rows always occupy slots [0, running): a decode step runs on a prefix of the
+pool without gathering. The pool is sized by bytes, like vLLM's KV cache: `kv_cache_bytes` (default: a
+quarter of the memory available on the device, at most 4 GiB on a CPU) buys that many positions, shared by
+up to `max_slots` rows of the longest row's length.
 
 Shared prefix: the prompt template's text before a row's own text is prefilled once; each row whose tokens
 start with it copies those keys and values into its slot and prefills only the rest.
@@ -23,6 +27,9 @@ Every request carries its own SamplingParams (temperature, top-k/p, seed, max_ne
 logprobs, grammar); rows with different parameters share decode steps. A grammar's masks for the next step
 are computed on a second thread while the model runs the step (llguidance releases the GIL), then applied to
 the step's logits before sampling.
+
+On a CPU the decode step's thread count is chosen by measurement (persimmon.cpu.ThreadGovernor): fewer
+threads when other work holds cores, all of them when the machine is quiet.
 """
 
 from __future__ import annotations
@@ -33,77 +40,38 @@ import concurrent.futures
 import functools
 import secrets
 import time
-from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
 
 from .cache import KVCache
+from .cpu import ThreadGovernor
 from .sampling import FinishReason, SamplingParams, StopChecker, TokenLogprob, row_seed, row_uniforms, sample
+from .scheduler import (ADMIT_FRACTION, CAPACITY_STEP, INCOMPLETE, Completion, Layout, Release, Request,  # noqa: F401
+                        Row, SlotScheduler, length_groups)
 
-CAPACITY_STEP = 64  # slot capacity is a multiple of this (fewer regrowths, fewer compiled shapes)
-ADMIT_FRACTION = 8  # while decoding, rows are admitted once 1/8 of the slots are free
-
-
-INCOMPLETE = "incomplete structured output"
+CPU_KV_CACHE_CAP = 4 << 30  # a CPU's default cache: at most this, or a quarter of the available memory
 
 
-def length_groups(lengths: Sequence[int], max_waste: float = 0.25, max_tokens: int = 16384) -> list[list[int]]:
-    """Split row indices into groups of similar length: each group's padded size (rows x longest) stays within
-    (1 + max_waste) x its real tokens and within max_tokens (a single longer row still gets a group)."""
-    groups: list[list[int]] = []
-    real = 0
-    for i in sorted(range(len(lengths)), key=lambda i: lengths[i]):
-        if groups:
-            padded = (len(groups[-1]) + 1) * lengths[i]  # sorted ascending: row i is the group's longest
-            if padded <= (1 + max_waste) * (real + lengths[i]) and padded <= max_tokens:
-                groups[-1].append(i)
-                real += lengths[i]
-                continue
-        groups.append([i])
-        real = lengths[i]
-    return groups
+def default_kv_cache_bytes(device: torch.device) -> int:
+    """A quarter of what the device has free (CUDA: free device memory after the weights; CPU: available
+    memory, capped at CPU_KV_CACHE_CAP)."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free // 4
+    from .cpu import _available_bytes
 
-
-@dataclass
-class Request:
-    key: Any  # the caller's handle, returned with the completion
-    ids: list[int]  # the whole prompt, BOS included, as it tokenizes on its own
-    params: SamplingParams | None = None  # None: the engine's defaults; max_new_tokens None: the engine's
-    seed_key: bytes | None = None  # what the row's sampling seed hashes (default: its prompt tokens)
-
-
-@dataclass
-class Completion:
-    key: Any
-    tokens: list[int]  # new tokens, up to and including the EOS / stop-completing token
-    finish_reason: FinishReason
-    text: str | None  # without EOS, cut before a stop string (needs `decode`)
-    prompt_tokens: int
-    logprobs: list[TokenLogprob] | None = None  # one per token when the request asked for them
-    error: str | None = None  # e.g. "incomplete structured output" (the completion is kept)
-
-
-@dataclass
-class _Row:
-    request: Request
-    params: SamplingParams  # resolved: max_new_tokens set
-    uniforms: list[float] | None  # the row's own draws, one per step
-    stopper: StopChecker | None = None
-    matcher: Any = None  # the grammar's state for this row
-    logprobs: list[TokenLogprob] | None = None
-    tokens: list[int] = field(default_factory=list)
-    finish: FinishReason | None = None
-    error: str | None = None
-
-    @property
-    def next_position(self) -> int:
-        """Where the last sampled token goes in the cache (the prompt fills [0, len(ids)))."""
-        return len(self.request.ids) + len(self.tokens) - 1
+    available = _available_bytes()
+    return CPU_KV_CACHE_CAP if available is None else min(CPU_KV_CACHE_CAP, available // 4)
 
 
 class SlotPool:
     """Keys and values for `slots` rows of `capacity` positions, per layer (slots, H, capacity, D)."""
+
+    @staticmethod
+    def bytes_per_position(config, dtype: torch.dtype) -> int:
+        """What one cached position costs over every layer's keys and values."""
+        return 2 * config.num_hidden_layers * config.num_attention_heads * config.head_dim * dtype.itemsize
 
     def __init__(self, config, slots: int, capacity: int, dtype: torch.dtype, device: torch.device) -> None:
         shape = (slots, config.num_attention_heads, capacity, config.head_dim)
@@ -113,19 +81,21 @@ class SlotPool:
 
     def write(self, slots: torch.Tensor, part: KVCache, width: int) -> None:
         """Place a prefilled group's positions [0, width) in these slots."""
-        for mine, theirs in ((self.keys, part.keys), (self.values, part.values)):
-            for layer in range(len(mine)):
-                mine[layer][slots, :, :width] = theirs[layer][:, :, :width]
+        copy_positions(self, slots, part, slice(None), width)
 
     def move(self, source: int, target: int, length: int) -> None:
-        for buffers in (self.keys, self.values):
-            for buf in buffers:
-                buf[target, :, :length] = buf[source, :, :length]
+        copy_positions(self, target, self, source, length)
 
     def copy_from(self, other: "SlotPool", rows: int, length: int) -> None:
-        for mine, theirs in ((self.keys, other.keys), (self.values, other.values)):
-            for layer in range(len(mine)):
-                mine[layer][:rows, :, :length] = theirs[layer][:rows, :, :length]
+        copy_positions(self, slice(0, rows), other, slice(0, rows), length)
+
+
+def copy_positions(target, rows, source, source_rows, length: int) -> None:
+    """Every layer's keys and values: target[rows, :, :length] = source[source_rows, :, :length]
+    (a SlotPool or KVCache on either side)."""
+    for mine, theirs in ((target.keys, source.keys), (target.values, source.values)):
+        for layer in range(len(mine)):
+            mine[layer][rows, :, :length] = theirs[layer][source_rows, :, :length]
 
 
 class SlotBatch:
@@ -170,11 +140,9 @@ def prefill_rows(model, rows: Sequence[Sequence[int]], start: int = 0, prefix: K
         ids[i, : len(s)] = torch.tensor(s)
         mask[i, start : start + len(s)] = 1
     ids, mask = ids.to(device), mask.to(device)
-    cache = KVCache.for_model(model.config, len(rows), start + width + room, model.dtype, device)
+    cache = KVCache.for_model(model.config, len(rows), start + width + room, model.kv_dtype, device)
     if start:
-        for mine, theirs in ((cache.keys, prefix.keys), (cache.values, prefix.values)):
-            for layer in range(len(mine)):
-                mine[layer][:, :, :start] = theirs[layer][:, :, :start]
+        copy_positions(cache, slice(None), prefix, slice(None), start)
         cache.length = start
     hidden = model.model(ids, attention_mask=mask, past_key_values=cache).last_hidden_state
     last = torch.tensor([len(s) - 1 for s in suffixes], device=device)
@@ -184,7 +152,7 @@ def prefill_rows(model, rows: Sequence[Sequence[int]], start: int = 0, prefix: K
 
 def prefill_prefix(model, ids: Sequence[int]) -> KVCache:
     """The keys and values of a prefix that many rows share, computed once (one row)."""
-    cache = KVCache.for_model(model.config, 1, len(ids), model.dtype, model.device)
+    cache = KVCache.for_model(model.config, 1, len(ids), model.kv_dtype, model.device)
     model(torch.tensor([list(ids)], device=model.device), past_key_values=cache, logits_to_keep=1)
     return cache
 
@@ -216,24 +184,30 @@ class GenerationEngine:
         eos_token_id: int | Sequence[int] | None = None,
         stop: Sequence[str] = (),
         decode: Callable[[list[int]], str] | None = None,
-        token_budget: int = 16384,
+        token_budget: int | None = None,
         max_slots: int = 256,
         prefix_ids: Sequence[int] | None = None,
         vocab_limit: int | None = None,
         pad_token_id: int = 0,
         compile: bool | None = None,
         vocabulary=None,
+        kv_cache_bytes: int | None = None,
+        adaptive_threads: bool | None = None,
+        prefill_tokens: int = 16384,
     ) -> None:
         """max_new_tokens, sampling, stop: the defaults of requests that bring no parameters of their own (and
-        the max_new_tokens of those whose parameters leave it None). token_budget: cache positions over all
-        slots (slots x capacity). prefix_ids: tokens most prompts start with (BOS included), prefilled once.
-        vocab_limit: ids at or past it are never produced. compile: decode with a compiled fixed-shape step
-        over the whole pool (CUDA graphs on GPU); None = on for CUDA. vocabulary: a persimmon.grammar.
-        Vocabulary, needed by requests with a grammar or logprobs."""
+        the max_new_tokens of those whose parameters leave it None). kv_cache_bytes: memory for the slots'
+        keys and values (default: default_kv_cache_bytes); token_budget: cache positions over all slots
+        instead (slots x capacity). prefix_ids: tokens most prompts start with (BOS included), prefilled
+        once. vocab_limit: ids at or past it are never produced. compile: decode with a compiled
+        fixed-shape step over the whole pool (CUDA graphs on GPU); None = on for CUDA. vocabulary: a
+        persimmon.grammar.Vocabulary, needed by requests with a grammar or logprobs. adaptive_threads: let
+        a ThreadGovernor pick the decode step's CPU threads (None: on for CPU when torch has several).
+        prefill_tokens: padded tokens per prefill forward pass (a longer row still gets one of its own)."""
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
         self.model, self.config = model, model.config
-        self.device, self.dtype = model.device, model.dtype
+        self.device, self.dtype = model.device, model.kv_dtype  # the cache's and the decode mask's
         self.max_new_tokens = max_new_tokens
         sampling = sampling or SamplingParams()
         if stop:
@@ -244,19 +218,27 @@ class GenerationEngine:
         self.decode = decode
         self.vocabulary = vocabulary
         self._check(self.sampling)
-        self.token_budget, self.max_slots = token_budget, max_slots
+        if token_budget is None:
+            budget = kv_cache_bytes if kv_cache_bytes is not None else default_kv_cache_bytes(self.device)
+            token_budget = budget // SlotPool.bytes_per_position(self.config, self.dtype)
+        if token_budget < 1:
+            raise ValueError(f"the KV cache budget holds no position (token_budget {token_budget})")
+        self.token_budget, self.max_slots, self.prefill_tokens = token_budget, max_slots, prefill_tokens
+        self.scheduler = SlotScheduler(self.sampling, max_new_tokens, self.eos_ids, token_budget, max_slots)
         self.prefix_ids = list(prefix_ids) if prefix_ids and len(prefix_ids) > 1 else None
         self.prefix_cache: KVCache | None = None
         self.vocab_limit = vocab_limit if vocab_limit is not None and vocab_limit < self.config.vocab_size else None
         self.pad = pad_token_id
         self.static = compile if compile is not None else self.device.type == "cuda"
         self.fallback_seed = secrets.randbits(63)  # for sampled requests whose seed is None
-        self.waiting: collections.deque[Request] = collections.deque()
-        self.active: list[_Row] = []  # slot i holds active[i]
         self.pool: SlotPool | None = None
         self._masker: concurrent.futures.ThreadPoolExecutor | None = None
         self.counters = collections.Counter()  # prefill_tokens, prefix_tokens_shared, decode_steps, ...
         self.seconds = collections.Counter()  # wall time in admission + prefill, decode steps, mask work
+        threads = torch.get_num_threads()
+        if adaptive_threads is None:
+            adaptive_threads = self.device.type == "cpu" and threads > 1
+        self.governor = ThreadGovernor(threads, torch.set_num_threads) if adaptive_threads else None
 
     def _check(self, params: SamplingParams) -> None:
         if params.stop and self.decode is None:
@@ -270,16 +252,23 @@ class GenerationEngine:
             raise ValueError(f"request {request.key!r} has no tokens")
         if request.params is not None:
             self._check(request.params)
-        self.waiting.append(request)
+        self.scheduler.add(request)
 
     def reset(self) -> None:
-        """Drop every waiting and active row (the pool, the compiled step and the shared prefix stay)."""
-        self.waiting.clear()
-        self.active.clear()
+        """Drop every waiting and running row (the pool, the compiled step and the shared prefix stay)."""
+        self.scheduler.reset()
+
+    @property
+    def waiting(self):
+        return self.scheduler.waiting
+
+    @property
+    def active(self) -> list[Row]:
+        return self.scheduler.running
 
     @property
     def busy(self) -> bool:
-        return bool(self.waiting or self.active)
+        return self.scheduler.busy
 
     @property
     def slots(self) -> int:
@@ -295,7 +284,7 @@ class GenerationEngine:
 
     @torch.inference_mode()
     def step(self) -> list[Completion]:
-        """Admit and prefill waiting rows into free slots, then advance every active row by one token.
+        """Admit and prefill waiting rows into free slots, then advance every running row by one token.
         Returns the rows that finished."""
         start = time.perf_counter()
         done = self._admit()
@@ -304,31 +293,14 @@ class GenerationEngine:
             done += self._decode()
         self.seconds["prefill"] += middle - start  # on CUDA, kernels still queued count towards the next
         self.seconds["decode"] += time.perf_counter() - middle
+        if self.governor is not None and not self.busy:
+            self.governor.restore()
         return done
 
     # -- pool ------------------------------------------------------------------------------------------------
-    def _params(self, request: Request) -> SamplingParams:
-        return self.sampling if request.params is None else request.params.with_defaults(self.max_new_tokens)
-
-    def _need(self, request: Request) -> int:
-        return len(request.ids) + self._params(request).max_new_tokens
-
-    def _layout(self, capacity: int) -> tuple[int, int]:
-        capacity = -(-capacity // CAPACITY_STEP) * CAPACITY_STEP
-        return max(1, min(self.max_slots, self.token_budget // capacity)), capacity
-
-    def _fit(self, request: Request, occupied: int) -> bool:
-        """Whether the pool has a free slot long enough for this request, growing the slots first when the
-        rows in them (`occupied`, all in the active prefix) still fit the new layout; False to wait."""
-        need = self._need(request)
-        if self.pool is not None and need <= self.pool.capacity:
-            return occupied < self.pool.slots
-        if self.pool is None:  # size the first pool by what is waiting now
-            need = max(self._need(r) for r in list(self.waiting)[: self.max_slots])
-        slots, capacity = self._layout(need)
-        if occupied >= slots:
-            return False  # a longer row waits until enough rows finish for the bigger slots to fit the budget
-        pool = SlotPool(self.config, slots, capacity, self.dtype, self.device)
+    def _allocate(self, layout: Layout) -> None:
+        """A pool of this layout, the running rows' keys and values copied over."""
+        pool = SlotPool(self.config, layout.slots, layout.capacity, self.dtype, self.device)
         if self.pool is not None and self.active:
             pool.copy_from(self.pool, len(self.active), self.pool.capacity)
         self.pool = pool
@@ -336,7 +308,6 @@ class GenerationEngine:
             for buf in (*pool.keys, *pool.values):
                 torch._dynamo.mark_static_address(buf)
         self.counters["pools"] += 1
-        return True
 
     # -- prefill ---------------------------------------------------------------------------------------------
     def _prefix(self) -> KVCache:
@@ -345,13 +316,12 @@ class GenerationEngine:
             self.counters["prefix_prefills"] += 1
         return self.prefix_cache
 
-    def _row(self, request: Request) -> _Row:
-        params = self._params(request)
-        uniforms = None
+    def _row(self, request: Request) -> Row:
+        params = self.scheduler.params(request)
+        row = Row(request, params)
         if not params.greedy:
             seed = params.seed if params.seed is not None else self.fallback_seed
-            uniforms = row_uniforms(row_seed(seed, request.seed_key or request.ids), params.max_new_tokens)
-        row = _Row(request, params, uniforms)
+            row.uniforms = row_uniforms(row_seed(seed, request.seed_key or request.ids), params.max_new_tokens)
         if params.stop:
             row.stopper = StopChecker(params.stop, self.decode)
         if params.grammar is not None:
@@ -361,19 +331,14 @@ class GenerationEngine:
         return row
 
     def _admit(self) -> list[Completion]:
-        admitted: list[_Row] = []
-        if self.active and self.pool is not None:
-            # while rows are decoding, admit in groups of at least 1/8 of the slots (or all that wait):
-            # a prefill of one or two short rows costs nearly as much as one of eight
-            free = self.pool.slots - len(self.active)
-            if free < min(max(1, self.pool.slots // ADMIT_FRACTION), len(self.waiting)):
-                return []
-        while self.waiting and self._fit(self.waiting[0], len(self.active) + len(admitted)):
-            admitted.append(self._row(self.waiting.popleft()))
-        if not admitted:
+        admission = self.scheduler.schedule()
+        if admission is None:
             return []
-        first = len(self.active)
-        self.active += admitted
+        if admission.layout is not None:
+            self._allocate(admission.layout)
+        admitted = [self._row(r) for r in admission.requests]
+        first = admission.first
+        self.scheduler.start(admitted)
         masks = self._start_masks(admitted)  # computed while the rows prefill
         logits = torch.empty(len(admitted), self.config.vocab_size, device=self.device)
         for shared in (True, False):
@@ -382,12 +347,12 @@ class GenerationEngine:
                 continue
             start = len(self.prefix_ids) if shared else 0
             lengths = [len(admitted[i].request.ids) - start for i in members]
-            for group in length_groups(lengths):
+            for group in length_groups(lengths, max_tokens=self.prefill_tokens):
                 rows = [members[j] for j in group]
                 logits[rows] = self._prefill([admitted[i] for i in rows], [first + i for i in rows], start)
         return self._advance(logits, list(range(first, first + len(admitted))), masks)
 
-    def _prefill(self, rows: list[_Row], slots: list[int], start: int) -> torch.Tensor:
+    def _prefill(self, rows: list[Row], slots: list[int], start: int) -> torch.Tensor:
         """Prefill rows into these slots (from `start`, after the shared prefix); their last logits (rows, V)."""
         ids = [r.request.ids for r in rows]
         part, _, logits = prefill_rows(self.model, ids, start, self._prefix() if start else None, self.pad)
@@ -400,7 +365,7 @@ class GenerationEngine:
         return logits
 
     # -- grammar masks ---------------------------------------------------------------------------------------
-    def _start_masks(self, rows: list[_Row]):
+    def _start_masks(self, rows: list[Row]):
         """Begin computing the next-token masks of these rows' grammars on the mask thread; None if none."""
         matchers = [r.matcher for r in rows if r.matcher is not None]
         if not matchers:
@@ -415,7 +380,7 @@ class GenerationEngine:
 
         return self._masker.submit(work)
 
-    def _apply_masks(self, logits: torch.Tensor, rows: list[_Row], pending) -> None:
+    def _apply_masks(self, logits: torch.Tensor, rows: list[Row], pending) -> None:
         """Forbid, in place, every token a constrained row's grammar does not allow next."""
         if pending is None:
             return
@@ -442,13 +407,20 @@ class GenerationEngine:
         tokens = [r.tokens[-1] for r in self.active] + [self.pad] * (rows - n)
         pos = torch.tensor(positions, device=self.device)
         # keys up to the longest row's position (a strided slice of the slots, read in place by the fused
-        # attention kernel); the compiled step reads whole slots, its shapes fixed
+        # attention kernel); the compiled step reads whole slots, its shapes fixed. The mask is additive
+        # (0 where a row may attend, -inf past its position), what the kernel takes without converting.
         read = self.pool.capacity if self.static else max(positions) + 1
-        mask = (torch.arange(read, device=self.device)[None] <= pos[:, None])[:, None, None, :]
+        mask = torch.zeros(rows, 1, 1, read, dtype=self.dtype, device=self.device)
+        mask.masked_fill_(torch.arange(read, device=self.device)[None, None, None] > pos[:, None, None, None],
+                          float("-inf"))
         batch = SlotBatch(self.pool, rows, pos, read)
         tokens = torch.tensor(tokens, device=self.device)[:, None]
         step = _compiled_slot_step() if self.static else _slot_decode_step
+        if self.governor is not None:
+            self.governor.before()
         logits = step(self.model, tokens, pos[:, None], mask, batch)[:n].float()
+        if self.governor is not None:
+            self.governor.after(n)
         self.counters["decode_steps"] += 1
         self.counters["decode_rows"] += n
         return self._advance(logits, list(range(n)), masks)
@@ -457,26 +429,21 @@ class GenerationEngine:
         """Sample the next token of the rows in these slots (logits row i for slots[i]) under each row's own
         parameters and grammar; finish and free the rows that end."""
         rows = [self.active[s] for s in slots]
-        finite = torch.isfinite(logits).all(dim=-1)
+        finite = finite_rows(logits)
         # logprobs are the model's own distribution: before the vocabulary limit, grammar, temperature, top-k/p
         wanted = [i for i, r in enumerate(rows) if r.logprobs is not None]
         raw = torch.log_softmax(logits[wanted].float(), dim=-1) if wanted else None
         if self.vocab_limit is not None:
             logits[:, self.vocab_limit:] = float("-inf")
         self._apply_masks(logits, rows, masks)
-        uniforms = [None if r.uniforms is None else r.uniforms[len(r.tokens)] for r in rows]
-        chosen = sample(logits, [r.params for r in rows], uniforms)
-        chosen = torch.where(finite, chosen, -1)
+        chosen = sample(logits, [r.params for r in rows], [r.next_uniform for r in rows])
+        if finite is not None:
+            chosen = torch.where(finite, chosen, -1)
         if raw is not None:
             self._record_logprobs(raw, [rows[i] for i in wanted], chosen[wanted].clamp(min=0))
-        finished = []
-        for slot, row, token in zip(slots, rows, chosen.tolist()):
-            self._take(row, token)
-            if row.finish is not None:
-                finished.append(slot)
-        return [self._release(slot) for slot in sorted(finished, reverse=True)]
+        return [self._complete(release) for release in self.scheduler.update(slots, chosen.tolist())]
 
-    def _record_logprobs(self, raw: torch.Tensor, rows: list[_Row], chosen: torch.Tensor) -> None:
+    def _record_logprobs(self, raw: torch.Tensor, rows: list[Row], chosen: torch.Tensor) -> None:
         own = raw.gather(1, chosen[:, None])[:, 0].tolist()
         k = max(r.params.logprobs for r in rows)
         top = torch.topk(raw, k, dim=-1) if k else None
@@ -486,36 +453,11 @@ class GenerationEngine:
             n = row.params.logprobs
             row.logprobs.append(TokenLogprob(token, own[i], list(zip(ids[i][:n], values[i][:n]))))
 
-    def _take(self, row: _Row, token: int) -> None:
-        """Append a sampled token to its row and decide whether the row ends."""
-        if token < 0:
-            row.finish = FinishReason.NONFINITE
-            return
-        row.tokens.append(token)
-        matcher = row.matcher
-        if matcher is not None and not matcher.consume_token(token):
-            row.finish, row.error = FinishReason.STOP, f"structured output: {matcher.get_error()}"
-            return
-        if token in self.eos_ids:
-            row.finish = FinishReason.EOS
-        elif matcher is not None and matcher.is_stopped():
-            row.finish = FinishReason.STOP  # the grammar is complete: nothing may follow
-        elif row.stopper is not None and row.stopper.hit(row.tokens):
-            row.finish = FinishReason.STOP
-        elif len(row.tokens) == row.params.max_new_tokens:
-            row.finish = FinishReason.LENGTH
-        if row.finish is not None and matcher is not None and row.error is None and not matcher.is_accepting():
-            row.error = INCOMPLETE
-
-    def _release(self, slot: int) -> Completion:
-        """The row's completion; the last active row moves into its slot (active rows stay contiguous)."""
-        row = self.active[slot]
-        last = len(self.active) - 1
-        if slot != last:
-            moved = self.active[last]
-            self.pool.move(last, slot, moved.next_position + 1)
-            self.active[slot] = moved
-        self.active.pop()
+    def _complete(self, release: Release) -> Completion:
+        """Carry out a release on the cache (the row that fills the freed slot) and render the completion."""
+        if release.move is not None:
+            self.pool.move(*release.move, release.length)
+        row = release.row
         text = None
         if row.matcher is not None:  # the bytes the grammar matched (decode would drop a leading space)
             text = self.vocabulary.decode([t for t in row.tokens if t not in self.eos_ids])
@@ -525,3 +467,11 @@ class GenerationEngine:
                 text = row.stopper.cut(text)
         return Completion(row.request.key, row.tokens, row.finish, text, len(row.request.ids), row.logprobs,
                           row.error)
+
+
+def finite_rows(logits: torch.Tensor) -> torch.Tensor | None:
+    """None when every row's logits are finite (one reduction decides it: a sum of finite logits is finite
+    short of overflow, and an overflow only sends it to the exact per-element check); else a bool per row."""
+    if bool(torch.isfinite(logits.sum()).item()):
+        return None
+    return torch.isfinite(logits).all(dim=-1)

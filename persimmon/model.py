@@ -45,6 +45,9 @@ class PersimmonAttention(nn.Module):
         self.num_heads = config.num_attention_heads
         self.head_dim = config.head_dim
         self.dropout = config.attention_dropout
+        # None: attention in the activations' dtype; fp32 on a CPU without bf16 units (persimmon.cpu), where
+        # the keys and values are cached in fp32 too (exact copies of the bf16 values)
+        self.compute_dtype: torch.dtype | None = None
         self.query_key_value = nn.Linear(config.hidden_size, 3 * config.hidden_size, bias=True)
         self.dense = nn.Linear(config.hidden_size, config.hidden_size, bias=True)
         self.qk_layernorm = config.qk_layernorm
@@ -70,6 +73,8 @@ class PersimmonAttention(nn.Module):
             q, k = self.q_layernorm(q), self.k_layernorm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if self.compute_dtype is not None and q.dtype != self.compute_dtype:
+            q, k, v = q.to(self.compute_dtype), k.to(self.compute_dtype), v.to(self.compute_dtype)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)  # (B, H, S, D)
         dropout = self.dropout if self.training else 0.0
@@ -82,7 +87,7 @@ class PersimmonAttention(nn.Module):
             y = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=mask is None and T > 1
             )
-        y = y.transpose(1, 2).reshape(B, T, C)
+        y = y.transpose(1, 2).reshape(B, T, C).to(x.dtype)
         return self.dense(y), weights
 
     def _eager_attention(self, q, k, v, mask, dropout):
@@ -90,7 +95,7 @@ class PersimmonAttention(nn.Module):
         if mask is None:
             T, S = scores.shape[-2:]
             mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
-        scores = scores.masked_fill(~mask, float("-inf"))
+        scores = scores + mask if mask.is_floating_point() else scores.masked_fill(~mask, float("-inf"))
         weights = F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
         weights = F.dropout(weights, p=dropout, training=self.training)
         return weights @ v, weights
@@ -164,6 +169,14 @@ class PersimmonPreTrainedModel(nn.Module):
         return next(self.parameters()).dtype
 
     @property
+    def kv_dtype(self) -> torch.dtype:
+        """The dtype of cached keys and values: the attention's compute dtype where one is set."""
+        for module in self.modules():
+            if isinstance(module, PersimmonAttention):
+                return module.compute_dtype or self.dtype
+        return self.dtype
+
+    @property
     def device(self) -> torch.device:
         return next(self.parameters()).device
 
@@ -229,12 +242,12 @@ class PersimmonModel(PersimmonPreTrainedModel):
         B, T = x.shape[:2]
         cache = past_key_values
         if cache is None and use_cache:
-            cache = KVCache.for_model(self.config, B, T, x.dtype, x.device)
+            cache = KVCache.for_model(self.config, B, T, self.kv_dtype, x.device)
         past = cache.length if cache is not None else 0
         if cache is not None and cache.batch_size != B:
             raise ValueError(f"past_key_values holds {cache.batch_size} rows but the input has {B}")
         if attention_mask is not None and attention_mask.dim() == 4:
-            # a ready boolean (B, 1, T, S) mask, True = attend: used as given (static-cache decoding)
+            # a ready (B, 1, T, S) mask, boolean (True = attend) or additive float: used as given (slot decoding)
             if position_ids is None:
                 raise ValueError("a 4-D attention_mask needs explicit position_ids")
         elif attention_mask is not None and tuple(attention_mask.shape) != (B, past + T):
@@ -248,7 +261,8 @@ class PersimmonModel(PersimmonPreTrainedModel):
         position_ids = position_ids.expand(B, T)
         cos, sin = rope_cos_sin(self.config, position_ids, x.dtype)
         if attention_mask is not None and attention_mask.dim() == 4:
-            mask = attention_mask.bool()
+            # boolean (True = attend) or additive float (0 / -inf), used as given
+            mask = attention_mask if attention_mask.is_floating_point() else attention_mask.bool()
         else:
             mask = attention_mask_for(attention_mask, past, T, x.device)
 

@@ -39,7 +39,7 @@ from persimmon import PersimmonForCausalLM, PersimmonTokenizer, SamplingParams, 
 from persimmon.engine import GenerationEngine, Request
 from persimmon.sampling import MAX_LOGPROBS, FinishReason
 
-from .batching import (EncodedRow, PipelineStats, ReportsRows, check_vocabulary, engine_stream, pad_batch,
+from .batching import (EncodedRow, PipelineStats, ReportsRows, check_vocabulary, engine_stream, load_model, pad_batch,
                        plan_batches)
 from .embed import pool
 from .options import BatchAPIOptions
@@ -216,14 +216,14 @@ class OpenAIBatchPipeline(ReportsRows):
         self.options = o
         self.device = torch.device(device)
         self.tokenizer = PersimmonTokenizer.from_pretrained(model_dir)
-        self.model = PersimmonForCausalLM.from_pretrained(model_dir, dtype=o.dtype, device=self.device)
+        self.model = load_model(PersimmonForCausalLM, model_dir, o.dtype, self.device)
         self.config = self.model.config
         check_vocabulary(self.tokenizer, self.config)
         self.window = self.config.max_position_embeddings
         self.model_name = Path(model_dir).name
         self.vocabulary = None
         self.engine = GenerationEngine(
-            self.model, o.max_new_tokens, decode=self.tokenizer.decode, token_budget=o.batch_tokens,
+            self.model, o.max_new_tokens, decode=self.tokenizer.decode, kv_cache_bytes=o.kv_cache_bytes, prefill_tokens=o.batch_tokens,
             vocab_limit=self.tokenizer.vocab_size, pad_token_id=self.tokenizer.padding_id, compile=o.compile)
         self.stats = PipelineStats()
         self.schema = OUTPUT

@@ -205,6 +205,17 @@ def pad_batch(tok: PersimmonTokenizer, group: list[EncodedRow], side: str, stats
     return ids.to(device), mask.to(device)
 
 
+def load_model(cls, model_dir, dtype: str, device: torch.device):
+    """How every pipeline loads its model: the checkpoint in the asked dtype on the device, then fitted to the
+    CPU it runs on (bf16 linear layers and attention computed in fp32 where the CPU has no bf16 units:
+    persimmon.cpu)."""
+    from persimmon.cpu import compute_bf16_linears_in_fp32
+
+    model = cls.from_pretrained(model_dir, dtype=dtype, device=device)
+    compute_bf16_linears_in_fp32(model)
+    return model
+
+
 def check_vocabulary(tok: PersimmonTokenizer, config: PersimmonConfig) -> None:
     """A tokenizer with more pieces than the model has embeddings would index past the embedding table."""
     if tok.vocab_size > config.vocab_size:

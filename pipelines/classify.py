@@ -20,7 +20,7 @@ from persimmon import PersimmonForCausalLM, PersimmonForSequenceClassification, 
 from persimmon.engine import prefill_prefix, prefill_rows, shares_prefix
 
 from .batching import (EncodedRow, PipelineStats, ReportsRows, check_vocabulary, drop_nonfinite, encode_rows,
-                       pad_batch, plan_batches, text_column)
+                       load_model, pad_batch, plan_batches, text_column)
 from .options import ZERO_SHOT_TEMPLATE, ClassifyOptions
 from .prompts import PromptTemplate
 from .schema import ZERO_SHOT, append_columns, classification_kind, classification_schema
@@ -52,7 +52,7 @@ class ClassificationPipeline(ReportsRows):
         self.stats = PipelineStats()
         self.candidate_labels = list(o.candidate_labels) if o.candidate_labels else None
         if self.candidate_labels is not None:
-            self.model = PersimmonForCausalLM.from_pretrained(model_dir, dtype=o.dtype, device=self.device)
+            self.model = load_model(PersimmonForCausalLM, model_dir, o.dtype, self.device)
             template = o.prompt_template or ZERO_SHOT_TEMPLATE
             self.template = PromptTemplate(template, labels=", ".join(self.candidate_labels))
             # the question and labels before {text}: prefilled once (its last piece may merge with the text)
@@ -63,7 +63,7 @@ class ClassificationPipeline(ReportsRows):
             self.kind = "zero_shot"
         else:
             self.label_ids = []
-            self.model = PersimmonForSequenceClassification.from_pretrained(model_dir, dtype=o.dtype, device=self.device)
+            self.model = load_model(PersimmonForSequenceClassification, model_dir, o.dtype, self.device)
             self.kind = classification_kind(self.model.config)
             self.schema = classification_schema(self.model.config)
         config = self.model.config

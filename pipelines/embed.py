@@ -20,7 +20,7 @@ import torch
 from persimmon import PersimmonModel, PersimmonTokenizer
 
 from .batching import (PipelineStats, ReportsRows, check_vocabulary, drop_nonfinite, encode_rows, pad_batch,
-                       plan_batches, text_column)
+                       load_model, plan_batches, text_column)
 from .options import EmbedOptions
 from .schema import append_columns, embedding_schema
 
@@ -57,7 +57,7 @@ class EmbeddingPipeline(ReportsRows):
         self.options, self.text_column, self.padding_side = o, text_column, padding_side
         self.device = torch.device(device)
         self.tokenizer = PersimmonTokenizer.from_pretrained(model_dir)
-        self.model = PersimmonModel.from_pretrained(model_dir, dtype=o.dtype, device=self.device)
+        self.model = load_model(PersimmonModel, model_dir, o.dtype, self.device)
         config = self.model.config
         check_vocabulary(self.tokenizer, config)
         self.max_length = min(o.max_length or config.max_position_embeddings, config.max_position_embeddings)

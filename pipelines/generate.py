@@ -22,7 +22,7 @@ from persimmon.engine import GenerationEngine, Request
 from persimmon.sampling import FinishReason
 
 from .batching import (NONFINITE, PipelineStats, ReportsRows, check_vocabulary, encode_rows, engine_stream,
-                       text_column)
+                       load_model, text_column)
 from .options import GenerateOptions
 from .prompts import PromptTemplate
 from .schema import append_columns, generation_schema, parsed_type
@@ -56,7 +56,7 @@ class GenerationPipeline(ReportsRows):
         self.batch_tokens, self.compile = o.batch_tokens, o.compile
         self.device = torch.device(device)
         self.tokenizer = PersimmonTokenizer.from_pretrained(model_dir)
-        self.model = PersimmonForCausalLM.from_pretrained(model_dir, dtype=o.dtype, device=self.device)
+        self.model = load_model(PersimmonForCausalLM, model_dir, o.dtype, self.device)
         config = self.model.config
         check_vocabulary(self.tokenizer, config)
         window = config.max_position_embeddings - max_new_tokens
@@ -78,7 +78,7 @@ class GenerationPipeline(ReportsRows):
         prefix = self.tokenizer.encode(self.template.prefix)[:-1]  # its last piece may merge with the text
         self.engine = GenerationEngine(
             self.model, max_new_tokens, sampling=self.sampling, decode=self.tokenizer.decode,
-            token_budget=o.batch_tokens, prefix_ids=prefix, vocab_limit=self.tokenizer.vocab_size,
+            kv_cache_bytes=o.kv_cache_bytes, prefill_tokens=o.batch_tokens, prefix_ids=prefix, vocab_limit=self.tokenizer.vocab_size,
             pad_token_id=self.tokenizer.padding_id, compile=o.compile, vocabulary=self.vocabulary)
         self._counted = (0, 0, 0)
 

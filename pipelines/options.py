@@ -174,7 +174,21 @@ class ClassifyOptions(ModelOptions):
 
 
 @dataclass
-class GenerateOptions(ModelOptions):
+class EngineOptions(ModelOptions):
+    """What the tasks that generate through persimmon.engine share."""
+
+    kv_cache_gib: float | None = option(
+        None, "Memory for the KV cache, GiB (default: a quarter of what the device has free, at most 4 on a CPU); "
+              "it sets how many rows decode together (up to 256).", min=1e-6, identity=False)
+    compile: bool | None = option(None, "Compiled decode step (default: on for CUDA).", identity=False)
+
+    @property
+    def kv_cache_bytes(self) -> int | None:
+        return None if self.kv_cache_gib is None else int(self.kv_cache_gib * (1 << 30))
+
+
+@dataclass
+class GenerateOptions(EngineOptions):
     truncation_side: str = option("left", "Which end of a too-long text to drop.", choices=SIDES)
     prompt_template: str = option(CHAT_TEMPLATE, "Prompt around each text; {text} is replaced.", escapes=True)
     max_new_tokens: int = option(64, "Tokens to generate at most per row.", min=1)
@@ -191,7 +205,6 @@ class GenerateOptions(ModelOptions):
     logprobs: int | None = option(
         None, "Add `logprobs`: each generated token's log-probability and its K likeliest alternatives (0-20).",
         min=0, max=20)
-    compile: bool | None = option(None, "Compiled decode step (default: on for CUDA).", identity=False)
 
     def problems(self) -> list[str]:
         found = super().problems() + _template_problems(self.prompt_template)
@@ -296,7 +309,7 @@ class ScoreOptions(ModelOptions):
 
 
 @dataclass
-class BatchAPIOptions(ModelOptions):
+class BatchAPIOptions(EngineOptions):
     """openai-batch: what holds for every line (each line brings its own sampling parameters)."""
 
     max_new_tokens: int = option(256, "Tokens a chat or completion line may generate when it gives no max_tokens "
@@ -304,4 +317,3 @@ class BatchAPIOptions(ModelOptions):
     pooling: str = option("last", "Embeddings: the last real token's final hidden state, or the mean.",
                           choices=("last", "mean"))
     normalize: bool = option(True, "Embeddings: unit length, as OpenAI's are.")
-    compile: bool | None = option(None, "Compiled decode step (default: on for CUDA).", identity=False)

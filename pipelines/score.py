@@ -21,7 +21,7 @@ import torch
 from persimmon import PersimmonForCausalLM, PersimmonTokenizer
 
 from .batching import (NONFINITE, EncodedRow, PipelineStats, ReportsRows, check_vocabulary, encode_rows, pad_batch,
-                       plan_batches, text_column)
+                       load_model, plan_batches, text_column)
 from .options import ScoreOptions
 from .prompts import PromptTemplate
 from .schema import SCORE, append_columns
@@ -49,7 +49,7 @@ class ScorePipeline(ReportsRows):
         self.options, self.text_column = o, text_column
         self.device = torch.device(device)
         self.tokenizer = PersimmonTokenizer.from_pretrained(model_dir)
-        self.model = PersimmonForCausalLM.from_pretrained(model_dir, dtype=o.dtype, device=self.device)
+        self.model = load_model(PersimmonForCausalLM, model_dir, o.dtype, self.device)
         config = self.model.config
         check_vocabulary(self.tokenizer, config)
         self.max_length = min(o.max_length or config.max_position_embeddings, config.max_position_embeddings)

@@ -19,6 +19,8 @@ from typing import Any, Callable
 
 import ray
 
+from persimmon.cpu import passive_wait_env
+
 from ..errors import ClusterFailed, JobFailed
 from ..output.lease import _machine
 from .dispatcher import ActorState, Cancel, Commit, Discard, Dispatcher, Failure, MergeTask, UnitResult
@@ -113,8 +115,11 @@ class Pool:
     def __init__(self, dispatcher: Dispatcher, worker_args: tuple, resources: dict[str, Any], target: int,
                  on_note: Callable[[str], None]) -> None:
         self.dispatcher, self.worker_args, self.target, self.on_note = dispatcher, worker_args, target, on_note
+        # OpenMP threads that sleep between parallel regions: on a node shared with other work, spinning threads
+        # hold cores the others need (persimmon.cpu); the variable must be there before the actor loads torch
+        env = passive_wait_env()
         self.remote = ray.remote(concurrency_groups=CONCURRENCY_GROUPS, max_restarts=0)(ShardWorker).options(
-            scheduling_strategy="SPREAD", **resources)
+            scheduling_strategy="SPREAD", **({"runtime_env": {"env_vars": env}} if env else {}), **resources)
         self.resources = resources
         self.refs: dict[Any, tuple[str, Actor]] = {}  # object ref -> (kind, actor)
         self.pinged: dict[Actor, float] = {}  # actor -> when its outstanding ping was sent

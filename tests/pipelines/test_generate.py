@@ -8,7 +8,8 @@ import pyarrow as pa
 import pytest
 import torch
 
-from persimmon import SamplingParams
+from persimmon import PersimmonConfig, SamplingParams
+from persimmon.engine import SlotPool
 from persimmon.generate import generate
 from pipelines import GenerationPipeline
 from tests.conftest import build_hf_model
@@ -23,6 +24,12 @@ def model_dir(tmp_path_factory, sentencepiece_model):
     build_hf_model(root, "causal", seed=3, max_position_embeddings=128)
     shutil.copyfile(sentencepiece_model, root / "tokenizer.model")
     return root
+
+
+def kv_gib(model_dir, positions: int) -> float:
+    """--kv-cache-gib for a cache of this many positions (fp32)."""
+    config = PersimmonConfig.from_pretrained(model_dir)
+    return positions * SlotPool.bytes_per_position(config, torch.float32) / (1 << 30)
 
 
 def test_completions_equal_rows_alone(model_dir):
@@ -51,8 +58,8 @@ def test_completions_equal_rows_alone(model_dir):
 def test_sampled_completions_reproducible_across_batching(model_dir):
     texts = [p[:120] for p in paragraphs()[620:630]]
     sampling = SamplingParams(temperature=0.8, top_p=0.9, seed=11)
-    small = GenerationPipeline(model_dir, max_new_tokens=10, sampling=sampling, dtype="float32", batch_tokens=80)
-    large = GenerationPipeline(model_dir, max_new_tokens=10, sampling=sampling, dtype="float32", batch_tokens=10000)
+    small = GenerationPipeline(model_dir, max_new_tokens=10, sampling=sampling, dtype="float32", kv_cache_gib=kv_gib(model_dir, 80))
+    large = GenerationPipeline(model_dir, max_new_tokens=10, sampling=sampling, dtype="float32", kv_cache_gib=kv_gib(model_dir, 10000))
     a = small(pa.table({"text": texts})).column("completion").to_pylist()
     b = large(pa.table({"text": list(reversed(texts))})).column("completion").to_pylist()
     assert a == list(reversed(b))
@@ -84,7 +91,7 @@ def test_a_stream_of_batches_comes_back_in_order_equal_to_each_row_alone(model_d
     batch's rows start; each output table holds its batch's rows in order, each equal to the row alone."""
     sampling = SamplingParams(temperature=0.8, seed=5)
     pipe = GenerationPipeline(model_dir, prompt_template=TEMPLATE, max_new_tokens=10, sampling=sampling,
-                              dtype="float32", batch_tokens=3 * 128)
+                              dtype="float32", kv_cache_gib=kv_gib(model_dir, 3 * 128))
     texts = [p[: 20 + 31 * i % 200] for i, p in enumerate(paragraphs()[640:652])]
     batches = [pa.table({"text": texts[:5], "k": list(range(5))}),
                pa.table({"text": [None, "", "   "], "k": [5, 6, 7]}),  # no row reaches the engine
@@ -121,7 +128,7 @@ def test_a_vocabulary_padded_past_the_tokenizer_never_yields_an_undecodable_id(t
 def test_progress_is_reported_as_rows_finish(tmp_path, sentencepiece_model):
     build_hf_model(tmp_path, "causal", max_position_embeddings=64)
     shutil.copyfile(sentencepiece_model, tmp_path / "tokenizer.model")
-    pipe = GenerationPipeline(tmp_path, dtype="float32", max_new_tokens=4, batch_tokens=256)
+    pipe = GenerationPipeline(tmp_path, dtype="float32", max_new_tokens=4, kv_cache_gib=kv_gib(tmp_path, 256))
     seen = []
     pipe.on_rows = seen.append
     texts = [f"row number {i} says something" for i in range(30)] + [None]

@@ -1,0 +1,167 @@
+"""Running well on a CPU that is not ours alone, and on one without bf16 matrix units.
+
+- ThreadGovernor: picks the intra-op thread count from measured decode steps. On a machine where other work
+  holds cores, threads that wait for a busy core stall every parallel region (a 42x512x2048 linear: 1 ms on
+  one thread, 9-11 ms on two under contention), so fewer threads beat all of them; on a quiet machine all of
+  them win. The governor keeps the faster, re-checking now and then, so a loaded node slows a job in
+  proportion to the cores it lost instead of tenfold. Pure code on an injected clock and thread setter.
+- PASSIVE_WAIT: OpenMP threads that sleep rather than spin between parallel regions (OMP_WAIT_POLICY), set in
+  the environment of processes we start before they load torch. It costs nothing on a quiet machine here and
+  gives the cores back to other work between steps.
+- compute_bf16_linears_in_fp32: where bf16 matmuls have no hardware behind them (AVX2-only CPUs run them at a
+  seventh of fp32's speed), a bf16 model's linear layers keep fp32 copies of their (bf16-valued) weights and
+  round their outputs to bf16, and attention runs in fp32 over an fp32 cache of those bf16 values; the rest
+  (embeddings, LayerNorms, the residual stream) stays bf16. bf16 GEMM and attention kernels accumulate in
+  fp32 anyway, so the outputs agree to bf16 rounding.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import statistics
+import time
+from typing import Callable
+
+PASSIVE_WAIT = {"OMP_WAIT_POLICY": "PASSIVE"}
+
+
+def passive_wait_env(environ: dict[str, str] | None = None) -> dict[str, str]:
+    """The variables to add to a child process's environment (the user's own setting wins)."""
+    environ = os.environ if environ is None else environ
+    return {k: v for k, v in PASSIVE_WAIT.items() if k not in environ}
+
+
+class ThreadGovernor:
+    """Chooses how many threads the next decode step gets. Call `before()` before a step and `after(rows)`
+    after it. Every `period` steps it tries another count on alternate steps (`trials` of each) and moves
+    there when its seconds per row are lower by `margin`; a check that confirms the current count doubles
+    the period (up to `longest`), a move resets it. The counts tried rotate over one fewer, one more and
+    half the current (a plateau between neighbours does not hide a better count further away)."""
+
+    def __init__(self, most: int, set_threads: Callable[[int], None], clock: Callable[[], float] = time.perf_counter,
+                 period: int = 48, longest: int = 768, trials: int = 3, margin: float = 0.1) -> None:
+        self.most, self.set_threads, self.clock = most, set_threads, clock
+        self.current = most
+        self.period, self.first_period, self.longest, self.trials, self.margin = period, period, longest, trials, margin
+        self.countdown = period
+        self.probe: int | None = None  # the count being tried
+        self.samples: dict[int, list[float]] = {}
+        self.turn = 0  # which kind of probe comes next
+        self._began = 0.0
+        self._using = most
+        self.moves = 0
+
+    def before(self) -> None:
+        using = self.current
+        if self.probe is not None and len(self.samples[self.probe]) < len(self.samples[self.current]):
+            using = self.probe
+        if using != self._using:
+            self.set_threads(using)
+            self._using = using
+        self._began = self.clock()
+
+    def after(self, rows: int) -> None:
+        spent = (self.clock() - self._began) / max(rows, 1)
+        if self.probe is None:
+            self.countdown -= 1
+            if self.countdown <= 0 and self.most > 1:
+                self._start_probe()
+            return
+        self.samples[self._using].append(spent)
+        if min(len(s) for s in self.samples.values()) >= self.trials:
+            self._decide()
+
+    def _start_probe(self) -> None:
+        c = self.current
+        options = []
+        for candidate in (c - 1, c + 1, (c + 1) // 2):
+            if 1 <= candidate <= self.most and candidate != c and candidate not in options:
+                options.append(candidate)
+        self.probe = options[self.turn % len(options)]
+        self.turn += 1
+        self.samples = {self.current: [], self.probe: []}
+
+    def _decide(self) -> None:
+        mine = statistics.median(self.samples[self.current])
+        theirs = statistics.median(self.samples[self.probe])
+        if theirs < mine * (1 - self.margin):
+            self.current, self.period = self.probe, self.first_period
+            self.moves += 1
+        else:
+            self.period = min(self.longest, 2 * self.period)
+        self.probe, self.samples, self.countdown = None, {}, self.period
+
+    def restore(self) -> None:
+        """Back to all threads (the engine is idle: nothing measured applies to the next job)."""
+        if self._using != self.most:
+            self.set_threads(self.most)
+        self._using = self.current = self.most
+        self.probe, self.samples, self.countdown, self.period = None, {}, self.first_period, self.first_period
+
+
+@functools.cache
+def bf16_matmul_is_native() -> bool:
+    """Whether bf16 matmuls on this CPU run at least as fast as fp32 ones (bf16 units: AVX512-BF16, AMX).
+    Measured, not looked up: a 256x1024x1024 product in each, best of five."""
+    import torch
+
+    def best(dtype) -> float:
+        a = torch.randn(256, 1024, dtype=dtype)
+        b = torch.randn(1024, 1024, dtype=dtype)
+        a @ b
+        times = []
+        for _ in range(5):
+            start = time.perf_counter()
+            a @ b
+            times.append(time.perf_counter() - start)
+        return min(times)
+
+    return best(torch.bfloat16) <= best(torch.float32)
+
+
+def _available_bytes() -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def compute_bf16_linears_in_fp32(model, force: bool = False) -> bool:
+    """On a CPU without bf16 units, give a bf16 model's linear layers fp32 weights (the same values) whose
+    outputs are rounded back to bf16, when the fp32 copies fit in half the available memory. Returns whether
+    it did. The bf16 weights are replaced, not kept beside: the model then holds what an fp32 one would
+    in its linear layers."""
+    import torch
+    from torch import nn
+
+    if model.device.type != "cpu" or model.dtype != torch.bfloat16:
+        return False
+    if not force and bf16_matmul_is_native():
+        return False
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear) and m.weight.dtype == torch.bfloat16]
+    extra = sum(m.weight.numel() + (m.bias.numel() if m.bias is not None else 0) for m in linears) * 2
+    available = _available_bytes()
+    if not force and available is not None and extra > available // 2:
+        return False
+    for m in linears:
+        m.weight = nn.Parameter(m.weight.detach().float(), requires_grad=False)
+        if m.bias is not None:
+            m.bias = nn.Parameter(m.bias.detach().float(), requires_grad=False)
+        m.forward = functools.partial(_fp32_linear, m)
+    from .model import PersimmonAttention
+
+    for m in model.modules():
+        if isinstance(m, PersimmonAttention):
+            m.compute_dtype = torch.float32
+    return True
+
+
+def _fp32_linear(module, x):
+    import torch.nn.functional as F
+
+    return F.linear(x.float(), module.weight, module.bias).to(x.dtype)
