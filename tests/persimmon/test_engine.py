@@ -128,3 +128,51 @@ def test_compiled_step_equals_eager_and_is_captured_once_per_pool(model):
     # a second call on the same pool replays what was compiled: no new graph
     assert {c.key: c.tokens for c in compiled.run(Request(i, r) for i, r in enumerate(rows))} == expected
     assert counters["stats"]["unique_graphs"] == graphs
+
+
+def test_the_pool_is_sized_by_bytes(model):
+    """kv_cache_bytes buys positions at the model's cost per position: the slots are what those bytes hold for
+    rows of the longest length (capped at max_slots), and the rows still give their tokens alone."""
+    from persimmon.engine import SlotPool
+
+    rows = prompts(10, seed=6)
+    per_position = SlotPool.bytes_per_position(model.config, model.dtype)
+    assert per_position == 2 * model.config.num_hidden_layers * model.config.hidden_size * 4
+    expected = alone(model, rows, 6, SamplingParams(), [])
+    engine = GenerationEngine(model, 6, eos_token_id=[], kv_cache_bytes=3 * 128 * per_position + per_position - 1)
+    got = {c.key: c.tokens for c in engine.run(Request(i, r) for i, r in enumerate(rows))}
+    capacity = -(-max(len(r) + 6 for r in rows) // 64) * 64  # the longest row, in steps of 64 positions
+    assert engine.pool.capacity == capacity and engine.slots == (3 * 128) // capacity > 1
+    assert got == {i: e[0] for i, e in enumerate(expected)}
+    roomy = GenerationEngine(model, 6, eos_token_id=[], kv_cache_bytes=1 << 30, max_slots=7)
+    list(roomy.run(Request(i, r) for i, r in enumerate(rows)))
+    assert roomy.slots == 7
+    with pytest.raises(ValueError, match="holds no position"):
+        GenerationEngine(model, 6, kv_cache_bytes=per_position - 1)
+
+
+def test_bf16_computed_in_fp32_matches_bf16_and_caches_fp32(tmp_path):
+    """Forced on (whatever this CPU has): a bf16 model's linear layers hold fp32 copies of the same values,
+    attention runs over an fp32 cache, outputs stay bf16 and agree with the plain bf16 model to bf16 rounding,
+    and greedy generation equals the naive loop on the converted model."""
+    from persimmon.cpu import compute_bf16_linears_in_fp32
+
+    build_hf_model(tmp_path, "causal", seed=5, max_position_embeddings=128)
+    plain = PersimmonForCausalLM.from_pretrained(tmp_path, dtype="bfloat16")
+    fitted = PersimmonForCausalLM.from_pretrained(tmp_path, dtype="bfloat16")
+    assert compute_bf16_linears_in_fp32(fitted, force=True)
+    assert fitted.lm_head.weight.dtype == torch.float32 and fitted.dtype == torch.bfloat16
+    assert torch.equal(fitted.lm_head.weight, plain.lm_head.weight.float())
+    assert fitted.kv_dtype == torch.float32 and plain.kv_dtype == torch.bfloat16
+    ids = torch.tensor(prompts(3, seed=7)[0])[None]
+    with torch.inference_mode():
+        a, b = plain(ids).logits, fitted(ids).logits
+        reference = PersimmonForCausalLM.from_pretrained(tmp_path, dtype="float32")(ids).logits
+    assert b.dtype == torch.bfloat16
+    # both are bf16 renderings of the fp32 model: the fitted one no further from it than plain bf16 (x1.5)
+    assert (b.float() - reference).abs().max() <= 1.5 * (a.float() - reference).abs().max() + 1e-2
+    rows = prompts(5, seed=8)
+    engine = GenerationEngine(fitted, 8, eos_token_id=[], token_budget=4 * 128)
+    got = {c.key: c.tokens for c in engine.run(Request(i, r) for i, r in enumerate(rows))}
+    assert engine.pool.keys[0].dtype == torch.float32
+    assert got == {i: naive_generate(fitted, r, 8, SamplingParams(), [])[0] for i, r in enumerate(rows)}
