@@ -13,6 +13,8 @@ from .config import PersimmonConfig
 
 
 class KVCache:
+    chunks = None  # one attention read for all rows (the engine's SlotBatch may split it by row ranges)
+
     def __init__(
         self,
         num_layers: int,

@@ -47,8 +47,8 @@ import torch
 from .cache import KVCache
 from .cpu import ThreadGovernor
 from .sampling import FinishReason, SamplingParams, StopChecker, TokenLogprob, row_seed, row_uniforms, sample
-from .scheduler import (ADMIT_FRACTION, CAPACITY_STEP, INCOMPLETE, Completion, Layout, Release, Request,  # noqa: F401
-                        Row, SlotScheduler, length_groups)
+from .scheduler import (ADMIT_FRACTION, CAPACITY_STEP, INCOMPLETE, RESORT_EVERY, Completion, Layout,  # noqa: F401
+                        Release, Request, Row, SlotScheduler, chunk_reads, length_groups)
 
 CPU_KV_CACHE_CAP = 4 << 30  # a CPU's default cache: at most this, or a quarter of the available memory
 
@@ -89,6 +89,11 @@ class SlotPool:
     def copy_from(self, other: "SlotPool", rows: int, length: int) -> None:
         copy_positions(self, slice(0, rows), other, slice(0, rows), length)
 
+    def permute(self, order: torch.Tensor, length: int) -> None:
+        """Slot i takes what slot order[i] held (the first len(order) slots, positions [0, length))."""
+        for buf in (*self.keys, *self.values):
+            buf[: len(order), :, :length] = buf[order, :, :length]
+
 
 def copy_positions(target, rows, source, source_rows, length: int) -> None:
     """Every layer's keys and values: target[rows, :, :length] = source[source_rows, :, :length]
@@ -100,10 +105,13 @@ def copy_positions(target, rows, source, source_rows, length: int) -> None:
 
 class SlotBatch:
     """The cache a decode step sees: the first `rows` slots of a pool, each row writing its one new key and
-    value at its own position and reading positions [0, read). The engine owns the positions."""
+    value at its own position and reading positions [0, read). The engine owns the positions. `chunks`, when
+    given, are (first row, end row, positions to read) ranges: the attention reads each range only up to its
+    own longest row (KVCache's is None: one read for all)."""
 
-    def __init__(self, pool: SlotPool, rows: int, positions: torch.Tensor, read: int) -> None:
-        self.pool, self.rows, self.positions, self.read = pool, rows, positions, read
+    def __init__(self, pool: SlotPool, rows: int, positions: torch.Tensor, read: int,
+                 chunks: list[tuple[int, int, int]] | None = None) -> None:
+        self.pool, self.rows, self.positions, self.read, self.chunks = pool, rows, positions, read, chunks
         self.index = torch.arange(rows, device=positions.device)
 
     @property
@@ -400,6 +408,8 @@ class GenerationEngine:
 
     # -- decode ----------------------------------------------------------------------------------------------
     def _decode(self) -> list[Completion]:
+        if not self.static and self.counters["decode_steps"] % RESORT_EVERY == 0:
+            self._sort_rows()
         n = len(self.active)
         masks = self._start_masks(self.active)  # computed while the step runs
         rows = self.pool.slots if self.static else n
@@ -413,7 +423,9 @@ class GenerationEngine:
         mask = torch.zeros(rows, 1, 1, read, dtype=self.dtype, device=self.device)
         mask.masked_fill_(torch.arange(read, device=self.device)[None, None, None] > pos[:, None, None, None],
                           float("-inf"))
-        batch = SlotBatch(self.pool, rows, pos, read)
+        # eager: attention over ranges of rows, each reading to its longest row (rows kept sorted by length)
+        chunks = None if self.static else chunk_reads([p + 1 for p in positions])
+        batch = SlotBatch(self.pool, rows, pos, read, chunks if chunks and len(chunks) > 1 else None)
         tokens = torch.tensor(tokens, device=self.device)[:, None]
         step = _compiled_slot_step() if self.static else _slot_decode_step
         if self.governor is not None:
@@ -424,6 +436,14 @@ class GenerationEngine:
         self.counters["decode_steps"] += 1
         self.counters["decode_rows"] += n
         return self._advance(logits, list(range(n)), masks)
+
+    def _sort_rows(self) -> None:
+        """Carry out the scheduler's reordering of the running rows (longest first) on the cache."""
+        order = self.scheduler.sort_order()
+        if order is not None:
+            length = max(r.next_position for r in self.active) + 1
+            self.pool.permute(torch.tensor(order, device=self.device), length)
+            self.counters["sorts"] += 1
 
     def _advance(self, logits: torch.Tensor, slots: list[int], masks=None) -> list[Completion]:
         """Sample the next token of the rows in these slots (logits row i for slots[i]) under each row's own

@@ -84,9 +84,14 @@ class PersimmonAttention(nn.Module):
         else:
             # mask None means plain causal over a fresh sequence (or one query over all keys). The fused
             # kernel reads a strided cache slice in place (the engine's slots), where bf16 matmuls copy it
-            y = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=mask is None and T > 1
-            )
+            chunks = cache.chunks if cache is not None else None
+            if chunks:  # the engine's decode step: row ranges, each reading keys only up to its longest row
+                y = torch.cat([F.scaled_dot_product_attention(q[a:b], k[a:b, :, :r], v[a:b, :, :r],
+                                                              attn_mask=mask[a:b, ..., :r]) for a, b, r in chunks])
+            else:
+                y = F.scaled_dot_product_attention(
+                    q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=mask is None and T > 1
+                )
         y = y.transpose(1, 2).reshape(B, T, C).to(x.dtype)
         return self.dense(y), weights
 

@@ -11,7 +11,11 @@ does not touch a tensor, so it is tested with fake tokens in milliseconds (tests
   non-finite row;
 - release: a finished row's slot is refilled by the last running row, so running rows always hold the slots
   [0, running) and a decode step works on a prefix of the pool without gathering. The move is returned for
-  the engine to apply to the keys and values.
+  the engine to apply to the keys and values;
+- order: decode attention reads each range of CHUNK_ROWS slots up to its longest row, so rows sorted by
+  length read little past their own. Admissions and release moves disturb the order; every RESORT_EVERY
+  steps the scheduler sorts the running rows (longest first) when that cuts the positions read by a tenth,
+  and returns the permutation for the engine to apply to the cache.
 
 Request states: WAITING (queued), RUNNING (holds a slot), FINISHED (its completion handed back).
 """
@@ -26,6 +30,8 @@ from typing import Any, Sequence
 from .params import FinishReason, SamplingParams, StopChecker, TokenLogprob
 
 CAPACITY_STEP = 64  # slot capacity is a multiple of this (fewer regrowths, fewer compiled shapes)
+CHUNK_ROWS = 32  # decode attention runs over slot ranges of this many rows, each reading to its own longest
+RESORT_EVERY = 16  # decode steps between checks of whether sorting the running rows by length pays
 ADMIT_FRACTION = 8  # while decoding, rows are admitted once 1/8 of the slots are free
 INCOMPLETE = "incomplete structured output"
 
@@ -107,6 +113,15 @@ class Release:
     length: int = 0
 
 
+def chunk_reads(lengths: Sequence[int], chunk: int = CHUNK_ROWS) -> list[tuple[int, int, int]]:
+    """(first row, end row, positions to read) for each range of `chunk` rows: the range's longest length."""
+    return [(a, min(a + chunk, len(lengths)), max(lengths[a:a + chunk])) for a in range(0, len(lengths), chunk)]
+
+
+def positions_read(lengths: Sequence[int], chunk: int = CHUNK_ROWS) -> int:
+    return sum((b - a) * read for a, b, read in chunk_reads(lengths, chunk))
+
+
 def layout_for(need: int, positions: int, max_slots: int) -> Layout:
     """The layout for rows of up to `need` positions within `positions` cache positions in all."""
     capacity = -(-need // CAPACITY_STEP) * CAPACITY_STEP
@@ -174,6 +189,18 @@ class SlotScheduler:
         if occupied >= bigger.slots:
             return False, None  # a longer row waits until enough rows finish for the bigger slots to fit
         return True, bigger
+
+    def sort_order(self, chunk: int = CHUNK_ROWS, gain: float = 0.1) -> list[int] | None:
+        """The permutation (new slot i <- old slot order[i]) that sorts the running rows longest first, applied
+        to `running`, when it cuts the positions chunked attention reads by `gain`; else None."""
+        lengths = [row.next_position + 1 for row in self.running]
+        if len(lengths) <= chunk:
+            return None
+        order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+        if positions_read([lengths[i] for i in order], chunk) > (1 - gain) * positions_read(lengths, chunk):
+            return None
+        self.running = [self.running[i] for i in order]
+        return order
 
     def start(self, rows: Sequence[Row]) -> None:
         """The admitted requests. rows, in the admission's order, take their slots."""

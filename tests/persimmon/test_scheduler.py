@@ -267,3 +267,27 @@ def test_one_thread_is_never_probed(most):
     governor = ThreadGovernor(most, machine.set_threads, machine.clock, period=2)
     machine.run(governor, 50)
     assert machine.sets == 0
+
+
+def test_rows_are_sorted_longest_first_when_that_cuts_what_attention_reads():
+    from persimmon.scheduler import positions_read
+
+    s = scheduler(positions=100_000, max_new=50, max_slots=128)
+    rng = random.Random(1)
+    lengths = [rng.randint(2, 300) for _ in range(96)]
+    for i, n in enumerate(lengths):
+        s.add(Request(i, [1] * n))
+    admit_all(s)
+    before = [row.next_position + 1 for row in s.running]
+    keys = [row.request.key for row in s.running]
+    order = s.sort_order(chunk=32)
+    assert order is not None and sorted(order) == list(range(96))
+    after = [row.next_position + 1 for row in s.running]
+    assert after == sorted(before, reverse=True) and [row.request.key for row in s.running] == [keys[i] for i in order]
+    assert positions_read(after, 32) < 0.9 * positions_read(before, 32)
+    assert s.sort_order(chunk=32) is None  # already sorted: nothing to gain
+    few = scheduler(positions=100_000)
+    for i in range(10):
+        few.add(Request(i, [1] * (10 * i + 1)))
+    admit_all(few)
+    assert few.sort_order(chunk=32) is None  # one range: the order cannot change what is read
