@@ -170,21 +170,22 @@ class Ours:
         self.model, self.tok = self.scorer.model, self.scorer.tokenizer
         self.load_seconds = time.perf_counter() - start
         self.vocabulary = None
+        self.engines: dict[bool, GenerationEngine] = {}
 
     def generate(self, prompts, temperature: float, max_tokens: int, ignore_eos: bool, schema=None):
-        params = SamplingParams(temperature=temperature, seed=SEED, max_new_tokens=max_tokens)
-        vocabulary = None
-        if schema is not None:
+        """Through one engine per EOS rule, kept between calls as a job's actor keeps it (its KV pool is
+        allocated once, like vLLM's); each request brings its own parameters."""
+        grammar = Grammar.json_schema(json.dumps(schema)) if schema is not None else None
+        params = SamplingParams(temperature=temperature, seed=SEED, max_new_tokens=max_tokens, grammar=grammar)
+        engine = self.engines.get(ignore_eos)
+        if engine is None:
             if self.vocabulary is None:
                 self.vocabulary = vocabulary_for(self.tok, self.model.config.vocab_size)
-            vocabulary = self.vocabulary
-            params = SamplingParams(temperature=temperature, seed=SEED, max_new_tokens=max_tokens,
-                                    grammar=Grammar.json_schema(json.dumps(schema)))
-        engine = GenerationEngine(self.model, max_tokens, params, eos_token_id=[] if ignore_eos else None,
-                                  vocab_limit=self.tok.vocab_size, pad_token_id=self.tok.padding_id,
-                                  vocabulary=vocabulary, decode=self.tok.decode)
+            engine = self.engines[ignore_eos] = GenerationEngine(
+                self.model, max_tokens, eos_token_id=[] if ignore_eos else None, vocab_limit=self.tok.vocab_size,
+                pad_token_id=self.tok.padding_id, vocabulary=self.vocabulary, decode=self.tok.decode)
         start = time.perf_counter()
-        done = {c.key: c for c in engine.run(Request(i, p) for i, p in enumerate(prompts))}
+        done = {c.key: c for c in engine.run(Request(i, p, params) for i, p in enumerate(prompts))}
         seconds = time.perf_counter() - start
         return {"seconds": seconds, "tokens": [done[i].tokens for i in range(len(prompts))],
                 "texts": [done[i].text for i in range(len(prompts))], "slots": engine.slots}

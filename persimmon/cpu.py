@@ -12,7 +12,8 @@
   seventh of fp32's speed), a bf16 model's linear layers keep fp32 copies of their (bf16-valued) weights and
   round their outputs to bf16, and attention runs in fp32 over an fp32 cache of those bf16 values; the rest
   (embeddings, LayerNorms, the residual stream) stays bf16. bf16 GEMM and attention kernels accumulate in
-  fp32 anyway, so the outputs agree to bf16 rounding.
+  fp32 anyway, so the outputs agree to bf16 rounding. Whether the CPU has bf16 units is read from its feature
+  flags (not timed), so nodes of one kind decide alike however busy they are.
 """
 
 from __future__ import annotations
@@ -100,10 +101,31 @@ class ThreadGovernor:
         self.probe, self.samples, self.countdown, self.period = None, {}, self.first_period, self.first_period
 
 
+BF16_FEATURES = {"avx512_bf16", "amx_bf16", "bf16"}  # x86's AVX512-BF16 and AMX; Arm's BF16 extension
+
+
+def cpu_features() -> set[str] | None:
+    """The CPU's feature flags as Linux lists them (x86 `flags`, Arm `Features`), or None where unreadable."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() in ("flags", "Features"):
+                    return set(value.split())
+    except OSError:
+        pass
+    return None
+
+
 @functools.cache
 def bf16_matmul_is_native() -> bool:
-    """Whether bf16 matmuls on this CPU run at least as fast as fp32 ones (bf16 units: AVX512-BF16, AMX).
-    Measured, not looked up: a 256x1024x1024 product in each, best of five."""
+    """Whether this CPU has bf16 matrix instructions. Read from its feature flags, so that every node of one
+    kind decides alike whatever its load (the choice changes rounding, and a job's shards must not differ by
+    how busy their node was); timed only where the flags cannot be read: a 256x1024x1024 product in bf16
+    against fp32, best of five."""
+    features = cpu_features()
+    if features is not None:
+        return bool(features & BF16_FEATURES)
     import torch
 
     def best(dtype) -> float:

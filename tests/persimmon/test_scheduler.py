@@ -291,3 +291,21 @@ def test_rows_are_sorted_longest_first_when_that_cuts_what_attention_reads():
         few.add(Request(i, [1] * (10 * i + 1)))
     admit_all(few)
     assert few.sort_order(chunk=32) is None  # one range: the order cannot change what is read
+
+
+def test_bf16_units_are_read_from_the_cpu_flags_not_timed(monkeypatch):
+    """Nodes of one kind must decide alike however busy they are: the flags decide, the clock never does."""
+    import torch
+
+    import persimmon.cpu as cpu
+
+    def no_timing(*args, **kwargs):
+        raise AssertionError("timed although the flags were readable")
+
+    for flags, native in (({"avx2", "fma"}, False), ({"avx2", "avx512_bf16"}, True), ({"amx_bf16"}, True),
+                          ({"asimd", "bf16"}, True)):
+        monkeypatch.setattr(cpu, "cpu_features", lambda flags=flags: flags)
+        monkeypatch.setattr(torch, "randn", no_timing)  # the timing fallback's matmul inputs
+        cpu.bf16_matmul_is_native.cache_clear()
+        assert cpu.bf16_matmul_is_native() is native
+    cpu.bf16_matmul_is_native.cache_clear()
