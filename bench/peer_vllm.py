@@ -35,9 +35,16 @@ import tempfile
 import time
 from pathlib import Path
 
-import pyarrow as pa
-import torch
-from common import build
+# what our actors get (jobs/execution/pool.py): OpenMP threads that sleep between parallel regions; it must be
+# in the environment before torch loads
+from persimmon.cpu import passive_wait_env  # noqa: E402  (torch-free)
+
+OURS_ONLY = passive_wait_env()  # not passed on to vLLM's process: it sets up its own threads
+os.environ.update(OURS_ONLY)
+
+import pyarrow as pa  # noqa: E402
+import torch  # noqa: E402
+from common import build  # noqa: E402
 
 from jobs.corpus import paragraphs
 from persimmon import PersimmonForCausalLM, PersimmonTokenizer, SamplingParams
@@ -60,7 +67,8 @@ class Peer:
 
     def __init__(self, python: str, log: Path) -> None:
         read, write = os.pipe()
-        env = dict(os.environ, VLLM_LOGGING_LEVEL="WARNING", TOKENIZERS_PARALLELISM="false")
+        env = {k: v for k, v in os.environ.items() if k not in OURS_ONLY}
+        env.update(VLLM_LOGGING_LEVEL="WARNING", TOKENIZERS_PARALLELISM="false")
         self.proc = subprocess.Popen([python, str(HERE / "peer_vllm_worker.py"), str(write)], stdin=subprocess.PIPE,
                                      stdout=subprocess.DEVNULL, stderr=open(log, "w"), pass_fds=(write,), text=True,
                                      env=env, start_new_session=True)
