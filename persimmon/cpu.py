@@ -142,7 +142,7 @@ def bf16_matmul_is_native() -> bool:
     return best(torch.bfloat16) <= best(torch.float32)
 
 
-def _available_bytes() -> int | None:
+def available_memory_bytes() -> int | None:
     try:
         with open("/proc/meminfo") as f:
             for line in f:
@@ -167,7 +167,7 @@ def compute_bf16_linears_in_fp32(model, force: bool = False) -> bool:
         return False
     linears = [m for m in model.modules() if isinstance(m, nn.Linear) and m.weight.dtype == torch.bfloat16]
     extra = sum(m.weight.numel() + (m.bias.numel() if m.bias is not None else 0) for m in linears) * 2
-    available = _available_bytes()
+    available = available_memory_bytes()
     if not force and available is not None and extra > available // 2:
         return False
     for m in linears:

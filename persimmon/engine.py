@@ -59,9 +59,9 @@ def default_kv_cache_bytes(device: torch.device) -> int:
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return free // 4
-    from .cpu import _available_bytes
+    from .cpu import available_memory_bytes
 
-    available = _available_bytes()
+    available = available_memory_bytes()
     return CPU_KV_CACHE_CAP if available is None else min(CPU_KV_CACHE_CAP, available // 4)
 
 
@@ -91,8 +91,7 @@ class SlotPool:
 
     def permute(self, order: torch.Tensor, length: int) -> None:
         """Slot i takes what slot order[i] held (the first len(order) slots, positions [0, length))."""
-        for buf in (*self.keys, *self.values):
-            buf[: len(order), :, :length] = buf[order, :, :length]
+        copy_positions(self, slice(0, len(order)), self, order, length)  # the gather copies first: no overlap
 
 
 def copy_positions(target, rows, source, source_rows, length: int) -> None:
