@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import select
 import signal
 import statistics
 import subprocess
@@ -76,9 +77,15 @@ class Peer:
         self.answers = os.fdopen(read)
         self.log = log
 
-    def call(self, **command) -> dict:
+    def call(self, deadline: float = 3600.0, **command) -> dict:
+        """Send one command; its answer within `deadline` seconds, else the worker is killed and this raises."""
         self.proc.stdin.write(json.dumps(command) + "\n")
         self.proc.stdin.flush()
+        # one answer line per command, so nothing is left buffered between calls: the descriptor tells
+        ready, _, _ = select.select([self.answers], [], [], deadline)
+        if not ready:
+            self.kill()  # hung: no polite quit
+            raise RuntimeError(f"the vLLM worker gave no answer to {command['op']!r} in {deadline:.0f} s; its log: {self.log}")
         line = self.answers.readline()
         if not line:
             raise RuntimeError(f"the vLLM worker ended (exit {self.proc.wait()}); its log: {self.log}")
@@ -106,10 +113,14 @@ class Peer:
             self.proc.wait(timeout=60)
         except (OSError, subprocess.TimeoutExpired, ValueError):
             pass
+        self.kill()
+
+    def kill(self) -> None:
         try:
             os.killpg(self.proc.pid, signal.SIGKILL)  # its engine process too
         except ProcessLookupError:
             pass
+        self.proc.wait(timeout=30)
 
 
 def peer_python() -> tuple[str | None, str]:
