@@ -14,6 +14,7 @@ from .config import PersimmonConfig
 
 class KVCache:
     chunks = None  # one attention read for all rows (the engine's SlotBatch may split it by row ranges)
+    borrowed = False  # True: the tensors are someone else's (a slot pool's rows); growing would detach them
 
     def __init__(
         self,
@@ -36,6 +37,14 @@ class KVCache:
     ) -> "KVCache":
         return cls(config.num_hidden_layers, batch_size, config.num_attention_heads, config.head_dim,
                    capacity, dtype, device)
+
+    @classmethod
+    def over(cls, keys: list[torch.Tensor], values: list[torch.Tensor]) -> "KVCache":
+        """A cache that writes into these tensors (e.g. views of a slot pool's rows), nothing allocated."""
+        cache = cls.__new__(cls)
+        cache.keys, cache.values, cache.length = list(keys), list(values), 0
+        cache.borrowed = True
+        return cache
 
     @property
     def batch_size(self) -> int:
@@ -76,6 +85,8 @@ class KVCache:
         self.values = [v.index_select(0, rows) for v in self.values]
 
     def _grow(self, needed: int) -> None:
+        if self.borrowed:
+            raise ValueError(f"{needed} positions do not fit this borrowed cache's {self.capacity}")
         new_capacity = max(needed, 2 * self.capacity)
         pad = new_capacity - self.capacity
         self.keys = [torch.nn.functional.pad(k, (0, 0, 0, pad)) for k in self.keys]

@@ -1,7 +1,7 @@
 """GenerationEngine: continuous batching over a pool of KV-cache slots.
 
-Rows wait in a queue; whenever slots are free the engine admits waiting rows, prefills them in groups of
-similar length into free slots, and every decode step advances all active slots by one token, each at its
+Rows wait in a queue; whenever slots are free the engine admits waiting rows, longest first, and prefills
+them in groups of similar length straight into their slots (a group is a contiguous range of the pool), and every decode step advances all active slots by one token, each at its
 own position under its own mask. A row that ends (EOS, stop string, length) frees its slot at once: its
 result is handed back and a waiting row takes the slot at the next step, so decode steps stay full instead
 of shrinking to each batch's stragglers.
@@ -48,7 +48,7 @@ from .cache import KVCache
 from .cpu import ThreadGovernor
 from .sampling import FinishReason, SamplingParams, StopChecker, TokenLogprob, row_seed, row_uniforms, sample
 from .scheduler import (ADMIT_FRACTION, CAPACITY_STEP, INCOMPLETE, RESORT_EVERY, Completion, Layout,  # noqa: F401
-                        Release, Request, Row, SlotScheduler, chunk_reads, length_groups)
+                        Release, Request, Row, SlotScheduler, chunk_reads, placement)
 
 CPU_KV_CACHE_CAP = 4 << 30  # a CPU's default cache: at most this, or a quarter of the available memory
 
@@ -79,9 +79,9 @@ class SlotPool:
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
         self.slots, self.capacity = slots, capacity
 
-    def write(self, slots: torch.Tensor, part: KVCache, width: int) -> None:
-        """Place a prefilled group's positions [0, width) in these slots."""
-        copy_positions(self, slots, part, slice(None), width)
+    def rows(self, first: int, end: int) -> KVCache:
+        """Slots [first, end) as a KVCache (views: a prefill through it writes straight into the pool)."""
+        return KVCache.over([k[first:end] for k in self.keys], [v[first:end] for v in self.values])
 
     def move(self, source: int, target: int, length: int) -> None:
         copy_positions(self, target, self, source, length)
@@ -89,9 +89,21 @@ class SlotPool:
     def copy_from(self, other: "SlotPool", rows: int, length: int) -> None:
         copy_positions(self, slice(0, rows), other, slice(0, rows), length)
 
-    def permute(self, order: torch.Tensor, length: int) -> None:
-        """Slot i takes what slot order[i] held (the first len(order) slots, positions [0, length))."""
-        copy_positions(self, slice(0, len(order)), self, order, length)  # the gather copies first: no overlap
+    def permute(self, order: Sequence[int], lengths: Sequence[int]) -> None:
+        """Slot i takes what slot order[i] held, positions [0, lengths[i]) (lengths in the new order, longest
+        first). Only the rows that move are copied, each range of CHUNK_ROWS rows up to its longest."""
+        device = self.keys[0].device
+        moves = []
+        for a, b, read in chunk_reads(lengths):
+            targets = [i for i in range(a, b) if order[i] != i]
+            if targets:
+                moves.append((torch.tensor(targets, device=device),
+                              torch.tensor([order[i] for i in targets], device=device), read))
+        for buffers in (self.keys, self.values):
+            for buf in buffers:
+                gathered = [buf[source, :, :read] for _, source, read in moves]  # every read before any write
+                for (target, _, read), part in zip(moves, gathered):
+                    buf[target, :, :read] = part
 
 
 def copy_positions(target, rows, source, source_rows, length: int) -> None:
@@ -132,11 +144,16 @@ class SlotBatch:
 
 
 def prefill_rows(model, rows: Sequence[Sequence[int]], start: int = 0, prefix: KVCache | None = None,
-                 pad: int = 0, room: int = 0) -> tuple[KVCache, torch.Tensor, torch.Tensor]:
+                 pad: int = 0, room: int = 0, cache: KVCache | None = None) -> tuple[KVCache, torch.Tensor, torch.Tensor]:
     """Prefill rows whose first `start` tokens are a shared prefix already in `prefix` (its keys and values
     are copied, not recomputed): the rest of each row goes through the model right-padded. Returns the
-    cache (start + width positions filled, `room` more free), the attention mask over those positions
-    (B, start + width) and each row's last-token logits (B, V) in float32."""
+    cache (start + width positions filled, `room` more free; `cache` when given, e.g. a pool's rows), the
+    attention mask over those positions (B, start + width) and each row's last-token logits (B, V) in
+    float32.
+
+    The pass itself runs plainly causal: with right padding a real token's causal window holds only real
+    tokens, so the mask would change nothing it computes (pads compute garbage that is never read: later
+    passes mask those positions or overwrite them)."""
     device = model.device
     suffixes = [list(r[start:]) for r in rows]
     width = max(len(s) for s in suffixes)
@@ -147,11 +164,12 @@ def prefill_rows(model, rows: Sequence[Sequence[int]], start: int = 0, prefix: K
         ids[i, : len(s)] = torch.tensor(s)
         mask[i, start : start + len(s)] = 1
     ids, mask = ids.to(device), mask.to(device)
-    cache = KVCache.for_model(model.config, len(rows), start + width + room, model.kv_dtype, device)
+    if cache is None:
+        cache = KVCache.for_model(model.config, len(rows), start + width + room, model.kv_dtype, device)
     if start:
         copy_positions(cache, slice(None), prefix, slice(None), start)
-        cache.length = start
-    hidden = model.model(ids, attention_mask=mask, past_key_values=cache).last_hidden_state
+    cache.length = start
+    hidden = model.model(ids, past_key_values=cache).last_hidden_state
     last = torch.tensor([len(s) - 1 for s in suffixes], device=device)
     logits = model.lm_head(hidden[torch.arange(len(rows), device=device), last]).float()
     return cache, mask, logits
@@ -343,28 +361,25 @@ class GenerationEngine:
             return []
         if admission.layout is not None:
             self._allocate(admission.layout)
-        admitted = [self._row(r) for r in admission.requests]
+        requests = admission.requests
+        starts = [len(self.prefix_ids) if shares_prefix(r.ids, self.prefix_ids) else 0 for r in requests]
+        order, groups = placement([len(r.ids) for r in requests], starts, max_tokens=self.prefill_tokens)
+        admitted = [self._row(requests[i]) for i in order]  # longest first: slot order is decode's read order
         first = admission.first
         self.scheduler.start(admitted)
         masks = self._start_masks(admitted)  # computed while the rows prefill
         logits = torch.empty(len(admitted), self.config.vocab_size, device=self.device)
-        for shared in (True, False):
-            members = [i for i, r in enumerate(admitted) if shares_prefix(r.request.ids, self.prefix_ids) == shared]
-            if not members:
-                continue
-            start = len(self.prefix_ids) if shared else 0
-            lengths = [len(admitted[i].request.ids) - start for i in members]
-            for group in length_groups(lengths, max_tokens=self.prefill_tokens):
-                rows = [members[j] for j in group]
-                logits[rows] = self._prefill([admitted[i] for i in rows], [first + i for i in rows], start)
+        for a, b in groups:
+            logits[a:b] = self._prefill(admitted[a:b], first + a, starts[order[a]])
         return self._advance(logits, list(range(first, first + len(admitted))), masks)
 
-    def _prefill(self, rows: list[Row], slots: list[int], start: int) -> torch.Tensor:
-        """Prefill rows into these slots (from `start`, after the shared prefix); their last logits (rows, V)."""
+    def _prefill(self, rows: list[Row], slot: int, start: int) -> torch.Tensor:
+        """Prefill rows into slots [slot, slot + len(rows)) (from `start`, after the shared prefix), writing
+        their keys and values straight into the pool; their last logits (rows, V)."""
         ids = [r.request.ids for r in rows]
-        part, _, logits = prefill_rows(self.model, ids, start, self._prefix() if start else None, self.pad)
-        self.pool.write(torch.tensor(slots, device=self.device), part, part.length)
-        width = part.length - start
+        part, _, logits = prefill_rows(self.model, ids, start, self._prefix() if start else None, self.pad,
+                                       cache=self.pool.rows(slot, slot + len(rows)))
+        width = max(map(len, ids)) - start
         self.counters["prefill_tokens"] += sum(len(i) - start for i in ids)
         self.counters["prefill_padded_tokens"] += len(rows) * width
         self.counters["prefill_batches"] += 1
@@ -440,8 +455,7 @@ class GenerationEngine:
         """Carry out the scheduler's reordering of the running rows (longest first) on the cache."""
         order = self.scheduler.sort_order()
         if order is not None:
-            length = max(r.next_position for r in self.active) + 1
-            self.pool.permute(torch.tensor(order, device=self.device), length)
+            self.pool.permute(order, [r.next_position + 1 for r in self.active])
             self.counters["sorts"] += 1
 
     def _advance(self, logits: torch.Tensor, slots: list[int], masks=None) -> list[Completion]:

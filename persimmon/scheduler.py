@@ -13,7 +13,8 @@ does not touch a tensor, so it is tested with fake tokens in milliseconds (tests
   [0, running) and a decode step works on a prefix of the pool without gathering. The move is returned for
   the engine to apply to the keys and values;
 - order: decode attention reads each range of CHUNK_ROWS slots up to its longest row, so rows sorted by
-  length read little past their own. Admissions and release moves disturb the order; every RESORT_EVERY
+  length read little past their own. Admitted rows take their slots longest first (`placement`, which also
+  groups them for prefill); admissions while rows decode disturb the order; every RESORT_EVERY
   steps the scheduler sorts the running rows (longest first) when that cuts the positions read by a tenth,
   and returns the permutation for the engine to apply to the cache.
 
@@ -253,18 +254,27 @@ class SlotScheduler:
         return Release(row, slot, move, length)
 
 
-def length_groups(lengths: Sequence[int], max_waste: float = 0.25, max_tokens: int = 16384) -> list[list[int]]:
-    """Split row indices into groups of similar length: each group's padded size (rows x longest) stays within
-    (1 + max_waste) x its real tokens and within max_tokens (a single longer row still gets a group)."""
-    groups: list[list[int]] = []
-    real = 0
-    for i in sorted(range(len(lengths)), key=lambda i: lengths[i]):
-        if groups:
-            padded = (len(groups[-1]) + 1) * lengths[i]  # sorted ascending: row i is the group's longest
-            if padded <= (1 + max_waste) * (real + lengths[i]) and padded <= max_tokens:
-                groups[-1].append(i)
-                real += lengths[i]
-                continue
-        groups.append([i])
-        real = lengths[i]
-    return groups
+def placement(lengths: Sequence[int], starts: Sequence[int], max_waste: float = 0.1,
+              max_tokens: int = 16384) -> tuple[list[int], list[tuple[int, int]]]:
+    """Where admitted rows go and how they are prefilled. lengths: each row's tokens; starts: the tokens of it
+    already cached (a shared prefix) or 0. Returns the order the rows take their slots in (longest first, as
+    decode attention wants them) and the prefill groups as contiguous ranges [a, b) of that order, so each
+    group is prefilled straight into its slots. A group's rows share their start, and its padded size (rows x
+    longest suffix) stays within (1 + max_waste) x its real tokens and within max_tokens (a single longer row
+    still gets a group)."""
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], starts[i]))
+    groups: list[tuple[int, int]] = []
+    a = 0
+    while a < len(order):
+        longest = lengths[order[a]] - starts[order[a]]
+        real, b = longest, a + 1
+        while b < len(order) and starts[order[b]] == starts[order[a]]:
+            suffix = lengths[order[b]] - starts[order[b]]
+            padded = (b - a + 1) * longest
+            if padded > (1 + max_waste) * (real + suffix) or padded > max_tokens:
+                break
+            real += suffix
+            b += 1
+        groups.append((a, b))
+        a = b
+    return order, groups

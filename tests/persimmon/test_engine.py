@@ -60,6 +60,22 @@ def test_rows_joining_mid_decode_give_their_tokens_alone(model, sampling):
     assert again == {c.key: c.tokens for c in done}
 
 
+def test_many_rows_sorted_and_read_in_ranges_give_their_tokens_alone(model):
+    """More rows than one attention range (CHUNK_ROWS): rows admitted mid-decode unsort the slots, the engine
+    re-sorts them (moving their keys and values) and reads each range only to its longest row; every row still
+    gets its own tokens."""
+    gen = torch.Generator().manual_seed(3)
+    short, long = ([[1] + torch.randint(3, 384, (n,), generator=gen).tolist() for n in range(lo, lo + 40)]
+                   for lo in (2, 150))
+    rows, new = short + short + long, 40  # the long rows wait for slots the short ones free
+    eos = frequent_token(model, rows, new)
+    expected = alone(model, rows, new, SAMPLED, eos)
+    engine = GenerationEngine(model, new, SAMPLED, eos_token_id=eos, token_budget=72 * 256)
+    done = {c.key: c for c in engine.run(Request(i, r) for i, r in enumerate(rows))}
+    assert engine.slots == 72 and engine.counters["sorts"] >= 1
+    assert {k: (c.tokens, c.finish_reason) for k, c in done.items()} == dict(enumerate(expected))
+
+
 def test_each_request_brings_its_own_parameters(model):
     """Greedy and differently sampled rows with their own lengths share the decode steps; each gives what it
     gives alone under its own parameters."""

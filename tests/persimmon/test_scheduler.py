@@ -11,7 +11,7 @@ import pytest
 from persimmon.cpu import ThreadGovernor
 from persimmon.params import FinishReason, SamplingParams, StopChecker
 from persimmon.scheduler import (CAPACITY_STEP, INCOMPLETE, Request, RequestStatus, Row, SlotScheduler, layout_for,
-                                 length_groups)
+                                 placement)
 
 EOS = 2
 
@@ -182,13 +182,21 @@ def test_releases_keep_running_rows_contiguous_and_their_moves_are_right():
     assert sorted(done) == list(range(60))
 
 
-def test_length_groups_bound_padding():
-    lengths = [5, 100, 6, 7, 98, 50, 52]
-    groups = length_groups(lengths)
-    assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
-    for g in groups:
-        longest = max(lengths[i] for i in g)
-        assert len(g) * longest <= 1.25 * sum(lengths[i] for i in g) or len(g) == 1
+def test_placement_orders_rows_longest_first_in_contiguous_groups_that_bound_padding():
+    lengths = [5, 100, 6, 7, 98, 50, 52, 40, 41, 90]
+    starts = [0, 0, 0, 0, 0, 4, 4, 4, 0, 4]  # some rows share a 4-token prefix
+    order, groups = placement(lengths, starts, max_tokens=150)
+    assert sorted(order) == list(range(len(lengths)))
+    assert [lengths[i] for i in order] == sorted(lengths, reverse=True)
+    assert groups[0][0] == 0 and groups[-1][1] == len(order)
+    assert all(b0 == a1 for (_, b0), (a1, _) in zip(groups, groups[1:]))  # contiguous, covering every row
+    for a, b in groups:
+        members = order[a:b]
+        assert len({starts[i] for i in members}) == 1  # one pass: one shared start
+        suffixes = [lengths[i] - starts[i] for i in members]
+        padded = len(members) * max(suffixes)
+        assert len(members) == 1 or (padded <= 1.25 * sum(suffixes) and padded <= 150)
+    assert len(groups) < len(lengths)  # similar lengths do share passes
 
 
 def test_the_scheduler_needs_no_torch():
