@@ -1,8 +1,8 @@
 """GenerationEngine: continuous batching over a pool of KV-cache slots.
 
 Rows wait in a queue; whenever slots are free the engine admits waiting rows, longest first, and prefills
-them in groups of similar length straight into their slots (a group is a contiguous range of the pool), and every decode step advances all active slots by one token, each at its
-own position under its own mask. A row that ends (EOS, stop string, length) frees its slot at once: its
+them in groups of similar length straight into their slots (a group is a contiguous range of the pool);
+every decode step advances all active slots by one token, each at its own position under its own mask. A row that ends (EOS, stop string, length) frees its slot at once: its
 result is handed back and a waiting row takes the slot at the next step, so decode steps stay full instead
 of shrinking to each batch's stragglers.
 
