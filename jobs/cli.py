@@ -88,6 +88,7 @@ class _Group(TyperGroup):
         return _tidy(command) if command is not None else None
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        _tidy(self)  # the top-level help too: `--debug`, not `--debug <bool>`
         try:
             code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         except NO_ARGS as exc:
@@ -299,6 +300,8 @@ class InputFormat(str, enum.Enum):
 InputFormatOption = Annotated[Optional[InputFormat], typer.Option(
     "--input-format", help="Read every input file as this format (default: by suffix: .parquet, .csv, "
                            ".jsonl/.ndjson; other names given as a file are Parquet).")]
+CsvDelimiter = Annotated[Optional[str], typer.Option(
+    "--csv-delimiter", help="CSV inputs' field delimiter, one character (default: a comma; \\t for a tab).")]
 Requests = Annotated[str, typer.Option("--input", help="OpenAI batch file (.jsonl) or a folder or glob of them; "
                                                         "local or a URI.")]
 
@@ -311,10 +314,11 @@ def _task_command(task) -> None:
             _run(JobSpec(task.name, str(model), input, output, "text", options, runner, overwrite=overwrite))
     else:
         def run_task(model: Model, input: Input, output: Output, text_column: TextColumn = "text",
-                     input_format: InputFormatOption = None, overwrite: Overwrite = False, *, options,
-                     runner) -> None:
+                     input_format: InputFormatOption = None, csv_delimiter: CsvDelimiter = None,
+                     overwrite: Overwrite = False, *, options, runner) -> None:
+            delimiter = "\t" if csv_delimiter in ("\\t", "tab") else csv_delimiter
             _run(JobSpec(task.name, str(model), input, output, text_column, options, runner, overwrite=overwrite,
-                         input_format=input_format.value if input_format else None))
+                         input_format=input_format.value if input_format else None, csv_delimiter=delimiter))
 
     run_task.__name__ = run_task.__qualname__ = task.name
     run_task.__doc__ = task.summary

@@ -27,7 +27,7 @@ from .output.formats import TABULAR
 from .spec import TASKS, JobSpec, RunnerSettings
 
 TOP = {"name": str, "task": str, "model": str, "input": str, "output": str, "text_column": str, "date": str,
-       "options": dict, "runner": dict, "input_format": str}
+       "options": dict, "runner": dict, "input_format": str, "csv_delimiter": str}
 REQUIRED = ("name", "task", "model", "input", "output")
 PLACEHOLDERS = re.compile(r"\{([^{}]*)\}")
 KNOWN_PLACEHOLDERS = {"date", "ds", "ds_nodash"}
@@ -157,7 +157,7 @@ def job_spec(raw: dict[str, Any], date: dt.date, overwrite: bool = False, folder
         text_column=raw.get("text_column", "text"),
         options=file_options(raw.get("options", {}), folder), runner=RunnerSettings.from_mapping(raw.get("runner", {}))[0],
         name=raw["name"], overwrite=overwrite,
-        date=date.isoformat(), input_format=raw.get("input_format"),
+        date=date.isoformat(), input_format=raw.get("input_format"), csv_delimiter=raw.get("csv_delimiter"),
     )
 
 

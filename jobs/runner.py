@@ -592,7 +592,7 @@ class JobRun:
                 for key in UNIT_COUNTS:
                     setattr(self.result, key, getattr(self.result, key) - entry.get(key, 0))
                 info = inspect_shard(self.discovery.fs, self.discovery.base, shard, self.discovery.files.get(shard),
-                                     self.spec.text_column, self.discovery.format_of(shard))
+                                     self.spec.text_column, self.discovery.format_of(shard), self.spec.csv_delimiter)
                 self.manifest.mark_pending(shard, entry.get("output", self.discovery.output(shard)), info.identity,
                                            "its committed output was gone before the run ended")
                 self.dispatcher.add(plan_units(shard, info, self.spec.runner.rows_per_unit))

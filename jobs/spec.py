@@ -61,6 +61,7 @@ class JobSpec:
     date: str | None = None  # the run's date, for jobs from a job file
     input_format: str | None = None  # parquet | csv | jsonl (None: by each file's suffix); openai-batch: its own
     only_where: str | None = None  # rows whose value in this column is null skip the model (train-head's labels)
+    csv_delimiter: str | None = None  # CSV inputs' field delimiter (None: a comma)
 
     def __post_init__(self) -> None:
         self.model, self.input, self.output = (p if "://" in p else os.path.expanduser(p)
@@ -73,6 +74,9 @@ class JobSpec:
             self.input_format = REQUESTS
         else:
             check_format(self.input_format)
+        if self.csv_delimiter is not None and (len(self.csv_delimiter) != 1 or self.csv_delimiter in "\"\r\n"):
+            raise UsageError(f"csv_delimiter must be one character (not a quote or a line end), got "
+                             f"{self.csv_delimiter!r}")
         kind = TASK_OPTIONS[self.task]
         if self.options is None:
             self.options = kind()
@@ -135,6 +139,24 @@ class JobSpec:
         if self.task == "classify" and not self.wants_lm and "score" not in heads:
             return [f"classification needs a PersimmonForSequenceClassification checkpoint, but {model} has no "
                     "score.weight; for a causal LM give --candidate-labels (zero-shot)"]
+        return self._grammar_problems(model, config)
+
+    def _grammar_problems(self, model: Path, config) -> list[str]:
+        """A constraint compiled against the model's own vocabulary, as every actor would compile it: what only
+        the tokens show (a grammar nested past llguidance's limits, too many choices, a token the vocabulary
+        lacks) is refused here, not in every shard after Ray starts."""
+        constraint = getattr(self.options, "constraint", None)
+        grammar = constraint() if constraint is not None else None
+        if grammar is None:
+            return []
+        from persimmon.grammar import GrammarError, vocabulary_for
+        from persimmon.tokenizer import PersimmonTokenizer
+
+        try:
+            vocabulary_for(PersimmonTokenizer.from_pretrained(model), config.vocab_size).probe(grammar)
+        except GrammarError as exc:
+            name = next(n for n in ("json_schema", "regex", "choices", "grammar") if getattr(self.options, n, None))
+            return [f"{name}: {' '.join(str(exc).split())[:500]}"]
         return []
 
     def fingerprint(self, model_checksum: str, model_dtype: str, config=None) -> str:
@@ -156,7 +178,7 @@ class JobSpec:
                 if classification_kind(config) != "multi_label_classification":
                     options.pop("threshold", None)
         what = {"task": self.task, "model": model_checksum, "text_column": self.text_column, "options": options}
-        for key in ("input_format", "only_where"):  # only where given: earlier jobs' fingerprints stay as they were
+        for key in ("input_format", "only_where", "csv_delimiter"):  # only where given: earlier jobs' fingerprints stay as they were
             if getattr(self, key) is not None:
                 what[key] = getattr(self, key)
         payload = json.dumps(what, sort_keys=True, default=str)
@@ -166,4 +188,4 @@ class JobSpec:
         return {"task": self.task, "model": self.model, "input": self.input, "output": self.output,
                 "text_column": self.text_column, "options": self.options.as_dict(),
                 "runner": self.runner.as_dict(), "name": self.name, "overwrite": self.overwrite, "date": self.date,
-                "input_format": self.input_format, "only_where": self.only_where}
+                "input_format": self.input_format, "only_where": self.only_where, "csv_delimiter": self.csv_delimiter}

@@ -16,6 +16,8 @@ schema says `additionalProperties` (what makes the typed `parsed` column equal t
 
 from __future__ import annotations
 
+import collections
+
 import functools
 import json
 import threading
@@ -25,6 +27,8 @@ from typing import Any, Sequence
 import numpy as np
 
 KINDS = ("json_schema", "regex", "choices", "lark")
+COMPILED_GRAMMARS = 64  # compiled grammars kept per vocabulary (least recently used dropped first) ...
+COMPILED_SOURCE_BYTES = 16 << 20  # ... and their sources' bytes at most (a big schema compiles to a big matcher)
 JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ",", "key_separator": ":"}
 
 
@@ -107,7 +111,7 @@ class Grammar:
 
         try:
             text = self.llguidance()
-        except ValueError as e:
+        except (ValueError, RecursionError) as e:
             raise GrammarError(f"the {self.describe()} does not compile: {e}") from None
         message = LLMatcher.validate_grammar(text)
         if message and not message.startswith("WARNING"):
@@ -148,7 +152,8 @@ class Vocabulary:
                                                   eos_token=eos)
         self.executor = llguidance.LLExecutor()
         self.words = (self.size + 31) // 32
-        self._compiled: dict[Grammar, Any] = {}
+        self._compiled: collections.OrderedDict[Grammar, Any] = collections.OrderedDict()  # least recent first
+        self._compiled_bytes = 0  # of the cached grammars' sources
         self._lock = threading.Lock()
         self._buffer = np.zeros((0, self.words), dtype=np.int32)
 
@@ -178,11 +183,33 @@ class Vocabulary:
             compiled = self._compiled.get(grammar)
             if compiled is None:
                 grammar.check()
-                compiled = llguidance.LLMatcher(self.lltokenizer, grammar.llguidance(), log_level=0)
+                try:
+                    compiled = llguidance.LLMatcher(self.lltokenizer, grammar.llguidance(), log_level=0)
+                except (ValueError, RecursionError) as e:
+                    raise GrammarError(f"the {grammar.describe()} does not compile: {' '.join(str(e).split())}") from None
                 if compiled.is_error():
                     raise GrammarError(f"the {grammar.describe()} does not compile: {compiled.get_error()}")
                 self._compiled[grammar] = compiled
+                self._compiled_bytes += len(grammar.source)
+                while len(self._compiled) > 1 and (len(self._compiled) > COMPILED_GRAMMARS
+                                                   or self._compiled_bytes > COMPILED_SOURCE_BYTES):
+                    dropped, _ = self._compiled.popitem(last=False)
+                    self._compiled_bytes -= len(dropped.source)
+            else:
+                self._compiled.move_to_end(grammar)
         return compiled.deep_copy()
+
+    def probe(self, grammar: Grammar) -> None:
+        """Compile the grammar for this vocabulary and take its first step (the first allowed token): some
+        grammars compile but fail there (llguidance's parser limits, e.g. a row of more than 2,000 choices).
+        Raises GrammarError with llguidance's message."""
+        from .scheduler import grammar_error
+
+        matcher = self.matcher(grammar)
+        bits = np.unpackbits(self.masks([matcher]).view(np.uint8), axis=1, bitorder="little")[0]
+        allowed = np.flatnonzero(bits[: self.size])
+        if matcher.is_error() or (len(allowed) and not matcher.consume_token(int(allowed[0]))) or matcher.is_error():
+            raise GrammarError(f"the {grammar.describe()} cannot be followed: {grammar_error(matcher.get_error())}")
 
     def masks(self, matchers: Sequence[Any]) -> np.ndarray:
         """The allowed-token bitmasks of these matchers, (len, words) int32, computed in parallel (the GIL is

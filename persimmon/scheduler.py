@@ -114,6 +114,12 @@ class Release:
     length: int = 0
 
 
+def grammar_error(text: str, limit: int = 300) -> str:
+    """llguidance's error as one short line: its first line (what follows is parser state and the grammar)."""
+    first = next((line.strip() for line in str(text).splitlines() if line.strip()), "")
+    return first if len(first) <= limit else first[:limit] + "..."
+
+
 def chunk_reads(lengths: Sequence[int], chunk: int = CHUNK_ROWS) -> list[tuple[int, int, int]]:
     """(first row, end row, positions to read) for each range of `chunk` rows: the range's longest length."""
     return [(a, min(a + chunk, len(lengths)), max(lengths[a:a + chunk])) for a in range(0, len(lengths), chunk)]
@@ -227,7 +233,7 @@ class SlotScheduler:
         row.tokens.append(token)
         matcher = row.matcher
         if matcher is not None and not matcher.consume_token(token):
-            row.finish, row.error = FinishReason.STOP, f"structured output: {matcher.get_error()}"
+            row.finish, row.error = FinishReason.STOP, f"structured output: {grammar_error(matcher.get_error())}"
             return
         if token in self.eos_ids:
             row.finish = FinishReason.EOS

@@ -11,9 +11,14 @@ followed by a blank line; then each user message as `human: ...` and each assist
 `adept: ...`, separated by blank lines; then `\\n\\nadept:` for the answer, which also ends at the next
 `\\n\\nhuman:`. Message content is a string or a list of text parts.
 
-A line that cannot be served -- not JSON, no custom_id, a custom_id seen before in the file, an unknown url, a
-field we cannot honour given a value other than its default, a prompt past the model's window -- becomes that
-line's error (`{code, message}`), never the file's. `usage` counts the tokens the model read (BOS included)
+A line that cannot be served becomes that line's error (`{code, message}`), never the file's: whatever goes
+wrong while reading, checking or tokenizing it (not UTF-8, not JSON, nested too deep, an integer of thousands of
+digits, a lone surrogate escape, no custom_id or one seen before in the file, an unknown url, a field of the wrong
+type or one we cannot honour given a value other than its default, a prompt past the model's window, a grammar
+that does not compile), and what it may cost is bounded before it is parsed: MAX_LINE_BYTES per line, MAX_LIST
+inputs or prompts (times n) per line, a prompt's length checked on a bounded prefix before it is tokenized whole.
+A constrained row that did not complete is an error line (or `finish_reason: "length"` when max_tokens cut it),
+never a 200 "stop". A line without a seed samples from a stream of its own; a seed reproduces. `usage` counts the tokens the model read (BOS included)
 and wrote. The output table has one row per line: line, custom_id, ok, and the JSON record to write.
 """
 
@@ -26,6 +31,7 @@ import functools
 import hashlib
 import json
 import math
+import secrets
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,11 +48,14 @@ from persimmon.sampling import MAX_LOGPROBS, FinishReason
 from .batching import (EncodedRow, PipelineStats, ReportsRows, check_vocabulary, engine_stream, load_model, pad_batch,
                        plan_batches)
 from .embed import pool
-from .options import BatchAPIOptions
+from .options import BatchAPIOptions, _one_line
 
 ENDPOINTS = {"/v1/chat/completions": "chat", "/v1/completions": "completion", "/v1/embeddings": "embedding"}
 OUTPUT = pa.schema([("line", pa.int64()), ("custom_id", pa.string()), ("ok", pa.bool_()), ("record", pa.string())])
 MAX_CHOICES = 8
+MAX_LINE_BYTES = 8 << 20  # a longer line is that line's error before it is parsed
+MAX_LIST = 2048  # embedding inputs, prompts, and prompts x n per line (OpenAI's embeddings bound)
+SEED_RANGE = (-(1 << 63), (1 << 63) - 1)  # seeds are int64, as OpenAI's
 CHAT_STOP = "\n\nhuman:"
 # fields accepted at their default value only (null is every field's default); anything else names the field
 DEFAULTS: dict[str, Any] = {
@@ -69,12 +78,45 @@ class LineError(Exception):
         self.code, self.message = code, message
 
 
+def one_line(exc: BaseException, limit: int = 300) -> str:
+    """An exception as one short line: its type and message."""
+    text = _one_line(exc)
+    text = text if len(text) <= limit else text[:limit] + "..."
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _is_unicode(text: str) -> bool:
+    """Whether text is valid Unicode (no lone surrogate, which no UTF-8 writer can encode)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _escaped(text: str) -> str:
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    big = isinstance(value, int) and value.bit_length() > 100
+    text = f"an integer of {value.bit_length()} bits" if big else repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 def _dumps(value: Any) -> str:
     return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
 
 
 def _digest(*parts: Any) -> str:
-    return hashlib.sha256("\0".join(map(str, parts)).encode()).hexdigest()[:24]
+    return hashlib.sha256("\0".join(map(str, parts)).encode("utf-8", "surrogatepass")).hexdigest()[:24]
+
+
+def _record(value: dict) -> str:
+    """An output line: UTF-8 text as it is, or (should any string in it not be valid Unicode) ASCII with escapes,
+    so writing it can never fail."""
+    text = _dumps(value)
+    return text if _is_unicode(text) else json.dumps(value, ensure_ascii=True, separators=(",", ":"))
 
 
 def _int(body: dict, name: str, low: int, high: int | None = None) -> int | None:
@@ -83,7 +125,7 @@ def _int(body: dict, name: str, low: int, high: int | None = None) -> int | None
         return None
     if not isinstance(value, int) or isinstance(value, bool) or value < low or (high is not None and value > high):
         bounds = f"from {low} to {high}" if high is not None else f"at least {low}"
-        raise LineError("invalid_request", f"{name} must be an integer {bounds}, got {value!r}")
+        raise LineError("invalid_request", f"{name} must be an integer {bounds}, got {_short(value)}")
     return value
 
 
@@ -93,7 +135,7 @@ def _number(body: dict, name: str, low: float, high: float) -> float | None:
         return None
     if not isinstance(value, (int, float)) or isinstance(value, bool) or not (low <= value <= high) \
             or not math.isfinite(value):
-        raise LineError("invalid_request", f"{name} must be a number from {low} to {high}, got {value!r}")
+        raise LineError("invalid_request", f"{name} must be a number from {low} to {high}, got {_short(value)}")
     return float(value)
 
 
@@ -144,7 +186,7 @@ def chat_prompt(messages: Any) -> str:
         elif role == "assistant":
             turns.append(f"adept: {text}")
         else:
-            raise LineError("invalid_request", f"{where}.role {role!r} is not supported (system, developer, "
+            raise LineError("invalid_request", f"{where}.role {_short(role)} is not supported (system, developer, "
                                                "user, assistant)")
     if not turns:
         raise LineError("invalid_request", "messages hold no user message")
@@ -181,7 +223,7 @@ def response_grammar(value: Any):
         if not isinstance(schema, dict):
             raise LineError("invalid_request", "response_format.json_schema.schema must be a JSON schema object")
         return _grammar("json_schema", _dumps(schema))
-    raise LineError("invalid_request", f"response_format.type {kind!r} is not supported (text, json_object, "
+    raise LineError("invalid_request", f"response_format.type {_short(kind)} is not supported (text, json_object, "
                                        "json_schema)")
 
 
@@ -225,6 +267,10 @@ class OpenAIBatchPipeline(ReportsRows):
         self.engine = GenerationEngine(
             self.model, o.max_new_tokens, decode=self.tokenizer.decode, kv_cache_bytes=o.kv_cache_bytes, prefill_tokens=o.batch_tokens,
             vocab_limit=self.tokenizer.vocab_size, pad_token_id=self.tokenizer.padding_id, compile=o.compile)
+        sp = self.tokenizer.sp
+        # the most characters one token covers: a text of more than (n + 2) x this many has more than n tokens
+        # unless normalization shrinks it (then it is tokenized whole, within MAX_LINE_BYTES)
+        self._piece_chars = max(1, max(len(sp.id_to_piece(i)) for i in range(sp.get_piece_size())))
         self.stats = PipelineStats()
         self.schema = OUTPUT
         self._seen: dict[str, int] = {}  # custom_id -> its line, over one stream (one input file)
@@ -259,7 +305,7 @@ class OpenAIBatchPipeline(ReportsRows):
                     entry.left -= 1
                     self._report(1)
 
-        yield from engine_stream(self.engine, batches, self._enqueue, drain, finish)
+        yield from engine_stream(self.engine, batches, self._enqueue, drain, finish, self._beat)
 
     # -- lines in ------------------------------------------------------------------------------------------
     def _enqueue(self, batch: pa.RecordBatch | pa.Table) -> _Batch:
@@ -280,15 +326,20 @@ class OpenAIBatchPipeline(ReportsRows):
         return entry
 
     def _parse(self, number: int, raw: bytes | str | None) -> _Line:
+        """One line read, checked and tokenized; anything that goes wrong is that line's error."""
         line = _Line(number, None)
         try:
             self._parse_into(line, raw)
         except LineError as exc:
             self._error(line, exc.code, exc.message)
+        except Exception as exc:  # noqa: BLE001 -- one line's failure of any kind stays that line's
+            self._error(line, "invalid_request", f"line {number} could not be served: {one_line(exc)}")
         return line
 
     def _parse_into(self, line: _Line, raw: bytes | str | None) -> None:
         where = f"line {line.number}"
+        if raw is not None and len(raw) > MAX_LINE_BYTES:
+            raise LineError("line_too_large", f"{where} is longer than the {MAX_LINE_BYTES:,} bytes a line may have")
         if isinstance(raw, bytes):
             try:
                 raw = raw.decode("utf-8")
@@ -298,22 +349,30 @@ class OpenAIBatchPipeline(ReportsRows):
             request = json.loads(raw or "")
         except json.JSONDecodeError as exc:
             raise LineError("invalid_json", f"{where} is not JSON ({exc.msg} at column {exc.colno})") from None
+        except RecursionError:
+            raise LineError("invalid_json", f"{where} is JSON nested too deep to read") from None
+        except ValueError as exc:  # e.g. an integer past Python's digit limit
+            raise LineError("invalid_json", f"{where} is not JSON we can read ({one_line(exc)})") from None
         if not isinstance(request, dict):
             raise LineError("invalid_request", f"{where} is a JSON {type(request).__name__}, not a request object")
         custom_id = request.get("custom_id")
         if not isinstance(custom_id, str) or not custom_id:
             raise LineError("missing_custom_id", f"{where} has no custom_id (a non-empty string)")
-        line.custom_id = custom_id
+        line.custom_id = custom_id if _is_unicode(custom_id) else _escaped(custom_id)
+        if "\\u" in raw and not _is_unicode(_dumps(request)):  # only a \\u escape can make a lone surrogate
+            raise LineError("invalid_request", f"{where} holds a lone surrogate escape (\\ud800-\\udfff): not "
+                                               "valid Unicode text")
+        custom_id = line.custom_id
         if custom_id in self._seen:
-            raise LineError("duplicate_custom_id", f"{where}: custom_id {custom_id!r} was used before, on line "
+            raise LineError("duplicate_custom_id", f"{where}: custom_id {_short(custom_id)} was used before, on line "
                                                    f"{self._seen[custom_id]}")
         self._seen[custom_id] = line.number
         method = request.get("method", "POST")
         if method != "POST":
-            raise LineError("invalid_request", f"method must be POST, got {method!r}")
+            raise LineError("invalid_url", f"method must be POST, got {_short(method)}")
         url = request.get("url")
-        if url not in ENDPOINTS:
-            raise LineError("invalid_url", f"url {url!r} is not served (one of {sorted(ENDPOINTS)})")
+        if not isinstance(url, str) or url not in ENDPOINTS:
+            raise LineError("invalid_url", f"url {_short(url)} is not served (one of {sorted(ENDPOINTS)})")
         body = request.get("body")
         if not isinstance(body, dict):
             raise LineError("invalid_request", "body must be an object")
@@ -325,6 +384,13 @@ class OpenAIBatchPipeline(ReportsRows):
             self._parse_generation(line)
 
     def _tokens(self, text: str, where: str, room: int = 0) -> list[int]:
+        """The prompt's tokens; a prompt past the window is found on a bounded prefix first (a prompt of
+        megabytes is refused without tokenizing it whole)."""
+        limit = min(self.window, self.options.max_length or self.window)
+        head = (limit + 2) * self._piece_chars
+        if len(text) > head and len(self.tokenizer.encode(text[:head])) > limit + 1:
+            raise LineError("context_length_exceeded", f"{where} has {len(text):,} characters: more than the "
+                                                       f"{limit} tokens the model reads")
         ids = self.tokenizer.encode(text)
         if self.options.max_length is not None and len(ids) > self.options.max_length:
             raise LineError("context_length_exceeded", f"{where} has {len(ids)} tokens: more than --max-length "
@@ -341,9 +407,11 @@ class OpenAIBatchPipeline(ReportsRows):
         if not isinstance(texts, list) or not texts or not all(isinstance(t, str) and t for t in texts):
             raise LineError("invalid_request", "input must be a non-empty string or a list of them (token arrays "
                                                "are not supported)")
+        if len(texts) > MAX_LIST:
+            raise LineError("invalid_request", f"input has {len(texts):,} texts: at most {MAX_LIST} per line")
         encoding = line.body.get("encoding_format") or "float"
         if encoding not in ("float", "base64"):
-            raise LineError("invalid_request", f"encoding_format must be float or base64, got {encoding!r}")
+            raise LineError("invalid_request", f"encoding_format must be float or base64, got {_short(encoding)}")
         line.texts = texts
         line.prompts = [self._tokens(t, f"input[{i}]") for i, t in enumerate(texts)]
 
@@ -357,14 +425,20 @@ class OpenAIBatchPipeline(ReportsRows):
             if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) for p in prompts):
                 raise LineError("invalid_request", "prompt must be a string or a list of strings (token arrays are "
                                                    "not supported)")
+            if len(prompts) > MAX_LIST:
+                raise LineError("invalid_request", f"prompt has {len(prompts):,} prompts: at most {MAX_LIST} per line")
         limit = _int(body, "max_completion_tokens", 1) if kind == "chat" else None
         limit = limit if limit is not None else _int(body, "max_tokens", 1)
         temperature = _number(body, "temperature", 0.0, 2.0)
         top_p = _number(body, "top_p", 0.0, 1.0)
         seed = body.get("seed")
-        if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
-            raise LineError("invalid_request", f"seed must be an integer, got {seed!r}")
+        if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)
+                                 or not SEED_RANGE[0] <= seed <= SEED_RANGE[1]):
+            raise LineError("invalid_request", f"seed must be a 64-bit integer, got {_short(seed)}")
         line.n = _int(body, "n", 1, MAX_CHOICES) or 1
+        if len(prompts) * line.n > MAX_LIST:
+            raise LineError("invalid_request", f"{len(prompts)} prompts x n={line.n} is {len(prompts) * line.n:,} "
+                                               f"completions: at most {MAX_LIST} per line")
         stop = body.get("stop")
         stop = [stop] if isinstance(stop, str) else (stop or [])
         if not isinstance(stop, list) or len(stop) > 4 or not all(isinstance(s, str) for s in stop):
@@ -373,7 +447,7 @@ class OpenAIBatchPipeline(ReportsRows):
             stop = [*stop, CHAT_STOP]
             wants = body.get("logprobs")
             if wants not in (None, True, False):
-                raise LineError("invalid_request", f"logprobs must be true or false, got {wants!r}")
+                raise LineError("invalid_request", f"logprobs must be true or false, got {_short(wants)}")
             top = _int(body, "top_logprobs", 0, MAX_LOGPROBS)
             if top is not None and not wants:
                 raise LineError("invalid_request", "top_logprobs needs logprobs: true")
@@ -402,6 +476,9 @@ class OpenAIBatchPipeline(ReportsRows):
     def _add(self, entry: _Batch, line: _Line) -> None:
         entry.left += 1
         line.left = len(line.prompts) * line.n
+        if line.params.seed is None and not line.params.greedy:
+            # unseeded: a stream of the line's own, so two identical lines are two independent draws
+            line.params = dataclasses.replace(line.params, seed=secrets.randbits(63))
         for p, ids in enumerate(line.prompts):
             for choice in range(line.n):  # choice 0 samples as `generate` would the same prompt and seed
                 key = None if choice == 0 else np.asarray(ids, "<i8").tobytes() + f"#{choice}".encode()
@@ -415,20 +492,24 @@ class OpenAIBatchPipeline(ReportsRows):
     def _error(self, line: _Line, code: str, message: str) -> None:
         line.ok = False
         batch_id = f"batch_req_{_digest(line.custom_id, line.number, message)}"
-        line.record = _dumps({"id": batch_id, "custom_id": line.custom_id, "response": None,
-                              "error": {"code": code, "message": message}})
+        line.record = _record({"id": batch_id, "custom_id": line.custom_id, "response": None,
+                               "error": {"code": code, "message": message}})
 
     def _respond(self, line: _Line, body: dict) -> None:
         batch_id, request_id, _ = self._ids(line)
         line.ok = True
-        line.record = _dumps({"id": batch_id, "custom_id": line.custom_id,
-                              "response": {"status_code": 200, "request_id": request_id, "body": body},
-                              "error": None})
+        line.record = _record({"id": batch_id, "custom_id": line.custom_id,
+                               "response": {"status_code": 200, "request_id": request_id, "body": body},
+                               "error": None})
 
     def _finish(self, line: _Line) -> None:
         if any(c.finish_reason == FinishReason.NONFINITE for c in line.completions.values()):
             self.stats.nonfinite += 1
             self._error(line, "model_error", "the model produced non-finite logits (a corrupt checkpoint?)")
+            return
+        failed = self._structured_failure(line)
+        if failed is not None:
+            self._error(line, "structured_output_failed", failed)
             return
         _, _, digest = self._ids(line)
         choices, written = [], 0
@@ -449,6 +530,29 @@ class OpenAIBatchPipeline(ReportsRows):
                 "usage": {"prompt_tokens": read, "completion_tokens": written, "total_tokens": read + written},
                 "system_fingerprint": f"persimmon-batch-{__version__}"}
         self._respond(line, body)
+
+    def _structured_failure(self, line: _Line) -> str | None:
+        """Why a constrained line's response would not hold what it claims, or None. A choice the grammar
+        refused, or one that stopped short of a complete match, fails the line; one cut by max_tokens is a
+        "length" choice, as OpenAI's; a JSON format's complete match must also parse as JSON."""
+        if line.params is None or line.params.grammar is None:
+            return None
+        for (_, choice), c in sorted(line.completions.items()):
+            if c.finish_reason == FinishReason.LENGTH:
+                continue
+            if c.error is not None:
+                return f"choice {choice}: {c.error}"
+            if self._json_format(line):
+                try:
+                    json.loads(c.text or "")
+                except ValueError as exc:
+                    return f"choice {choice}: the grammar matched, but the text is not JSON ({one_line(exc)})"
+        return None
+
+    @staticmethod
+    def _json_format(line: _Line) -> bool:
+        value = line.body.get("response_format")
+        return isinstance(value, dict) and value.get("type") in ("json_object", "json_schema")
 
     def _model(self, line: _Line) -> str:
         model = line.body.get("model")

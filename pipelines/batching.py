@@ -15,7 +15,7 @@ import torch
 
 from persimmon import PersimmonConfig, PersimmonTokenizer
 
-from .schema import is_text_type
+from .schema import INPUT_ERROR, is_text_type
 
 # A piece of the sentencepiece vocabulary is at most this many characters (its max_piece_length default),
 # so max_length tokens never need more than this many characters per token of text.
@@ -85,6 +85,15 @@ def text_column(batch: pa.RecordBatch | pa.Table, name: str) -> tuple[list[str |
     """
     if name not in batch.schema.names:
         raise ValueError(f"text column {name!r} not in the input; columns are {batch.schema.names}")
+    texts, errors = _texts(batch, name)
+    if INPUT_ERROR in batch.schema.names:  # a row its reader could not read as it is
+        for i, problem in enumerate(batch.column(INPUT_ERROR).to_pylist()):
+            if problem is not None:
+                texts[i], errors[i] = None, problem
+    return texts, errors
+
+
+def _texts(batch: pa.RecordBatch | pa.Table, name: str) -> tuple[list[str | None], list[str | None]]:
     column = batch.column(name)
     kind = column.type
     if not is_text_type(kind):
@@ -223,22 +232,28 @@ def check_vocabulary(tok: PersimmonTokenizer, config: PersimmonConfig) -> None:
 
 
 class ReportsRows:
-    """Pipelines call `on_rows(n)` as rows finish (each model batch; generation: each finished row), for
-    live progress; None: nobody listens."""
+    """Pipelines call `on_rows(n)` as rows finish (each model batch; generation: each finished row), and
+    `on_progress()` after each engine step (tokens were made, though no row may have finished: a long row is
+    not a stalled one), for live progress; None: nobody listens."""
 
     on_rows: Callable[[int], None] | None = None
+    on_progress: Callable[[], None] | None = None
 
     def _report(self, rows: int) -> None:
         if self.on_rows is not None and rows:
             self.on_rows(rows)
 
+    def _beat(self) -> None:
+        if self.on_progress is not None:
+            self.on_progress()
 
-def engine_stream(engine, batches, enqueue, drain, finish):
+
+def engine_stream(engine, batches, enqueue, drain, finish, beat=None):
     """Record batches through a continuous-batching engine, each batch's output in input order. enqueue(batch)
     adds its rows to the engine and returns an entry whose `left` counts rows not finished; drain(completions)
     takes what a step finished; finish(entry, seconds) is the entry's output table (seconds since the last one).
     The next batch is read as soon as the engine has taken every waiting row into a slot, so one batch's tail
-    overlaps the next one's start."""
+    overlaps the next one's start. beat() is called after every engine step."""
     import collections
     import time
 
@@ -252,13 +267,18 @@ def engine_stream(engine, batches, enqueue, drain, finish):
             yield finish(entry, now - clock[0])
             clock[0] = now
 
+    def step():
+        drain(engine.step())
+        if beat is not None:
+            beat()
+
     for batch in batches:
         pending.append(enqueue(batch))
         yield from ready()
         while engine.waiting:  # keep stepping until every queued row holds a slot
-            drain(engine.step())
+            step()
             yield from ready()
     while engine.busy:
-        drain(engine.step())
+        step()
         yield from ready()
     yield from ready()

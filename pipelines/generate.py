@@ -121,7 +121,7 @@ class GenerationPipeline(ReportsRows):
                 self.stats.generated_tokens += len(c.tokens)
             self._count_prefill()
 
-        yield from engine_stream(self.engine, batches, self._enqueue, drain, finish)
+        yield from engine_stream(self.engine, batches, self._enqueue, drain, finish, self._beat)
 
     def _enqueue(self, batch: pa.RecordBatch | pa.Table) -> "_InFlight":
         texts, errors = text_column(batch, self.text_column)

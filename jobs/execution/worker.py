@@ -21,6 +21,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import ray
+from pipelines.schema import INPUT_ERROR
 
 from ..errors import ModelChanged
 from ..output.checksum import check_pin
@@ -155,10 +156,15 @@ class ShardWorker:
         return UnitResult(True)
 
     def _on_rows(self, rows: int) -> None:
+        self._on_progress()
+        self._rows += rows
+
+    def _on_progress(self) -> None:
+        """The pipeline moved (a model batch, an engine step): the time since the last move is what the driver
+        judges a stall by."""
         now = time.monotonic()
         self._slowest = max(self._slowest, now - self._progress_at)
         self._progress_at = now
-        self._rows += rows
 
     @ray.method(concurrency_group="work")
     def process(self, unit: WorkUnit, token: int = 0) -> UnitResult:
@@ -182,13 +188,22 @@ class ShardWorker:
                                        "host": socket.gethostname(), "pid": os.getpid(), "threads": self.threads,
                                        "peak_rss_mb": round(peak_mb, 1), **delta})
 
+    def _written(self, out: pa.Table, fmt: str) -> pa.Table:
+        """A pipeline's output as the job writes it: without the reader's per-row problems (they are in the
+        error column now), a CSV's text column (read as bytes) as strings."""
+        if INPUT_ERROR in out.column_names:
+            out = out.drop_columns([INPUT_ERROR])
+        return formats.text_as_string(out, self.spec.text_column) if fmt == "csv" else out
+
     def _open(self, unit: WorkUnit):
         """The shard as it was planned: a file that changed since is not read (its identity would lie)."""
         path = join(self.in_base, unit.shard)
         info = self.in_fs.get_file_info(path)
         if unit.identity and (info.size, info.mtime_ns) != (unit.identity.get("size"), unit.identity.get("mtime_ns")):
             raise InputProblem(f"{unit.shard} changed while the job ran; rerun to process its new content")
-        return self.in_fs.open_input_file(path)
+        if formats.shard_format(unit.shard, self.spec.input_format) == "parquet":
+            return self.in_fs.open_input_file(path)
+        return formats.open_source(self.in_fs, path, limit=unit.identity.get("size"))  # not past its planned size
 
     def _read(self, source, unit: WorkUnit, fmt: str) -> formats.Opened:
         """The unit's rows as record batches, with the input's schema metadata."""
@@ -197,8 +212,9 @@ class ShardWorker:
             return formats.read_requests(source, batch_rows)
         if fmt != "parquet":
             try:
-                opened = formats.read_tabular(source, fmt, self.spec.text_column, batch_rows)
-            except pa.ArrowInvalid as exc:
+                opened = formats.read_tabular(source, fmt, self.spec.text_column, batch_rows,
+                                              self.spec.csv_delimiter or ",")
+            except (pa.ArrowInvalid, ValueError) as exc:
                 raise InputProblem(f"not a {formats.NAMES[fmt]} file ({exc})") from None
         else:
             try:
@@ -223,7 +239,7 @@ class ShardWorker:
             self.out_fs.create_dir(join(self.out_base, temp).rsplit("/", 1)[0], recursive=True)
             sink = formats.sink_for(fmt, self.out_fs, join(self.out_base, temp))
             rows = 0
-            self.pipeline.on_rows = self._on_rows
+            self.pipeline.on_rows, self.pipeline.on_progress = self._on_rows, self._on_progress
             try:
                 batches = opened.batches
                 if self.spec.only_where is not None:
@@ -231,12 +247,13 @@ class ShardWorker:
                 for out in self.pipeline.stream(batches):  # generation overlaps one batch's tail with the next
                     if self._cancel == self._token:
                         raise Cancelled("cancelled: another attempt of this unit finished first")
-                    sink.write(out.replace_schema_metadata(metadata))
+                    sink.write(self._written(out, fmt).replace_schema_metadata(metadata))
                     rows += out.num_rows
                 if sink.empty:  # an empty shard still gets its (empty) output file
-                    sink.write(self.pipeline(opened.schema.empty_table()).replace_schema_metadata(metadata))
+                    empty = self.pipeline(opened.schema.empty_table())
+                    sink.write(self._written(empty, fmt).replace_schema_metadata(metadata))
             finally:
-                self.pipeline.on_rows = None
+                self.pipeline.on_rows = self.pipeline.on_progress = None
                 sink.close()
         return rows
 

@@ -287,12 +287,17 @@ def discover(uri: str, output: tuple[pafs.FileSystem, str] | None = None, input_
     if not found.shards:
         kinds = NAMES.get(input_format) or "Parquet, CSV or JSON Lines"
         raise UsageError(f"no {kinds} files in input {uri}")
-    outputs: dict[str, str] = {}
+    from .formats import ERRORS_SUFFIX, companions
+
+    outputs: dict[str, str] = {}  # every file an input's output is made of (openai-batch: its errors file too)
     for rel in found.shards:
-        other = outputs.setdefault(found.output(rel), rel)
-        if other != rel:
-            raise UsageError(f"input shards {other} and {rel} would both write output {found.output(rel)}; "
-                             "rename one of them or narrow the input")
+        for name in companions(found.output(rel), found.format_of(rel)):
+            other = outputs.setdefault(name, rel)
+            if other != rel:
+                own = (" (the errors file this tool writes for the other: to retry its failed lines, copy them to a "
+                       "file of another name)") if name.endswith(ERRORS_SUFFIX) else ""
+                raise UsageError(f"input shards {other} and {rel} would both write output {name}{own}; rename one "
+                                 "of them or narrow the input")
     return found
 
 
@@ -383,7 +388,7 @@ class ShardInfo:
 
 
 def inspect_shard(fs: pafs.FileSystem, base: str, shard: str, info: pafs.FileInfo | None = None,
-                  text_column: str | None = None, fmt: str = "parquet") -> ShardInfo:
+                  text_column: str | None = None, fmt: str = "parquet", delimiter: str | None = None) -> ShardInfo:
     """Read a shard's footer: its identity (size, modification time, rows, a digest of the row-group
     layout), row-group sizes, the text column's bytes per row group (the planner's measure of work; all
     columns' where there is no such column) and column names. A shard that is not of its format gets
@@ -396,7 +401,7 @@ def inspect_shard(fs: pafs.FileSystem, base: str, shard: str, info: pafs.FileInf
         from .formats import NAMES, inspect_text_file
 
         try:
-            columns, rows = inspect_text_file(fs, path, fmt, text_column)
+            columns, rows = inspect_text_file(fs, path, fmt, text_column, delimiter or ",")
         except Exception as exc:  # ArrowInvalid for what does not parse, OSError for what cannot be read
             return ShardInfo(identity, [], [], f"not a {NAMES[fmt]} file ({type(exc).__name__}: "
                                                f"{' '.join(str(exc).split())[:300]})", format=fmt)

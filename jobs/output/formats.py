@@ -4,9 +4,16 @@ is called and how the output is written.
 Tabular inputs are Parquet, CSV or JSON Lines, by suffix (`.parquet`; `.csv`; `.jsonl`, `.ndjson`) or as the job
 says (`--input-format`); a file of another suffix given by name is Parquet, as before. Their output is
 Parquet, named after the input with its suffix replaced (`tickets.csv` -> `tickets.parquet`). CSV and JSON Lines
-are read with pyarrow's streaming readers, one block at a time, so a big file never sits in memory whole; they
-carry no row count or row groups, so such a shard is one work unit and its row count is an estimate (from the
-first block) until it is done.
+are read one block at a time, so a big file never sits in memory whole; they carry no row count or row groups,
+so such a shard is one work unit and its row count is an estimate (from the first block) until it is done. Any of
+them may be compressed (`.gz`, `.bz2`, `.zst` after the format's suffix: `tickets.csv.gz`), read as a stream.
+
+A row's problem is that row's error, never its file's: a CSV text cell that is not UTF-8 (the text column is
+read as bytes), a JSON line that is not UTF-8 or not JSON, longer than MAX_ROW_BYTES, or whose values do not
+fit the columns the file began with (a number where the text column had strings is its text, "12"). JSON Lines
+are parsed by pyarrow a batch of lines at a time; a batch that does not parse is parsed line by line, and the
+lines that fail carry their message in the INPUT_ERROR column, which the pipelines read as the row's error.
+Only what makes the whole file unreadable fails it, and a file is read only to the size it was planned at.
 
 `openai-batch` reads OpenAI batch request files (`.jsonl`, one request per line) and writes two JSON Lines
 files per input: the responses under the input's name and the failed lines beside it (`x.errors.jsonl`).
@@ -16,11 +23,15 @@ before the files are moved into place (manifest.py), not by the files' contents.
 
 from __future__ import annotations
 
+import io
+import json
 from dataclasses import dataclass
 from typing import Any, Iterator
 
 import pyarrow as pa
 import pyarrow.fs as pafs
+
+from pipelines.schema import INPUT_ERROR
 
 from ..errors import UsageError
 
@@ -29,7 +40,11 @@ REQUESTS = "openai"  # OpenAI batch request lines (openai-batch)
 SUFFIXES = {".parquet": "parquet", ".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl"}
 ERRORS_SUFFIX = ".errors.jsonl"
 NAMES = {"parquet": "Parquet", "csv": "CSV", "jsonl": "JSON Lines", REQUESTS: "OpenAI batch request"}
-READ_BLOCK = 1 << 20  # bytes per block of the CSV / JSON readers (a record batch each)
+READ_BLOCK = 1 << 20  # bytes per block of the readers
+CSV_BLOCK = 64 << 20  # bytes per block of the CSV reader: a CSV row must fit in one
+MAX_ROW_BYTES = 16 << 20  # a longer JSON line is its row's error
+COMPRESSIONS = {".gz": "gzip", ".bz2": "bz2", ".zst": "zstd"}
+MAX_REQUEST_LINE = 8 << 20  # a request line's bytes held at most (the pipeline refuses a longer line)
 REQUEST_COLUMNS = pa.schema([("line", pa.int64()), ("request", pa.binary())])
 
 
@@ -38,23 +53,37 @@ def suffix_of(name: str) -> str:
     return "." + base.rsplit(".", 1)[1].lower() if "." in base else ""
 
 
+def compression_of(name: str) -> str | None:
+    """The codec of a compressed file (by its last suffix), or None."""
+    return COMPRESSIONS.get(suffix_of(name))
+
+
+def plain_name(name: str) -> str:
+    """The name without its compression suffix (`a.csv.gz` -> `a.csv`)."""
+    return name[: -len(suffix_of(name))] if compression_of(name) else name
+
+
 def shard_format(shard: str, forced: str | None = None) -> str:
-    """The format of a shard: the job's (--input-format, or openai-batch's request files), else by suffix."""
+    """The format of a shard: the job's (--input-format, or openai-batch's request files), else by suffix (of the
+    name without a compression suffix)."""
     if forced:
         return forced
-    return SUFFIXES.get(suffix_of(shard), "parquet")
+    return SUFFIXES.get(suffix_of(plain_name(shard)), "parquet")
 
 
 def takes(name: str, forced: str | None) -> bool:
     """Whether a file found in an input folder is input: of a known tabular suffix, or (with a format given)
     any file, or for openai-batch a `.jsonl` that is not one of our own error files."""
+    plain = plain_name(name)
     if forced == REQUESTS:
-        return suffix_of(name) == ".jsonl" and not name.endswith(ERRORS_SUFFIX)
-    return forced is not None or suffix_of(name) in SUFFIXES
+        return suffix_of(plain) == ".jsonl" and not plain.endswith(ERRORS_SUFFIX)
+    return forced is not None or suffix_of(plain) in SUFFIXES
 
 
 def output_name(shard: str, fmt: str = "parquet") -> str:
     """The output file of a shard, relative to the output folder."""
+    if fmt != "parquet":
+        shard = plain_name(shard)
     if fmt == REQUESTS:
         return shard if shard.endswith(".jsonl") else shard + ".jsonl"
     if fmt != "parquet" and SUFFIXES.get(suffix_of(shard)) == fmt:
@@ -92,35 +121,222 @@ def _rebatch(batches, rows: int) -> Iterator[pa.RecordBatch]:
             yield batch.slice(start, rows)
 
 
-def open_csv(source, text_column: str | None):
+def open_source(fs: pafs.FileSystem, path: str, limit: int | None = None):
+    """A shard's bytes as a stream: decompressed when its name says it is compressed, and never past `limit`
+    bytes of the file (the size it was planned at: what is appended while it is read is the next run's)."""
+    codec = compression_of(path)
+    if codec is None and limit is None:
+        return fs.open_input_file(path)
+    raw = fs.open_input_stream(path, compression=None)  # decompressed below, after the bound on the file's bytes
+    if limit is not None:
+        raw = pa.PythonFile(_Bounded(raw, limit), mode="r")
+    return pa.CompressedInputStream(raw, codec) if codec else raw
+
+
+class _Bounded(io.RawIOBase):
+    """The first `limit` bytes of a stream."""
+
+    def __init__(self, raw, limit: int) -> None:
+        self.raw, self.left = raw, limit
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        data = self.raw.read(min(len(buffer), self.left)) if self.left > 0 else b""
+        buffer[: len(data)] = data
+        self.left -= len(data)
+        return len(data)
+
+    def close(self) -> None:
+        self.raw.close()
+        super().close()
+
+
+class _Replay(io.RawIOBase):
+    """Bytes already read from a stream, then the rest of the stream (a reader that must look ahead on a stream
+    that cannot seek back)."""
+
+    def __init__(self, head: bytes, rest) -> None:
+        self.head, self.rest = memoryview(head), rest
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        if len(self.head):
+            n = min(len(buffer), len(self.head))
+            buffer[:n], self.head = self.head[:n], self.head[n:]
+            return n
+        data = self.rest.read(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
+
+
+def open_csv(source, text_column: str | None, delimiter: str = ",", block: int | None = None):
     import pyarrow.csv as pacsv
 
-    types = {text_column: pa.string()} if text_column else {}
+    # the text column is read as bytes, so a cell that is not UTF-8 is that row's error (pipelines decode it)
+    types = {text_column: pa.binary()} if text_column else {}
     # newlines_in_values: a quoted text may span lines (tickets, documents), at some cost in parsing speed
-    return pacsv.open_csv(source, read_options=pacsv.ReadOptions(block_size=READ_BLOCK),
-                          parse_options=pacsv.ParseOptions(newlines_in_values=True),
+    return pacsv.open_csv(source, read_options=pacsv.ReadOptions(block_size=block or CSV_BLOCK),
+                          parse_options=pacsv.ParseOptions(newlines_in_values=True, delimiter=delimiter),
                           convert_options=pacsv.ConvertOptions(column_types=types, strings_can_be_null=False))
 
 
-def open_json(source, text_column: str | None):
-    import pyarrow.json as pajson
+def text_as_string(table: pa.Table, text_column: str | None) -> pa.Table:
+    """An output table with the text column back as strings (CSV reads it as bytes): a cell that is not UTF-8
+    is null there, its row's error saying why."""
+    if text_column is None or text_column not in table.column_names:
+        return table
+    index = table.column_names.index(text_column)
+    column = table.column(index)
+    if not pa.types.is_binary(column.type):
+        return table
+    try:
+        text = column.cast(pa.string())
+    except pa.ArrowInvalid:
+        values = []
+        for raw in column.to_pylist():
+            try:
+                values.append(None if raw is None else raw.decode("utf-8"))
+            except UnicodeDecodeError:
+                values.append(None)
+        text = pa.array(values, pa.string())
+    return table.set_column(index, pa.field(text_column, pa.string()), text)
 
-    parse = pajson.ParseOptions(explicit_schema=pa.schema([(text_column, pa.string())]),
-                                unexpected_field_behavior="infer") if text_column else None
-    return pajson.open_json(source, read_options=pajson.ReadOptions(block_size=READ_BLOCK), parse_options=parse)
 
-
-def read_tabular(source, fmt: str, text_column: str | None, batch_rows: int) -> Opened:
+def read_tabular(source, fmt: str, text_column: str | None, batch_rows: int, delimiter: str = ",") -> Opened:
     """A CSV or JSON Lines shard as record batches; ValueError (pyarrow's ArrowInvalid) when it is not one."""
     if fmt == "csv":
-        reader = open_csv(source, text_column)
+        reader = open_csv(source, text_column, delimiter)
         return Opened(reader.schema, _rebatch(_blocks(reader, fmt), batch_rows), {})
-    order = open_json(source, None).schema.names  # the file's own column order (the text column's type is
-    source.seek(0)  # fixed by an explicit schema, which would put it first)
-    reader = open_json(source, text_column)
-    names = [n for n in order if n in reader.schema.names] + [n for n in reader.schema.names if n not in order]
-    schema = pa.schema([reader.schema.field(n) for n in names])
-    return Opened(schema, (b.select(names) for b in _rebatch(_blocks(reader, fmt), batch_rows)), {})
+    return read_json_lines(source, text_column, batch_rows)
+
+
+def read_json_lines(source, text_column: str | None, batch_rows: int) -> Opened:
+    """JSON Lines as record batches of at most batch_rows rows, each row's problem its own (see the module's
+    docstring). The columns are those of the first batch of lines, in the order its first object has them, the
+    text column a string."""
+    numbered = ((n, line) for n, line in enumerate(_lines(source, keep=MAX_ROW_BYTES), start=1) if line.strip())
+    chunks = _chunks(numbered, batch_rows)
+    first = next(chunks, [])
+    schema = _json_schema([line for _, line in first], text_column)
+    if schema is None:
+        raise ValueError("no line of its first batch is a JSON object")
+
+    def batches() -> Iterator[pa.RecordBatch]:
+        for chunk in _prepend(first, chunks):
+            yield from _json_chunk(chunk, schema, text_column).to_batches()
+
+    return Opened(schema, batches(), {})
+
+
+def _chunks(numbered, size: int):
+    chunk = []
+    for item in numbered:
+        chunk.append(item)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def _prepend(first, rest):
+    if first:
+        yield first
+    yield from rest
+
+
+def _json_schema(lines: list[bytes], text_column: str | None) -> pa.Schema | None:
+    """The columns of these lines (pyarrow's inference over the lines that parse), in the order the first
+    object has them; the text column a string."""
+    import pyarrow.json as pajson
+
+    good, order = [], None
+    for line in lines:
+        try:
+            value = json.loads(line)
+        except (ValueError, RecursionError):
+            continue
+        if isinstance(value, dict):
+            good.append(line)
+            order = order or list(value)
+    if not good:
+        return None
+    parse = pajson.ParseOptions(explicit_schema=pa.schema([(text_column, pa.string())]),
+                                unexpected_field_behavior="infer") if text_column else None
+    try:
+        inferred = _read_json(b"\n".join(good), parse).schema
+    except pa.ArrowInvalid:  # the good lines disagree on a type: infer from the first one alone
+        inferred = _read_json(good[0], parse).schema
+    names = [n for n in order if n in inferred.names] + [n for n in inferred.names if n not in order]
+    return pa.schema([inferred.field(n) for n in names])
+
+
+def _read_json(data: bytes, parse) -> pa.Table:
+    import pyarrow.json as pajson
+
+    block = max(READ_BLOCK, len(data) + 1)
+    return pajson.read_json(io.BytesIO(data), read_options=pajson.ReadOptions(block_size=block, use_threads=False),
+                            parse_options=parse)
+
+
+def _json_chunk(chunk: list[tuple[int, bytes]], schema: pa.Schema, text_column: str | None) -> pa.Table:
+    """One batch of lines as a table of `schema`: parsed whole by pyarrow when it can, else line by line."""
+    import pyarrow.json as pajson
+
+    data = b"\n".join(line for _, line in chunk)
+    if all(len(line) <= MAX_ROW_BYTES for _, line in chunk):
+        try:
+            table = _read_json(data, pajson.ParseOptions(explicit_schema=schema, unexpected_field_behavior="ignore"))
+            if table.num_rows == len(chunk):
+                return table.select(schema.names)
+        except pa.ArrowInvalid:
+            pass
+    rows, errors = [], []
+    for number, line in chunk:
+        row, error = _json_row(number, line, schema, text_column)
+        rows.append(row)
+        errors.append(error)
+    table = pa.Table.from_pylist(rows, schema=schema)
+    return table.append_column(pa.field(INPUT_ERROR, pa.string()), pa.array(errors, pa.string()))
+
+
+def _json_row(number: int, line: bytes, schema: pa.Schema, text_column: str | None) -> tuple[dict, str | None]:
+    """One JSON line as a row of `schema` (values that do not fit a column are null) and its error, if any."""
+    if len(line) > MAX_ROW_BYTES:
+        return {}, f"line {number} is longer than the {MAX_ROW_BYTES:,} bytes a row may have"
+    try:
+        value = json.loads(line.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        return {}, f"line {number} is not valid UTF-8 ({exc.reason} at byte {exc.start})"
+    except (ValueError, RecursionError) as exc:
+        return {}, f"line {number} is not JSON ({' '.join(str(exc).split())[:200]})"
+    if not isinstance(value, dict):
+        return {}, f"line {number} is a JSON {type(value).__name__}, not an object"
+    row, error = {}, None
+    for field in schema:
+        item = value.get(field.name)
+        if field.name == text_column:
+            if isinstance(item, (int, float)) and not isinstance(item, bool):
+                item = json.dumps(item)  # a number is its text, as a whole-file read gives it
+            elif item is not None and not isinstance(item, str):
+                error = f"line {number}: {text_column!r} is a JSON {type(item).__name__}, not text"
+                item = None
+        if item is not None:
+            try:
+                pa.array([item], field.type)
+            except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, ValueError, OverflowError):
+                item = None  # a value of another type than the column's: null, the rest of the row kept
+        row[field.name] = item
+    if error is None and isinstance(value.get(text_column), str):
+        try:
+            value[text_column].encode("utf-8")
+        except UnicodeEncodeError:
+            row[text_column], error = None, f"line {number}: the text holds a lone surrogate escape, not valid Unicode"
+    return row, error
 
 
 def _blocks(reader, fmt: str) -> Iterator[pa.RecordBatch]:
@@ -135,26 +351,44 @@ def _blocks(reader, fmt: str) -> Iterator[pa.RecordBatch]:
         yield batch
 
 
-def _lines(source) -> Iterator[bytes]:
-    """The lines of a binary stream (without their line ends), read one block at a time."""
-    rest = b""
-    while True:
-        block = source.read(READ_BLOCK)
+def _lines(source, limit: int | None = None, keep: int | None = None) -> Iterator[bytes]:
+    """The lines of a binary stream (without their line ends), read one block at a time, in time linear in the
+    stream's length however long a line is, and never past `limit` bytes (the size the file was planned at:
+    what is appended while it is read belongs to the next run). Of a line longer than `keep` bytes only its
+    first keep + 1 are held (enough to refuse it)."""
+    pending: list[bytes] = []  # the pieces of a line that has not ended yet
+    held = 0
+    left = limit
+    while left is None or left > 0:
+        block = source.read(READ_BLOCK if left is None else min(READ_BLOCK, left))
         if not block:
             break
-        parts = (rest + block).split(b"\n")
-        rest = parts.pop()
-        yield from parts
-    if rest:
-        yield rest
+        if left is not None:
+            left -= len(block)
+        start = 0
+        while True:
+            end = block.find(b"\n", start)
+            if end < 0:
+                break
+            if keep is None or held <= keep:
+                pending.append(block[start:end])
+            yield b"".join(pending)[: None if keep is None else keep + 1]
+            pending.clear()
+            held, start = 0, end + 1
+        if start < len(block) and (keep is None or held <= keep):
+            pending.append(block[start:])
+            held += len(block) - start
+    if pending:
+        yield b"".join(pending)
 
 
-def read_requests(source, batch_rows: int) -> Opened:
-    """An OpenAI batch file as record batches of (line number, the line's bytes); blank lines are skipped."""
+def read_requests(source, batch_rows: int, limit: int | None = None) -> Opened:
+    """An OpenAI batch file as record batches of (line number, the line's bytes), its first `limit` bytes; blank
+    lines are skipped."""
     def batches() -> Iterator[pa.RecordBatch]:
         numbers: list[int] = []
         lines: list[bytes] = []
-        for number, line in enumerate(_lines(source), start=1):
+        for number, line in enumerate(_lines(source, limit, MAX_REQUEST_LINE), start=1):
             if not line.strip():
                 continue
             numbers.append(number)
@@ -169,24 +403,42 @@ def read_requests(source, batch_rows: int) -> Opened:
     return Opened(REQUEST_COLUMNS, batches(), {})
 
 
-def inspect_text_file(fs: pafs.FileSystem, path: str, fmt: str, text_column: str | None) -> tuple[list[str], int]:
-    """(columns, estimated rows) of a CSV, JSON Lines or request file from its first block; ValueError when it
-    is not of its format."""
+def inspect_text_file(fs: pafs.FileSystem, path: str, fmt: str, text_column: str | None,
+                      delimiter: str = ",") -> tuple[list[str], int]:
+    """(columns, estimated rows) of a CSV, JSON Lines or request file from its first block (decompressed where it
+    is compressed); ValueError when it is not of its format."""
     size = fs.get_file_info(path).size or 0
-    with fs.open_input_file(path) as f:
+    with open_source(fs, path) as f:
+        head = f.read(READ_BLOCK)
+        lines = head.count(b"\n") + (0 if head.endswith(b"\n") or not head else 1)
+        scale = size / len(head) if head and not compression_of(path) else 1.0
         if fmt == REQUESTS:
-            head = f.read(min(size, READ_BLOCK))
-            lines = head.count(b"\n") + (0 if head.endswith(b"\n") or not head else 1)
-            return [], round(lines * size / len(head)) if head else 0
-        # JSON: the columns as the file has them (an explicit schema would add the text column to any file)
-        reader = open_csv(f, text_column) if fmt == "csv" else open_json(f, None)
-        columns = reader.schema.names
+            return [], round(lines * scale)
+        if fmt == "jsonl":
+            complete = head[: head.rfind(b"\n")] if b"\n" in head and len(head) == READ_BLOCK else head
+            # the columns as the file has them (the text column is not added to a file that lacks it)
+            schema = _json_schema([x for x in complete.split(b"\n") if x.strip()], None)
+            if schema is None:
+                if not head.strip():
+                    return [], 0
+                raise ValueError("no line of its first block is a JSON object")
+            return schema.names, round(lines * scale)
         try:
+            reader = open_csv(_Replay(head, f), text_column, delimiter, block=READ_BLOCK)
             first = reader.read_next_batch()
         except StopIteration:
-            return columns, 0
-        read = max(1, min(size, READ_BLOCK))
-        return columns, max(first.num_rows, round(first.num_rows * size / read))
+            return reader.schema.names, 0
+        except pa.ArrowInvalid as exc:
+            if "straddling" not in str(exc):
+                raise
+            return inspect_csv_whole_block(fs, path, text_column, delimiter), 1
+        return reader.schema.names, max(first.num_rows, round(first.num_rows * scale))
+
+
+def inspect_csv_whole_block(fs: pafs.FileSystem, path: str, text_column: str | None, delimiter: str) -> list[str]:
+    """The columns of a CSV whose first rows are longer than a small block (read with the reader's own block)."""
+    with open_source(fs, path) as f:
+        return open_csv(f, text_column, delimiter).schema.names
 
 
 class ParquetSink:

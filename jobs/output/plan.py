@@ -215,7 +215,8 @@ def plan_run(spec, discovery: Discovery, manifest: Manifest, listing: list[pafs.
                 (recorded.get("size"), recorded.get("mtime_ns")) == (file.size, file.mtime_ns):
             plan.done.append(shard)
             continue
-        info = inspect_shard(discovery.fs, discovery.base, shard, file, spec.text_column, discovery.format_of(shard))
+        info = inspect_shard(discovery.fs, discovery.base, shard, file, spec.text_column, discovery.format_of(shard),
+                            spec.csv_delimiter)
         problem = info.error or _column_problem(spec.text_column, shard, info, added)
         if problem:
             plan.rejected[shard] = problem
@@ -314,7 +315,8 @@ def check_text_column(spec, discovery: Discovery, sample: int = 8) -> None:
     unreadable: list[str] = []
     for shard in discovery.shards:
         fmt = discovery.format_of(shard)
-        info = inspect_shard(discovery.fs, discovery.base, shard, discovery.files[shard], spec.text_column, fmt)
+        info = inspect_shard(discovery.fs, discovery.base, shard, discovery.files[shard], spec.text_column, fmt,
+                            spec.csv_delimiter)
         if info.error:
             unreadable.append(f"{shard} is {info.error}")
             if len(unreadable) == sample:

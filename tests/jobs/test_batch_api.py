@@ -255,3 +255,47 @@ def test_an_empty_input(ray_local, causal_model, tmp_path, content, message):
         assert done.returncode == 0, done.stderr
         assert (out / "empty.jsonl").read_text() == "" and (out / "empty.errors.jsonl").read_text() == ""
         assert manifest_of(out)["summary"]["request_counts"] == {"total": 0, "completed": 0, "failed": 0}
+
+
+def test_poison_lines_through_the_cli_are_their_own_errors(ray_local, causal_model, tmp_path):
+    """The lines that used to fail their whole file, permanently: each is now its line's error, every other
+    line is answered, exit 0, and the rerun is a no-op."""
+    surrogate = line("sur\\ud800id", "/v1/completions", {"prompt": "a\\ud800b"}).replace("\\\\", "\\")
+    poison = {
+        line("seed70", "/v1/completions", {"prompt": "x", "seed": 10 ** 70}): "invalid_request",
+        '{"custom_id": "bigint", "url": "/v1/completions", "body": {"max_tokens": ' + "9" * 5000 + "}}": "invalid_json",
+        '{"custom_id": "deep", "body": ' + "[" * 100_000 + "]" * 100_000 + "}": "invalid_json",
+        surrogate: "invalid_request",
+        line("huge", "/v1/completions", {"prompt": "word " * (2 << 20)}): "line_too_large",
+        line("many", "/v1/embeddings", {"input": ["x"] * 5000}): "invalid_request",
+        chat("schema-deep", [{"role": "user", "content": "x"}], response_format={"type": "json_schema", "json_schema": {
+            "schema": json.loads('{"type": "object", "properties": {"a": ' * 300 + '{"type": "string"}'
+                                 + "}}" * 300)}}): "invalid_request",
+    }
+    requests = tmp_path / "requests"
+    requests.mkdir()
+    write_batch(requests / "mixed.jsonl", [GOOD[4], *poison, GOOD[0]])
+    out = tmp_path / "out"
+    done = run_here(*batch(causal_model, requests, out))
+    assert done.returncode == 0, done.stdout + done.stderr
+    results, errors = read_jsonl(out / "mixed.jsonl"), read_jsonl(out / "mixed.errors.jsonl")
+    assert [r["custom_id"] for r in results] == ["complete-1", "chat-1"]
+    assert [e["error"]["code"] for e in errors] == list(poison.values())
+    assert errors[3]["custom_id"] == "sur\\ud800id"  # escaped: the file stays valid UTF-8
+    assert all("Traceback" not in e["error"]["message"] and "\n" not in e["error"]["message"] for e in errors)
+    rerun = run_here(*batch(causal_model, requests, out))
+    assert rerun.returncode == 0 and "1 already committed" in rerun.stdout, rerun.stdout + rerun.stderr
+
+
+def test_a_glob_over_a_file_and_its_errors_file_is_refused_before_any_work(causal_model, tmp_path):
+    """The natural retry, `--input 'out/*.jsonl'`-style, takes a file and this tool's own errors file of it: both
+    would write `a.errors.jsonl`, one destroying the other's committed lines. Refused, one line, nothing written."""
+    requests = tmp_path / "requests"
+    requests.mkdir()
+    write_batch(requests / "a.jsonl", [GOOD[4]])
+    write_batch(requests / "a.errors.jsonl", [GOOD[6]])
+    out = tmp_path / "out"
+    done = run_here(*batch(causal_model, str(requests / "*.jsonl"), out))
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "input shards a.errors.jsonl and a.jsonl would both write output a.errors.jsonl" in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1 and not out.exists()

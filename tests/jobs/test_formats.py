@@ -78,7 +78,7 @@ def test_a_file_not_of_its_format_fails_before_ray_starts(demo_root, tmp_path, n
     assert len(done.stderr.strip().splitlines()) == 1 and not out.exists()
 
 
-def test_a_250000_row_csv_is_streamed_in_record_batches(tmp_path):
+def test_a_250000_row_csv_is_streamed_in_record_batches(tmp_path, monkeypatch):
     rows = 250_000
     table = pa.table({"id": pa.array(range(rows), pa.int64()), "text": [f"ticket number {i}" for i in range(rows)]})
     path = tmp_path / "big.csv"
@@ -93,6 +93,7 @@ def test_a_250000_row_csv_is_streamed_in_record_batches(tmp_path):
         assert max(sizes) <= 1024 and sum(sizes) == rows and len(sizes) >= rows // 1024
     assert ids == sorted(ids)
     # a block past the first whose values no longer fit the first block's types: a clear error, not a crash
+    monkeypatch.setattr(formats, "CSV_BLOCK", formats.READ_BLOCK)  # blocks of 1 MiB: the file has several
     late = tmp_path / "late.csv"
     late.write_text("id,text\n" + "".join(f"{i},row {i}\n" for i in range(200_000)) + "oops,row\n")
     with pa.OSFile(str(late)) as source, pytest.raises(ValueError, match="not a valid CSV file past its start"):
@@ -119,3 +120,137 @@ def test_ray_data_map_batches_equals_the_in_process_pipeline(ray_local, demo_roo
         assert row["label"] == want["label"] and abs(row["score"] - want["score"]) < 1e-5
     for row, vector in zip(embedded, expected):
         assert max(abs(a - b) for a, b in zip(row["embedding"], vector)) < 1e-5
+
+
+def test_request_lines_are_read_to_the_planned_size_and_an_overlong_line_is_held_short(tmp_path):
+    """What is appended after planning is not read (the next run reads it); a line of 20 MB is held as its
+    first MAX_REQUEST_LINE + 1 bytes (enough for the pipeline to refuse it), and the lines after it are whole."""
+    import io
+
+    from jobs.output.formats import MAX_REQUEST_LINE, read_requests
+
+    planned = b'{"a": 1}\n' + b"x" * (20 << 20) + b'\n{"b": 2}\n\n{"c": 3}'
+    grown = planned + b'4}\n{"d": 4}\n'  # appended while the file was read: "c" would have become 34
+    batches = list(read_requests(io.BytesIO(grown), batch_rows=2, limit=len(planned)).batches)
+    table = pa.Table.from_batches(batches)
+    assert table.column("line").to_pylist() == [1, 2, 3, 5]  # the blank line 4 skipped
+    lines = table.column("request").to_pylist()
+    assert lines[0] == b'{"a": 1}' and lines[2] == b'{"b": 2}' and lines[3] == b'{"c": 3}'
+    assert len(lines[1]) == MAX_REQUEST_LINE + 1
+
+
+JSONL_POISON = {  # a line -> what its row's error says (None: the row is read, as documented)
+    b'{"id": 101, "text": "caf\xe9 au lait"}': "not valid UTF-8",
+    b'{"id": 102, "text": "unterminated': "not JSON",
+    b'{"id": 103, "text": 12}': None,  # a number is its text, "12"
+    b'{"id": 104, "text": ["a", "list"]}': "is a JSON list, not text",
+    b'{"id": "one hundred five", "text": "an id of another type"}': None,  # that value null, the text kept
+    b'[1, 2, 3]': "is a JSON list, not an object",
+    b'{"id": 107, "text": "' + b"long " * (4 << 20) + b'"}': "longer than the",
+}
+
+
+def test_jsonl_rows_each_keep_their_own_problem(tmp_path):
+    """Reading alone (no model): each poison line is its own row's INPUT_ERROR, the good rows around it read as
+    they would without it, in order."""
+    import io
+
+    from pipelines.schema import INPUT_ERROR
+
+    good = [json.dumps({"id": i, "text": f"row {i}"}).encode() for i in range(5)]
+    data = b"\n".join(good[:2] + list(JSONL_POISON) + good[2:]) + b"\n"
+    opened = formats.read_tabular(io.BytesIO(data), "jsonl", "text", batch_rows=4)
+    table = pa.Table.from_batches(list(opened.batches)).to_pylist()
+    assert len(table) == len(good) + len(JSONL_POISON)
+    for row, expected in zip(table[2:-3], JSONL_POISON.values()):
+        problem = row.get(INPUT_ERROR)
+        assert (problem is None) if expected is None else (expected in problem), (row["id"], problem)
+    assert [r["text"] for r in table[:2] + table[-3:]] == [f"row {i}" for i in range(5)]
+    assert table[4]["text"] == "12" and table[6]["id"] is None and table[6]["text"] == "an id of another type"
+
+
+def test_bad_csv_and_jsonl_rows_are_their_rows_errors_through_the_cli(ray_local, demo_root, tmp_path):
+    """A latin-1 byte in a CSV text cell, a 3 MB cell, and the JSON Lines poison rows: each its row's error
+    (or its documented reading), every other row classified as in Parquet, exit 0."""
+    model, table = demo_root / "model", rows_of(demo_root).slice(0, 12)
+    texts = tmp_path / "texts"
+    texts.mkdir()
+    body = io_csv(table)
+    body += b'900,"caf\xe9 au lait"\n901,"' + b"long " * (600 << 10) + b'"\n'
+    (texts / "tickets.csv").write_bytes(body)
+    lines = [json.dumps(r).encode() for r in table.to_pylist()]
+    (texts / "events.jsonl").write_bytes(b"\n".join(lines[:6] + list(JSONL_POISON) + lines[6:]) + b"\n")
+    out = tmp_path / "out"
+    done = run_here(*classify(model, texts, out))
+    assert done.returncode == 0, done.stdout + done.stderr
+    tickets = pq.read_table(out / "tickets.parquet").to_pylist()
+    assert [r["error"] for r in tickets[:12]] == [None] * 12
+    assert "not valid UTF-8" in tickets[12]["error"] and tickets[12]["text"] is None
+    assert tickets[13]["error"] is None and len(tickets[13]["text"]) == 5 * (600 << 10)
+    assert pq.read_table(out / "tickets.parquet").schema.field("text").type == pa.string()
+    events = pq.read_table(out / "events.parquet")
+    assert "_input_error" not in events.column_names
+    rows = events.to_pylist()
+    assert len(rows) == 12 + len(JSONL_POISON)
+    for row, expected in zip(rows[6:-6], JSONL_POISON.values()):
+        assert (row["error"] is None) if expected is None else (expected in row["error"]), row["error"]
+    good = [r for i, r in enumerate(rows) if i < 6 or i >= 6 + len(JSONL_POISON)]
+    reference = {r["id"]: (r["label"], round(r["score"], 5)) for r in good}
+    assert reference == {k: v for k, v in labels_of_table(model, table, tmp_path).items()}
+
+
+def io_csv(table: pa.Table) -> bytes:
+    import io
+
+    sink = io.BytesIO()
+    pacsv.write_csv(table, sink)
+    return sink.getvalue()
+
+
+def labels_of_table(model, table, tmp_path):
+    parquet = tmp_path / "parquet"
+    parquet.mkdir()
+    pq.write_table(table, parquet / "rows.parquet")
+    assert run_here(*classify(model, parquet, tmp_path / "reference")).returncode == 0
+    return labels(tmp_path / "reference")
+
+
+def test_compressed_inputs_equal_the_plain_files_and_a_delimiter_is_an_option(ray_local, demo_root, tmp_path):
+    import bz2
+    import gzip
+
+    model, table = demo_root / "model", rows_of(demo_root).slice(0, 20)
+    plain, packed = tmp_path / "plain", tmp_path / "packed"
+    plain.mkdir()
+    packed.mkdir()
+    csv = io_csv(table)
+    jsonl = "".join(json.dumps(r) + "\n" for r in table.to_pylist()).encode()
+    (plain / "a.csv").write_bytes(csv)
+    (plain / "b.jsonl").write_bytes(jsonl)
+    (packed / "a.csv.gz").write_bytes(gzip.compress(csv))
+    (packed / "b.jsonl.bz2").write_bytes(bz2.compress(jsonl))
+    for folder in (plain, packed):
+        done = run_here(*classify(model, folder, tmp_path / f"out-{folder.name}"))
+        assert done.returncode == 0, done.stdout + done.stderr
+    for name in ("a.parquet", "b.parquet"):
+        assert pq.read_table(tmp_path / "out-packed" / name).equals(pq.read_table(tmp_path / "out-plain" / name))
+    semicolons = tmp_path / "semi"
+    semicolons.mkdir()
+    options = pacsv.WriteOptions(delimiter=";")
+    pacsv.write_csv(table, semicolons / "s.csv", options)
+    done = run_here(*classify(model, semicolons, tmp_path / "out-semi", "--csv-delimiter", ";"))
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert pq.read_table(tmp_path / "out-semi" / "s.parquet").column("label").equals(
+        pq.read_table(tmp_path / "out-plain" / "a.parquet").column("label"))
+
+
+def test_two_inputs_with_one_output_name_are_refused_before_any_work(demo_root, tmp_path):
+    table = rows_of(demo_root).slice(0, 5)
+    folder = tmp_path / "in"
+    folder.mkdir()
+    pacsv.write_csv(table, folder / "a.csv")
+    pq.write_table(table, folder / "a.parquet")
+    out = tmp_path / "out"
+    done = run_here(*classify(demo_root / "model", folder, out))
+    assert done.returncode == 2 and "input shards a.csv and a.parquet would both write output a.parquet" in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1 and not out.exists()

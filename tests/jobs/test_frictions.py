@@ -9,9 +9,9 @@ from pipelines.options import GenerateOptions
 from tests.jobs.conftest import run_here
 
 
-@pytest.mark.parametrize("command", ["classify", "generate", "openai-batch", "run", "status"])
+@pytest.mark.parametrize("command", [None, "classify", "generate", "openai-batch", "run", "status"])
 def test_help_shows_no_python_types(command):
-    done = run_here(command, "--help", env={"COLUMNS": "200"})
+    done = run_here(*([command] if command else []), "--help", env={"COLUMNS": "200"})
     assert done.returncode == 0
     for noise in ("<bool>", "list[str]", "{job}", "{output}"):
         assert noise not in done.stdout, noise

@@ -89,12 +89,22 @@ def test_a_score_job_equals_the_pipeline(ray_local, demo, causal_model):
     (["--regex", "a+", "--choices", "x,y"], "--choices: give one constraint at most, got regex, choices"),
     (["--grammar", "{lark}"], "--grammar: the Lark grammar does not compile"),
     (["--logprobs", "21"], "--logprobs': Input should be less than or equal to 20"),
+    # what only the model's vocabulary shows, still before Ray starts
+    (["--choices", ",".join(f"c{i}" for i in range(10_000))], "choices: the choices cannot be followed: Parser Error"),
+    (["--json-schema", "{deep}"], "json-schema: the JSON schema does not compile"),
+    (["--grammar", "{token}"], "grammar: the Lark grammar does not compile"),
 ])
 def test_bad_constraints_fail_before_anything_starts(demo, causal_model, tmp_path, extra, message):
     _, input, out = demo
     lark = tmp_path / "bad.lark"
     lark.write_text("start: missing_rule\n")
-    values = {"missing": str(tmp_path / "nope.json"), "lark": str(lark)}
+    token = tmp_path / "token.lark"
+    token.write_text("start: <|no_such_token|>\n")
+    deep: dict = {"type": "string"}
+    for _ in range(300):
+        deep = {"type": "object", "properties": {"a": deep}, "required": ["a"]}
+    values = {"missing": str(tmp_path / "nope.json"), "lark": str(lark), "token": str(token),
+              "deep": json.dumps(deep)}
     done = run_here(*generate(causal_model, input, out, *[e.format(**values) for e in extra]))
     assert done.returncode == 2, done.stdout + done.stderr
     flat = " ".join((done.stdout + done.stderr).replace("│", " ").split())

@@ -155,3 +155,16 @@ def test_vocabulary_as_bytes_and_bad_grammars(setup):
                          (lambda: Grammar.choices([]), "non-empty")):
         with pytest.raises(GrammarError, match=message):
             bad()
+
+
+def test_compiled_grammars_are_bounded_least_recently_used_first(setup):
+    from persimmon.grammar import COMPILED_GRAMMARS
+
+    _, _, tok, _ = setup
+    vocab = Vocabulary(tok, VOCAB)
+    grammars = [Grammar.regex(f"a{{{i}}}b") for i in range(1, COMPILED_GRAMMARS + 10)]
+    for i, grammar in enumerate(grammars):
+        vocab.matcher(grammar)
+        vocab.matcher(grammars[0])  # kept in use: never the least recent
+    assert len(vocab._compiled) == COMPILED_GRAMMARS
+    assert grammars[0] in vocab._compiled and grammars[1] not in vocab._compiled and grammars[-1] in vocab._compiled
