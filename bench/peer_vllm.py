@@ -387,6 +387,8 @@ def main() -> None:
     ap.add_argument("--background-load", type=int, default=0, help="cores to keep busy with other work")
     ap.add_argument("--workdir", default=None)
     args = ap.parse_args()
+    # stopped with SIGTERM (kill, a timeout): unwind, so the vLLM worker and its engine processes are closed too
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     args.workdir = args.workdir or tempfile.mkdtemp(prefix="persimmon-peer-")
     python, why = peer_python()
     if python is None:

@@ -38,7 +38,8 @@ def main() -> None:
             if op == "quit":
                 break
             if op == "load":
-                os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(cmd.get("kv_gib", 4))
+                # whole GiB, as vLLM parses it (int("2.0") fails its config)
+                os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, round(float(cmd.get("kv_gib", 4)))))
                 start = time.perf_counter()
                 llm = LLM(model=cmd["model"], dtype=cmd["dtype"], max_num_seqs=cmd.get("max_num_seqs", 256),
                           max_model_len=cmd.get("max_model_len", 1024), seed=0, enable_prefix_caching=False)

@@ -85,10 +85,14 @@ def read_job_file(path: str | Path, check_model: bool = True) -> dict[str, Any]:
         problems.append(f"name: only letters, digits and . _ - (A-Za-z0-9._-), got {raw['name']!r}: a job name "
                         "goes into schedule recipes and job ids")
     if raw.get("input_format") is not None and raw.get("input_format") not in TABULAR:
-        problems.append(f"input_format: expected one of {list(TABULAR)}, got {raw['input_format']!r}")
+        problems.append(f"input_format: expected one of {list(TABULAR)}, got {raw['input_format']!r}"
+                        f"{did_you_mean(str(raw['input_format']), TABULAR)}")
+    delimiter = raw.get("csv_delimiter")
+    if isinstance(delimiter, str) and (len(delimiter) != 1 or delimiter in "\"\r\n"):
+        problems.append(f"csv_delimiter must be one character (not a quote or a line end), got {delimiter!r}")
     task = raw.get("task")
     if isinstance(task, str) and task not in TASKS:
-        problems.append(f"task: expected one of {list(TASKS)}, got {task!r}")
+        problems.append(f"task: expected one of {list(TASKS)}, got {task!r}{did_you_mean(task, TASKS)}")
     kind = TASK_OPTIONS.get(task, ClassifyOptions)
     options = raw.get("options", {}) if isinstance(raw.get("options", {}), dict) else {}
     options = file_options(options, path.parent)

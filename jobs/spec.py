@@ -139,7 +139,24 @@ class JobSpec:
         if self.task == "classify" and not self.wants_lm and "score" not in heads:
             return [f"classification needs a PersimmonForSequenceClassification checkpoint, but {model} has no "
                     "score.weight; for a causal LM give --candidate-labels (zero-shot)"]
-        return self._grammar_problems(model, config)
+        return self._template_problems(model, config) + self._grammar_problems(model, config)
+
+    def _template_problems(self, model: Path, config) -> list[str]:
+        """A prompt template whose own tokens leave no room for text in the window: said here, as every
+        actor's load would fail on it (and a failed first run would leave its options behind in the output)."""
+        template = getattr(self.options, "prompt_template", None)
+        if self.task not in ("generate", "score") or not template:
+            return []
+        from persimmon.tokenizer import PersimmonTokenizer
+        from pipelines.prompts import PromptTemplate
+
+        window = config.max_position_embeddings - getattr(self.options, "max_new_tokens", 0)
+        limit = min(self.options.max_length or window, window)
+        try:
+            PromptTemplate(template).check_fits(PersimmonTokenizer.from_pretrained(model), limit)
+        except ValueError as exc:
+            return [f"prompt_template: {exc}"]
+        return []
 
     def _grammar_problems(self, model: Path, config) -> list[str]:
         """A constraint compiled against the model's own vocabulary, as every actor would compile it: what only

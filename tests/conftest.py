@@ -85,3 +85,17 @@ def train_sentencepiece(prefix: Path, vocab_size: int = TINY["vocab_size"], extr
 @pytest.fixture(scope="session")
 def sentencepiece_model(tmp_path_factory) -> Path:
     return train_sentencepiece(tmp_path_factory.mktemp("spm") / "tokenizer")
+
+
+# The fast lane (`bash scripts/test.sh -m "not slow"`, a few minutes): everything but the modules that drive the
+# real CLI through subprocesses, clusters, kills and the README demo, and the tests that start a Ray of their own.
+SLOW_MODULES = {"test_adversary", "test_readme", "test_safety", "test_submit", "test_s3", "test_pool", "test_runner",
+                "test_cli", "test_batch_api"}
+SLOW_FIXTURES = {"ray_local"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        module = item.module.__name__.rsplit(".", 1)[-1] if item.module else ""
+        if module in SLOW_MODULES or SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)

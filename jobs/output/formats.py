@@ -272,7 +272,9 @@ def _json_schema(lines: list[bytes], text_column: str | None) -> pa.Schema | Non
     except pa.ArrowInvalid:  # the good lines disagree on a type: infer from the first one alone
         inferred = _read_json(good[0], parse).schema
     names = [n for n in order if n in inferred.names] + [n for n in inferred.names if n not in order]
-    return pa.schema([inferred.field(n) for n in names])
+    # a column only ever null in the first lines is text: later values keep their JSON text instead of being lost
+    return pa.schema([inferred.field(n).with_type(pa.string()) if pa.types.is_null(inferred.field(n).type)
+                      else inferred.field(n) for n in names])
 
 
 def _read_json(data: bytes, parse) -> pa.Table:
@@ -325,6 +327,8 @@ def _json_row(number: int, line: bytes, schema: pa.Schema, text_column: str | No
             elif item is not None and not isinstance(item, str):
                 error = f"line {number}: {text_column!r} is a JSON {type(item).__name__}, not text"
                 item = None
+        if item is not None and pa.types.is_string(field.type) and not isinstance(item, str):
+            item = json.dumps(item)  # a text column keeps any JSON value as its text
         if item is not None:
             try:
                 pa.array([item], field.type)

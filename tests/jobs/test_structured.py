@@ -116,3 +116,14 @@ def test_score_needs_a_causal_lm(demo):
     model, input, out = demo  # the demo's model is a classifier
     done = run_here("score", "--model", model, "--input", input, "--output", out)
     assert done.returncode == 2 and "score needs a causal LM" in done.stderr and not out.exists()
+
+
+def test_a_template_past_the_window_is_refused_before_ray_and_the_corrected_command_runs(ray_local, demo, causal_model):
+    _, input, out = demo
+    long = "word " * 5000 + "{text}"
+    done = run_here("score", "--model", causal_model, "--input", input, "--output", out, "--prompt-template", long)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "prompt_template: the prompt template alone takes" in done.stderr and not out.exists()
+    fixed = run_here("score", "--model", causal_model, "--input", input, "--output", out, "--prompt-template",
+                     "Ticket: {text}")
+    assert fixed.returncode == 0, fixed.stdout + fixed.stderr
