@@ -432,8 +432,11 @@ def _result_of(spec: JobSpec, plan: Plan, discovery: Discovery, takeover: str | 
     result.notes = [takeover] if takeover else []
     if discovery.skipped:
         kinds = ".jsonl" if spec.input_format == formats.REQUESTS else ".parquet, .csv or .jsonl"
+        names = ", ".join(discovery.skipped_names)
+        more = f" and {discovery.skipped - len(discovery.skipped_names)} more" if discovery.skipped > len(
+            discovery.skipped_names) else ""
         result.notes.append(f"input: {discovery.skipped} files or folders skipped (hidden, _-prefixed, not {kinds} "
-                            "or not regular files)")
+                            f"or not regular files): {names}{more}")
     result.notes += _listed(discovery.notes, lambda s: s)
     result.notes += _listed(plan.changed, lambda s: f"{s} changed since its output was committed: reprocessed")
     result.notes += _listed(list(plan.redone.values()), lambda why: f"{why}: redone")

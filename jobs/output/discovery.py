@@ -126,6 +126,7 @@ class Discovery:
     base: str  # the folder shard names are relative to
     shards: list[str]
     skipped: int = 0  # entries left out: hidden, _-prefixed, or not .parquet
+    skipped_names: list[str] = field(default_factory=list)  # the first SKIPPED_SHOWN of them, to name them
     kind: str = "directory"  # "file", "directory" or "glob"
     files: dict[str, pafs.FileInfo] = field(default_factory=dict)  # shard -> its file info
     # local only: (device, inode) of the folders that are input (every folder of a directory input; the folders
@@ -153,7 +154,17 @@ class _Walk:
     files: list[tuple[str, os.stat_result]] = field(default_factory=list)
     folders: dict[tuple[int, int], str] = field(default_factory=dict)
     skipped: int = 0
+    skipped_names: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+
+
+SKIPPED_SHOWN = 5  # skipped entries named in the run's note (the rest counted)
+
+
+def _skip(found, name: str) -> None:
+    found.skipped += 1
+    if len(found.skipped_names) < SKIPPED_SHOWN:
+        found.skipped_names.append(name)
 
 
 def _unreadable(path: str, exc: OSError) -> UsageError:
@@ -177,7 +188,7 @@ def _walk_local(base: str, exclude: tuple[int, int] | None, skip_hidden: bool) -
             raise _unreadable(folder, exc) from None
         for entry in entries:
             if skip_hidden and _hidden(entry.name):
-                walk.skipped += 1
+                _skip(walk, os.path.relpath(entry.path, base))
                 continue
             try:
                 st = os.stat(entry.path)  # through links
@@ -215,7 +226,7 @@ def _walk_local(base: str, exclude: tuple[int, int] | None, skip_hidden: bool) -
                 seen_files[key] = len(walk.files)
                 walk.files.append((entry.path, st))
             else:
-                walk.skipped += 1  # a FIFO, socket or device: not data
+                _skip(walk, os.path.relpath(entry.path, base))  # a FIFO, socket or device: not data
     return walk
 
 
@@ -279,7 +290,7 @@ def discover(uri: str, output: tuple[pafs.FileSystem, str] | None = None, input_
         rel = str(PurePosixPath(item.path).relative_to(found.base)) if found.base else item.path
         if any(_hidden(part) for part in PurePosixPath(rel).parts) or \
                 (found.kind == "directory" and not takes(rel, input_format)):
-            found.skipped += 1
+            _skip(found, rel)
             continue
         found.shards.append(rel)
         found.files[rel] = item
@@ -311,6 +322,7 @@ def _local_candidates(found: Discovery, path: str, exclude_path: str | None) -> 
         return [_info(path, st)]
     walk = _walk_local(found.base, exclude, skip_hidden=True)
     found.skipped += walk.skipped
+    found.skipped_names = (found.skipped_names + walk.skipped_names)[:SKIPPED_SHOWN]
     found.notes += walk.notes
     items = [_info(p, st) for p, st in walk.files]
     if found.kind == "directory":

@@ -117,7 +117,9 @@ def test_same_job_from_the_cli_and_a_job_file_is_one_job(ray_local, demo, tiny_c
     (input / ".hidden.parquet").write_bytes(b"ignored")
     first = run_here(*classify(model, input, out))
     assert first.returncode == 0, first.stderr
-    assert "3 files or folders skipped (hidden, _-prefixed, not .parquet, .csv or .jsonl or not regular files)" in first.stdout
+    assert "3 files or folders skipped (hidden, _-prefixed, not .parquet, .csv or .jsonl or not regular files): " in first.stdout
+    skipped = next(line for line in first.stdout.splitlines() if "files or folders skipped" in line)
+    assert all(name in skipped for name in ("README.txt", "_scratch.parquet", ".hidden.parquet"))  # named
     job = tmp_path / "job.toml"  # input and output relative to the job file's folder, run from elsewhere
     job.write_text(f'name = "triage"\ntask = "classify"\nmodel = "{model}"\ninput = "{input.name}"\n'
                    f'output = "{out.name}"\n')
