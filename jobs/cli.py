@@ -388,7 +388,7 @@ def run(
         dates = run_dates(raw, date, start, end)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
-    worst = 0
+    worst, outcomes = 0, []
     for day in dates:
         typer.echo(f"== {raw['name']} for {day}")
         spec = job_spec(raw, day, overwrite, folder=job.parent)
@@ -401,10 +401,22 @@ def run(
                 raise
             code = _report(exc)
         worst = max(worst, code)
+        outcomes.append((day, code))
         if code >= 128:  # stopped by a signal: the remaining dates are not started
             break
+    if len(dates) > 1:  # a backfill: one line per date, after each date's own report
+        done = sum(code == 0 for _, code in outcomes)
+        typer.echo(f"== {raw['name']}: {done} of {len(dates)} dates done")
+        for day, code in outcomes:
+            typer.echo(f"  {day}: {DATE_OUTCOMES.get(code, 'stopped' if code >= 128 else f'exit {code}')} (exit {code})")
+        for day in dates[len(outcomes):]:
+            typer.echo(f"  {day}: not started")
     if worst:
         raise typer.Exit(worst)
+
+
+DATE_OUTCOMES = {0: "done", 1: "shards failed", 2: "refused", 3: "incomplete", 69: "cluster unavailable",
+                 75: "output busy"}
 
 
 @command()

@@ -146,6 +146,9 @@ def test_runs_per_date_and_backfill(demo_root, tmp_path):
     assert backfill.exit_code == 2, backfill.output
     assert "dt=2026-11-20/ does not exist" in backfill.output
     assert backfill.output.count("(0 already committed)") == 2 and backfill.output.count("(2 already committed)") == 1
+    summary = backfill.output[backfill.output.index("== nightly: 3 of 4 dates done"):].splitlines()  # one line a date
+    assert [line for line in summary[1:] if line.startswith("  2026-")] == ["  2026-11-20: refused (exit 2)", "  2026-11-21: done (exit 0)", "  2026-11-22: done (exit 0)",
+                           "  2026-11-23: done (exit 0)"]
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["dt=2026-11-21", "dt=2026-11-22", "dt=2026-11-23"]
     for day in ("2026-11-21", "2026-11-22"):
         assert pq.read_table(tmp_path / "out" / f"dt={day}").num_rows == 120
