@@ -107,6 +107,7 @@ class _Group(TyperGroup):
 
 
 app = typer.Typer(cls=_Group, add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  rich_markup_mode=None,  # click's plain help: it wraps at any width, never cutting a flag name
                   help="Run the Persimmon language model over Parquet datasets on Ray.")
 
 

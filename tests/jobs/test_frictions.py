@@ -51,3 +51,17 @@ def test_a_k8s_recipe_warns_of_what_will_not_hold_in_a_pod(demo_root, tmp_path):
                    'output = "s3://lake/out/"\n[runner]\naddress = "ray://head:10001"\n')
     done = run_here("schedule", job, "--format", "k8s")
     assert done.returncode == 0 and "WARNING" not in done.stderr + done.stdout
+
+
+@pytest.mark.parametrize("command", ["classify", "generate", "openai-batch", "run"])
+def test_help_at_80_columns_shows_every_flag_name_whole(command):
+    import typer
+
+    from jobs.cli import app
+
+    done = run_here(command, "--help", env={"COLUMNS": "80"})
+    assert done.returncode == 0
+    click_command = typer.main.get_command(app).commands[command]
+    names = [name for param in click_command.params for name in param.opts if name.startswith("--")]
+    assert names and all(name in done.stdout for name in names), [n for n in names if n not in done.stdout]
+    assert "…" not in done.stdout and max(map(len, done.stdout.splitlines())) <= 80
