@@ -2,9 +2,9 @@
 
 Rows wait in a queue; whenever slots are free the engine admits waiting rows, longest first, and prefills
 them in groups of similar length straight into their slots (a group is a contiguous range of the pool);
-every decode step advances all active slots by one token, each at its own position under its own mask. A row that ends (EOS, stop string, length) frees its slot at once: its
-result is handed back and a waiting row takes the slot at the next step, so decode steps stay full instead
-of shrinking to each batch's stragglers.
+every decode step advances all active slots by one token, each at its own position under its own mask. A row
+that ends (EOS, stop string, length) frees its slot at once: its result is handed back and a waiting row takes
+the slot at the next step, so decode steps stay full instead of shrinking to each batch's stragglers.
 
 Two parts: the decisions (admission, the pool's layout, finish rules, which row moves into a freed slot) are
 persimmon.scheduler's SlotScheduler, pure code; this module is the model runner that carries them out on

@@ -206,8 +206,7 @@ class Vocabulary:
         from .scheduler import grammar_error
 
         matcher = self.matcher(grammar)
-        bits = np.unpackbits(self.masks([matcher]).view(np.uint8), axis=1, bitorder="little")[0]
-        allowed = np.flatnonzero(bits[: self.size])
+        allowed = self.allowed(self.masks([matcher]), self.size)[0].nonzero()
         if matcher.is_error() or (len(allowed) and not matcher.consume_token(int(allowed[0]))) or matcher.is_error():
             raise GrammarError(f"the {grammar.describe()} cannot be followed: {grammar_error(matcher.get_error())}")
 

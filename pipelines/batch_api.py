@@ -45,15 +45,15 @@ from persimmon import PersimmonForCausalLM, PersimmonTokenizer, SamplingParams, 
 from persimmon.engine import GenerationEngine, Request
 from persimmon.sampling import MAX_LOGPROBS, FinishReason
 
-from .batching import (EncodedRow, PipelineStats, ReportsRows, check_vocabulary, engine_stream, load_model, pad_batch,
-                       plan_batches)
+from .batching import (MAX_CHARS_PER_TOKEN, EncodedRow, PipelineStats, ReportsRows, check_vocabulary, engine_stream,
+                       load_model, pad_batch, plan_batches)
 from .embed import pool
 from .options import BatchAPIOptions, _one_line
+from .schema import MAX_LINE_BYTES
 
 ENDPOINTS = {"/v1/chat/completions": "chat", "/v1/completions": "completion", "/v1/embeddings": "embedding"}
 OUTPUT = pa.schema([("line", pa.int64()), ("custom_id", pa.string()), ("ok", pa.bool_()), ("record", pa.string())])
 MAX_CHOICES = 8
-MAX_LINE_BYTES = 8 << 20  # a longer line is that line's error before it is parsed
 MAX_LIST = 2048  # embedding inputs, prompts, and prompts x n per line (OpenAI's embeddings bound)
 SEED_RANGE = (-(1 << 63), (1 << 63) - 1)  # seeds are int64, as OpenAI's
 CHAT_STOP = "\n\nhuman:"
@@ -267,10 +267,6 @@ class OpenAIBatchPipeline(ReportsRows):
         self.engine = GenerationEngine(
             self.model, o.max_new_tokens, decode=self.tokenizer.decode, kv_cache_bytes=o.kv_cache_bytes, prefill_tokens=o.batch_tokens,
             vocab_limit=self.tokenizer.vocab_size, pad_token_id=self.tokenizer.padding_id, compile=o.compile)
-        sp = self.tokenizer.sp
-        # the most characters one token covers: a text of more than (n + 2) x this many has more than n tokens
-        # unless normalization shrinks it (then it is tokenized whole, within MAX_LINE_BYTES)
-        self._piece_chars = max(1, max(len(sp.id_to_piece(i)) for i in range(sp.get_piece_size())))
         self.stats = PipelineStats()
         self.schema = OUTPUT
         self._seen: dict[str, int] = {}  # custom_id -> its line, over one stream (one input file)
@@ -387,7 +383,7 @@ class OpenAIBatchPipeline(ReportsRows):
         """The prompt's tokens; a prompt past the window is found on a bounded prefix first (a prompt of
         megabytes is refused without tokenizing it whole)."""
         limit = min(self.window, self.options.max_length or self.window)
-        head = (limit + 2) * self._piece_chars
+        head = (limit + 2) * MAX_CHARS_PER_TOKEN  # a prefix that holds more than `limit` tokens if the text does
         if len(text) > head and len(self.tokenizer.encode(text[:head])) > limit + 1:
             raise LineError("context_length_exceeded", f"{where} has {len(text):,} characters: more than the "
                                                        f"{limit} tokens the model reads")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -51,8 +52,9 @@ def randomize_(model: torch.nn.Module, seed: int = 0) -> None:
                 p.copy_(0.08 * torch.randn(p.shape, generator=gen))
 
 
-def build_hf_model(path: Path, kind: str = "causal", seed: int = 0, **config_kwargs):
-    """Build a tiny random transformers Persimmon model, save it to `path`, return it in eval mode."""
+def build_hf_model(path: Path, kind: str = "causal", seed: int = 0, tokenizer: Path | None = None, **config_kwargs):
+    """Build a tiny random transformers Persimmon model, save it to `path` (with `tokenizer`, a sentencepiece
+    model, as its tokenizer.model when given), return it in eval mode."""
     torch.manual_seed(seed)
     cls = {
         "causal": transformers.PersimmonForCausalLM,
@@ -62,6 +64,8 @@ def build_hf_model(path: Path, kind: str = "causal", seed: int = 0, **config_kwa
     model = cls(hf_config(**config_kwargs)).eval()
     randomize_(model, seed)
     model.save_pretrained(path)
+    if tokenizer is not None:
+        shutil.copyfile(tokenizer, Path(path) / "tokenizer.model")
     return model
 
 

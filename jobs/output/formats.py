@@ -31,7 +31,7 @@ from typing import Any, Iterator
 import pyarrow as pa
 import pyarrow.fs as pafs
 
-from pipelines.schema import INPUT_ERROR
+from pipelines.schema import INPUT_ERROR, MAX_LINE_BYTES
 
 from ..errors import UsageError
 
@@ -44,7 +44,6 @@ READ_BLOCK = 1 << 20  # bytes per block of the readers
 CSV_BLOCK = 64 << 20  # bytes per block of the CSV reader: a CSV row must fit in one
 MAX_ROW_BYTES = 16 << 20  # a longer JSON line is its row's error
 COMPRESSIONS = {".gz": "gzip", ".bz2": "bz2", ".zst": "zstd"}
-MAX_REQUEST_LINE = 8 << 20  # a request line's bytes held at most (the pipeline refuses a longer line)
 REQUEST_COLUMNS = pa.schema([("line", pa.int64()), ("request", pa.binary())])
 
 
@@ -355,20 +354,17 @@ def _blocks(reader, fmt: str) -> Iterator[pa.RecordBatch]:
         yield batch
 
 
-def _lines(source, limit: int | None = None, keep: int | None = None) -> Iterator[bytes]:
+def _lines(source, keep: int | None = None) -> Iterator[bytes]:
     """The lines of a binary stream (without their line ends), read one block at a time, in time linear in the
-    stream's length however long a line is, and never past `limit` bytes (the size the file was planned at:
-    what is appended while it is read belongs to the next run). Of a line longer than `keep` bytes only its
-    first keep + 1 are held (enough to refuse it)."""
+    stream's length however long a line is. Of a line longer than `keep` bytes only its first keep + 1 are held
+    (enough to refuse it)."""
     pending: list[bytes] = []  # the pieces of a line that has not ended yet
     held = 0
-    left = limit
-    while left is None or left > 0:
-        block = source.read(READ_BLOCK if left is None else min(READ_BLOCK, left))
+    cut = None if keep is None else keep + 1
+    while True:
+        block = source.read(READ_BLOCK)
         if not block:
             break
-        if left is not None:
-            left -= len(block)
         start = 0
         while True:
             end = block.find(b"\n", start)
@@ -376,23 +372,23 @@ def _lines(source, limit: int | None = None, keep: int | None = None) -> Iterato
                 break
             if keep is None or held <= keep:
                 pending.append(block[start:end])
-            yield b"".join(pending)[: None if keep is None else keep + 1]
+            yield b"".join(pending)[:cut]
             pending.clear()
             held, start = 0, end + 1
         if start < len(block) and (keep is None or held <= keep):
             pending.append(block[start:])
             held += len(block) - start
     if pending:
-        yield b"".join(pending)
+        yield b"".join(pending)[:cut]
 
 
-def read_requests(source, batch_rows: int, limit: int | None = None) -> Opened:
-    """An OpenAI batch file as record batches of (line number, the line's bytes), its first `limit` bytes; blank
-    lines are skipped."""
+def read_requests(source, batch_rows: int) -> Opened:
+    """An OpenAI batch file as record batches of (line number, the line's bytes); blank lines are skipped. A
+    line longer than MAX_LINE_BYTES is held as its first MAX_LINE_BYTES + 1 bytes (the pipeline refuses it)."""
     def batches() -> Iterator[pa.RecordBatch]:
         numbers: list[int] = []
         lines: list[bytes] = []
-        for number, line in enumerate(_lines(source, limit, MAX_REQUEST_LINE), start=1):
+        for number, line in enumerate(_lines(source, MAX_LINE_BYTES), start=1):
             if not line.strip():
                 continue
             numbers.append(number)

@@ -124,19 +124,22 @@ def test_ray_data_map_batches_equals_the_in_process_pipeline(ray_local, demo_roo
 
 def test_request_lines_are_read_to_the_planned_size_and_an_overlong_line_is_held_short(tmp_path):
     """What is appended after planning is not read (the next run reads it); a line of 20 MB is held as its
-    first MAX_REQUEST_LINE + 1 bytes (enough for the pipeline to refuse it), and the lines after it are whole."""
-    import io
+    first MAX_LINE_BYTES + 1 bytes (enough for the pipeline to refuse it), and the lines after it are whole.
+    Read as a job's worker opens a shard: open_source bounded by the planned size, then read_requests."""
+    import pyarrow.fs as pafs
 
-    from jobs.output.formats import MAX_REQUEST_LINE, read_requests
+    from jobs.output.formats import open_source, read_requests
+    from pipelines.schema import MAX_LINE_BYTES
 
     planned = b'{"a": 1}\n' + b"x" * (20 << 20) + b'\n{"b": 2}\n\n{"c": 3}'
-    grown = planned + b'4}\n{"d": 4}\n'  # appended while the file was read: "c" would have become 34
-    batches = list(read_requests(io.BytesIO(grown), batch_rows=2, limit=len(planned)).batches)
-    table = pa.Table.from_batches(batches)
+    path = tmp_path / "requests.jsonl"
+    path.write_bytes(planned + b'4}\n{"d": 4}\n')  # appended after planning: "c" would have become 34
+    with open_source(pafs.LocalFileSystem(), str(path), limit=len(planned)) as source:
+        table = pa.Table.from_batches(list(read_requests(source, batch_rows=2).batches))
     assert table.column("line").to_pylist() == [1, 2, 3, 5]  # the blank line 4 skipped
     lines = table.column("request").to_pylist()
     assert lines[0] == b'{"a": 1}' and lines[2] == b'{"b": 2}' and lines[3] == b'{"c": 3}'
-    assert len(lines[1]) == MAX_REQUEST_LINE + 1
+    assert len(lines[1]) == MAX_LINE_BYTES + 1
 
 
 JSONL_POISON = {  # a line -> what its row's error says (None: the row is read, as documented)

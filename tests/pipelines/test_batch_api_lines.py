@@ -7,7 +7,6 @@ independently while a seeded one is reproducible; a long legitimate line reports
 from __future__ import annotations
 
 import json
-import shutil
 
 import pyarrow as pa
 import pytest
@@ -104,8 +103,7 @@ def causal_model_dir(tmp_path_factory, sentencepiece_model):
     from tests.conftest import build_hf_model
 
     path = tmp_path_factory.mktemp("batch-lines")
-    build_hf_model(path, "causal", seed=5, max_position_embeddings=256)
-    shutil.copyfile(sentencepiece_model, path / "tokenizer.model")
+    build_hf_model(path, "causal", seed=5, tokenizer=sentencepiece_model, max_position_embeddings=256)
     return path
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 
 import pyarrow as pa
 import pytest
@@ -28,9 +27,7 @@ def texts_of_mixed_length(tok: PersimmonTokenizer, count: int = 40) -> list[str]
 
 
 def checkpoint(root, sentencepiece_model, kind="seqcls", **config):
-    hf = build_hf_model(root, kind, max_position_embeddings=MAX_POS, **config)
-    shutil.copyfile(sentencepiece_model, root / "tokenizer.model")
-    return hf
+    return build_hf_model(root, kind, tokenizer=sentencepiece_model, max_position_embeddings=MAX_POS, **config)
 
 
 def reference_logits(hf, tok, text, max_length=MAX_POS, side="right"):

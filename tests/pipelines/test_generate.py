@@ -21,8 +21,7 @@ TEMPLATE = "human: {text}\n\nadept:"
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory, sentencepiece_model):
     root = tmp_path_factory.mktemp("genpipe")
-    build_hf_model(root, "causal", seed=3, max_position_embeddings=128)
-    shutil.copyfile(sentencepiece_model, root / "tokenizer.model")
+    build_hf_model(root, "causal", seed=3, tokenizer=sentencepiece_model, max_position_embeddings=128)
     return root
 
 
@@ -126,8 +125,7 @@ def test_a_vocabulary_padded_past_the_tokenizer_never_yields_an_undecodable_id(t
 
 
 def test_progress_is_reported_as_rows_finish(tmp_path, sentencepiece_model):
-    build_hf_model(tmp_path, "causal", max_position_embeddings=64)
-    shutil.copyfile(sentencepiece_model, tmp_path / "tokenizer.model")
+    build_hf_model(tmp_path, "causal", tokenizer=sentencepiece_model, max_position_embeddings=64)
     pipe = GenerationPipeline(tmp_path, dtype="float32", max_new_tokens=4, kv_cache_gib=kv_gib(tmp_path, 256))
     seen = []
     pipe.on_rows = seen.append

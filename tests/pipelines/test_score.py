@@ -4,7 +4,6 @@ prompt template scores only the text's tokens; bad rows are errors that lose not
 from __future__ import annotations
 
 import math
-import shutil
 
 import pyarrow as pa
 import pytest
@@ -21,8 +20,7 @@ TEXTS = [p[: 30 + 41 * i] for i, p in enumerate(paragraphs()[50:58])]
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory, sentencepiece_model):
     path = tmp_path_factory.mktemp("score")
-    hf = build_hf_model(path, "causal", seed=4, max_position_embeddings=128)
-    shutil.copy(sentencepiece_model, path / "tokenizer.model")
+    hf = build_hf_model(path, "causal", seed=4, tokenizer=sentencepiece_model, max_position_embeddings=128)
     return hf, path, PersimmonTokenizer.from_pretrained(path)
 
 
