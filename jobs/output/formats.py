@@ -220,6 +220,8 @@ def read_json_lines(source, text_column: str | None, batch_rows: int) -> Opened:
     numbered = ((n, line) for n, line in enumerate(_lines(source, keep=MAX_ROW_BYTES), start=1) if line.strip())
     chunks = _chunks(numbered, batch_rows)
     first = next(chunks, [])
+    if not first:  # empty, or blank lines only: no rows, and an (empty) output like any other file's
+        return Opened(pa.schema([(text_column, pa.string())] if text_column else []), iter(()), {})
     schema = _json_schema([line for _, line in first], text_column)
     if schema is None:
         raise ValueError("no line of its first batch is a JSON object")
@@ -419,8 +421,8 @@ def inspect_text_file(fs: pafs.FileSystem, path: str, fmt: str, text_column: str
             # the columns as the file has them (the text column is not added to a file that lacks it)
             schema = _json_schema([x for x in complete.split(b"\n") if x.strip()], None)
             if schema is None:
-                if not head.strip():
-                    return [], 0
+                if not head.strip():  # empty or blank: no rows, read as the text column alone (read_json_lines)
+                    return [text_column] if text_column else [], 0
                 raise ValueError("no line of its first block is a JSON object")
             return schema.names, round(lines * scale)
         try:

@@ -172,6 +172,14 @@ def test_jsonl_rows_each_keep_their_own_problem(tmp_path):
     assert table[4]["text"] == "12" and table[6]["id"] is None and table[6]["text"] == "an id of another type"
 
 
+@pytest.mark.parametrize("content", [b"", b"\n\n  \n"], ids=["empty", "blank lines"])
+def test_an_empty_jsonl_file_reads_as_no_rows_with_the_text_column(content):
+    import io
+
+    opened = formats.read_tabular(io.BytesIO(content), "jsonl", "text", batch_rows=4)
+    assert opened.schema.names == ["text"] and list(opened.batches) == []
+
+
 def test_bad_csv_and_jsonl_rows_are_their_rows_errors_through_the_cli(ray_local, demo_root, tmp_path):
     """A latin-1 byte in a CSV text cell, a 3 MB cell, and the JSON Lines poison rows: each its row's error
     (or its documented reading), every other row classified as in Parquet, exit 0."""
@@ -183,9 +191,11 @@ def test_bad_csv_and_jsonl_rows_are_their_rows_errors_through_the_cli(ray_local,
     (texts / "tickets.csv").write_bytes(body)
     lines = [json.dumps(r).encode() for r in table.to_pylist()]
     (texts / "events.jsonl").write_bytes(b"\n".join(lines[:6] + list(JSONL_POISON) + lines[6:]) + b"\n")
+    (texts / "quiet.jsonl").write_bytes(b"\n\n")  # blank lines only: no rows, not a failed file
     out = tmp_path / "out"
     done = run_here(*classify(model, texts, out))
     assert done.returncode == 0, done.stdout + done.stderr
+    assert pq.read_table(out / "quiet.parquet").num_rows == 0
     tickets = pq.read_table(out / "tickets.parquet").to_pylist()
     assert [r["error"] for r in tickets[:12]] == [None] * 12
     assert "not valid UTF-8" in tickets[12]["error"] and tickets[12]["text"] is None
