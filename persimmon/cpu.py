@@ -93,12 +93,21 @@ class ThreadGovernor:
             self.period = min(self.longest, 2 * self.period)
         self.probe, self.samples, self.countdown = None, {}, self.period
 
-    def restore(self) -> None:
-        """Back to all threads (the engine is idle: nothing measured applies to the next job)."""
+    def apply(self) -> None:
+        """Give torch the chosen count (before work the governor does not time, such as a prefill)."""
+        if self.probe is None and self._using != self.current:
+            self.set_threads(self.current)
+            self._using = self.current
+
+    def rest(self) -> None:
+        """The engine is idle: torch gets all its threads back for whatever else the process runs, and any probe
+        is dropped. The count chosen is kept for the next run (the machine's load outlives a job; `apply` puts it
+        back), and re-checked after the first period again."""
         if self._using != self.most:
             self.set_threads(self.most)
-        self._using = self.current = self.most
-        self.probe, self.samples, self.countdown, self.period = None, {}, self.first_period, self.first_period
+        self._using = self.most
+        self.probe, self.samples = None, {}
+        self.countdown = self.period = self.first_period
 
 
 BF16_FEATURES = {"avx512_bf16", "amx_bf16", "bf16"}  # x86's AVX512-BF16 and AMX; Arm's BF16 extension

@@ -311,6 +311,8 @@ class GenerationEngine:
     def step(self) -> list[Completion]:
         """Admit and prefill waiting rows into free slots, then advance every running row by one token.
         Returns the rows that finished."""
+        if self.governor is not None:
+            self.governor.apply()  # the prefill too runs at the count the decode steps measured best
         start = time.perf_counter()
         done = self._admit()
         middle = time.perf_counter()
@@ -319,7 +321,7 @@ class GenerationEngine:
         self.seconds["prefill"] += middle - start  # on CUDA, kernels still queued count towards the next
         self.seconds["decode"] += time.perf_counter() - middle
         if self.governor is not None and not self.busy:
-            self.governor.restore()
+            self.governor.rest()
         return done
 
     # -- pool ------------------------------------------------------------------------------------------------

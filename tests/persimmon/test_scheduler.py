@@ -260,13 +260,17 @@ def test_the_governor_drops_threads_when_other_work_holds_cores():
     assert governor.current == 4
 
 
-def test_the_governor_restores_all_threads():
+def test_an_idle_governor_gives_torch_all_threads_and_keeps_its_choice_for_the_next_run():
     machine = FakeMachine(lambda n: 1.0 if n == 1 else 5.0)
     governor = ThreadGovernor(2, machine.set_threads, machine.clock, period=5)
     machine.run(governor, 200)
     assert governor.current == 1
-    governor.restore()
-    assert machine.threads == 2 and governor.current == 2
+    governor.rest()  # idle: other work in the process gets every thread
+    assert machine.threads == 2 and governor.current == 1
+    governor.apply()  # the next run's prefill, before any timed step
+    assert machine.threads == 1
+    used = machine.run(governor, 5)
+    assert used == [1] * 5  # no probe before the first period has passed again
 
 
 @pytest.mark.parametrize("most", [1])
