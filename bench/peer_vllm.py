@@ -191,11 +191,15 @@ class Ours:
         self.vocabulary = None
         self.engines: dict[bool, GenerationEngine] = {}
 
-    def generate(self, prompts, temperature: float, max_tokens: int, ignore_eos: bool, schema=None):
+    def generate(self, prompts, temperature: float, max_tokens, ignore_eos: bool, schema=None):
         """Through one engine per EOS rule, kept between calls as a job's actor keeps it (its KV pool is
-        allocated once, like vLLM's); each request brings its own parameters."""
+        allocated once, like vLLM's); each request brings its own parameters. max_tokens: one for every row, or
+        a list of one per row."""
         grammar = Grammar.json_schema(json.dumps(schema)) if schema is not None else None
-        params = SamplingParams(temperature=temperature, seed=SEED, max_new_tokens=max_tokens, grammar=grammar)
+        limits = max_tokens if isinstance(max_tokens, list) else [max_tokens] * len(prompts)
+        params = [SamplingParams(temperature=temperature, seed=SEED, max_new_tokens=limit, grammar=grammar)
+                  for limit in limits]
+        max_tokens = max(limits)
         engine = self.engines.get(ignore_eos)
         if engine is None:
             if self.vocabulary is None:
@@ -204,7 +208,7 @@ class Ours:
                 self.model, max_tokens, eos_token_id=[] if ignore_eos else None, vocab_limit=self.tok.vocab_size,
                 pad_token_id=self.tok.padding_id, vocabulary=self.vocabulary, decode=self.tok.decode)
         start = time.perf_counter()
-        done = {c.key: c for c in engine.run(Request(i, p, params) for i, p in enumerate(prompts))}
+        done = {c.key: c for c in engine.run(Request(i, p, params[i]) for i, p in enumerate(prompts))}
         seconds = time.perf_counter() - start
         return {"seconds": seconds, "tokens": [done[i].tokens for i in range(len(prompts))],
                 "texts": [done[i].text for i in range(len(prompts))], "slots": engine.slots}
@@ -233,7 +237,10 @@ def ours_timed(peer: Peer, fn, *args):
 
 def side_by_side(peer: Peer, ours: Ours, rounds: int, theirs_cmd: dict, mine):
     """Alternate the two sides `rounds` times (after one warm-up each): ([peer results], [our results])."""
-    peer.call(**{**theirs_cmd, "prompts": theirs_cmd["prompts"][:8]})
+    warm = {**theirs_cmd, "prompts": theirs_cmd["prompts"][:8]}
+    if isinstance(warm.get("max_tokens"), list):
+        warm["max_tokens"] = warm["max_tokens"][:8]
+    peer.call(**warm)
     mine(8)
     theirs_runs, our_runs = [], []
     for _ in range(rounds):
@@ -314,9 +321,11 @@ def run_shape(shape: str, path: Path, dtype: str, args, peer_python_path: str, o
             json_new = max(new, 64)  # room for a complete object
             theirs, mine, constrained = generation("JSON schema, greedy", 0.0, ignore_eos=False, schema=SCHEMA,
                                                    count=min(n, 64), new=json_new)
-            # the same rows unconstrained, each run to the constrained rows' mean length: per-token work alike
-            same = max(1, round(statistics.mean(len(t) for t in mine["tokens"])))
-            _, _, free = generation(f"unconstrained, greedy, same rows, {same} tokens", 0.0, ignore_eos=True,
+            # the same rows unconstrained, each run to its own constrained length: the same steps with the same
+            # rows in them (rows that end early leave a step less full, whatever ends them), so the ratio is what
+            # the constraint itself costs
+            same = [max(1, len(t)) for t in mine["tokens"]]
+            _, _, free = generation("unconstrained, greedy, same rows and lengths", 0.0, ignore_eos=True,
                                     count=min(n, 64), new=same)
             valid = sum(_valid(t) for t in mine["texts"])
             their_valid = sum(_valid(t) for t in theirs.get("texts") or [])

