@@ -172,15 +172,102 @@ class _Replay(io.RawIOBase):
         return len(data)
 
 
-def open_csv(source, text_column: str | None, delimiter: str = ",", block: int | None = None):
+def open_csv(source, text_column: str | None, delimiter: str = ",", block: int | None = None,
+             invalid=None):
+    """pyarrow's streaming CSV reader. `invalid(row)` is called for each row whose field count is not the
+    header's (and each blank line, a row of one empty field), which is then left out; without it those are
+    left out silently (reading the columns only)."""
     import pyarrow.csv as pacsv
 
     # the text column is read as bytes, so a cell that is not UTF-8 is that row's error (pipelines decode it)
     types = {text_column: pa.binary()} if text_column else {}
-    # newlines_in_values: a quoted text may span lines (tickets, documents), at some cost in parsing speed
-    return pacsv.open_csv(source, read_options=pacsv.ReadOptions(block_size=block or CSV_BLOCK),
-                          parse_options=pacsv.ParseOptions(newlines_in_values=True, delimiter=delimiter),
+
+    def handler(row) -> str:
+        if invalid is not None:
+            invalid(row)
+        return "skip"
+
+    # newlines_in_values: a quoted text may span lines (tickets, documents), at some cost in parsing speed.
+    # One thread and blank lines kept: the reader then gives each skipped row's line number, and every line
+    # is either a row or a skipped one, which is what places a skipped row among the others (_CsvRows).
+    return pacsv.open_csv(source, read_options=pacsv.ReadOptions(block_size=block or CSV_BLOCK, use_threads=False),
+                          parse_options=pacsv.ParseOptions(newlines_in_values=True, delimiter=delimiter,
+                                                           ignore_empty_lines=False, invalid_row_handler=handler),
                           convert_options=pacsv.ConvertOptions(column_types=types, strings_can_be_null=False))
+
+
+def _blank_rows(batch: pa.RecordBatch) -> list[bool]:
+    """Which rows are blank lines (or lines of delimiters alone): every value null or empty. They are not rows
+    of the file's data, as they were not when the reader skipped blank lines itself."""
+    import pyarrow.compute as pc
+
+    if not batch.num_rows:
+        return []
+    blank = None
+    for column in batch.columns:
+        empty = pc.is_null(column)
+        if pa.types.is_string(column.type) or pa.types.is_binary(column.type):
+            empty = pc.or_(empty, pc.equal(pc.binary_length(column), 0))
+        blank = empty if blank is None else pc.and_(blank, empty)
+    return pc.fill_null(blank, True).to_pylist()
+
+
+class _CsvRows:
+    """A CSV file's record batches with the rows the reader left out (a field count not the header's) put
+    back in their places as rows of nulls whose INPUT_ERROR says what was wrong; blank lines (and lines of
+    delimiters alone) are not rows.
+
+    The reader numbers a left-out row by its place among all the rows it parsed, the header being the first
+    (a row whose values span lines is one); the kept rows are counted alongside."""
+
+    def __init__(self, source, text_column: str | None, delimiter: str) -> None:
+        self.skipped: list[tuple[int, int, int, str]] = []  # (data row index, fields, header's, text), in order
+        self.reader = open_csv(source, text_column, delimiter, invalid=self._skip)
+        self.schema = self.reader.schema
+        self.row = 0  # the index of the next data row, kept or left out
+
+    def _skip(self, row) -> None:
+        self.skipped.append((row.number - 2 if row.number is not None else -1, row.actual_columns,
+                             row.expected_columns, row.text))
+
+    def batches(self) -> Iterator[pa.RecordBatch]:
+        for batch in _blocks(self.reader, "csv"):
+            yield self._placed(batch)
+        if self.skipped:  # left out after the last kept row
+            yield self._placed(pa.RecordBatch.from_pylist([], schema=self.schema))
+
+    def _placed(self, batch: pa.RecordBatch) -> pa.RecordBatch:
+        blank = _blank_rows(batch)
+        if not self.skipped or self.skipped[0][0] > self.row + batch.num_rows:
+            self.row += batch.num_rows  # nothing left out among these rows
+            return batch.filter(pa.array([not b for b in blank])) if any(blank) else batch
+        order: list[int] = []  # indices into the batch's rows, then into the error rows after them
+        errors: list[str | None] = []
+        problems: list[str] = []
+
+        def take_skipped(last: bool) -> None:
+            while self.skipped and (last or self.skipped[0][0] <= self.row):
+                index, fields, expected, text = self.skipped.pop(0)
+                self.row += 1
+                if not text.strip():
+                    continue  # a blank line (the reader gives most as rows of nulls, see _blank_rows)
+                shown = text if len(text) <= 60 else text[:57] + "..."
+                problems.append(f"row {index + 1} after the header has {fields} field{'s' * (fields != 1)} where "
+                                f"the header has {expected} ({shown!r})")
+                order.append(batch.num_rows + len(problems) - 1)
+                errors.append(problems[-1])
+
+        for i in range(batch.num_rows):
+            take_skipped(False)
+            if not blank[i]:
+                order.append(i)
+                errors.append(None)
+            self.row += 1
+        take_skipped(not batch.num_rows)
+        nulls = pa.RecordBatch.from_arrays([pa.nulls(len(problems), f.type) for f in self.schema], schema=self.schema)
+        table = pa.Table.from_batches([batch, nulls], schema=self.schema).take(order)
+        table = table.append_column(pa.field(INPUT_ERROR, pa.string()), pa.array(errors, pa.string()))
+        return pa.RecordBatch.from_arrays([c.combine_chunks() for c in table.columns], schema=table.schema)
 
 
 def text_as_string(table: pa.Table, text_column: str | None) -> pa.Table:
@@ -208,8 +295,11 @@ def text_as_string(table: pa.Table, text_column: str | None) -> pa.Table:
 def read_tabular(source, fmt: str, text_column: str | None, batch_rows: int, delimiter: str = ",") -> Opened:
     """A CSV or JSON Lines shard as record batches; ValueError (pyarrow's ArrowInvalid) when it is not one."""
     if fmt == "csv":
-        reader = open_csv(source, text_column, delimiter)
-        return Opened(reader.schema, _rebatch(_blocks(reader, fmt), batch_rows), {})
+        head = source.read(READ_BLOCK)
+        if not head.strip():  # empty or blank: no rows, and an (empty) output like any other file's
+            return Opened(pa.schema([(text_column, pa.string())] if text_column else []), iter(()), {})
+        rows = _CsvRows(_Replay(head, source), text_column, delimiter)
+        return Opened(rows.schema, _rebatch(rows.batches(), batch_rows), {})
     return read_json_lines(source, text_column, batch_rows)
 
 
@@ -295,7 +385,7 @@ def _json_chunk(chunk: list[tuple[int, bytes]], schema: pa.Schema, text_column: 
         try:
             table = _read_json(data, pajson.ParseOptions(explicit_schema=schema, unexpected_field_behavior="ignore"))
             if table.num_rows == len(chunk):
-                return table.select(schema.names)
+                return _missing_text(table.select(schema.names), chunk, text_column)
         except pa.ArrowInvalid:
             pass
     rows, errors = [], []
@@ -304,6 +394,27 @@ def _json_chunk(chunk: list[tuple[int, bytes]], schema: pa.Schema, text_column: 
         rows.append(row)
         errors.append(error)
     table = pa.Table.from_pylist(rows, schema=schema)
+    return table.append_column(pa.field(INPUT_ERROR, pa.string()), pa.array(errors, pa.string()))
+
+
+def _missing_text(table: pa.Table, chunk: list[tuple[int, bytes]], text_column: str | None) -> pa.Table:
+    """The table with an INPUT_ERROR column where a line has no text key at all (pyarrow reads a missing key
+    as null, which would be reported as a null text)."""
+    if text_column is None or text_column not in table.column_names or not table.column(text_column).null_count:
+        return table
+    errors: list[str | None] = [None] * len(chunk)
+    nulls = table.column(text_column).is_null().to_pylist()
+    for i, (number, line) in enumerate(chunk):
+        if not nulls[i]:
+            continue
+        try:
+            value = json.loads(line)
+        except (ValueError, RecursionError):
+            continue
+        if isinstance(value, dict) and text_column not in value:
+            errors[i] = f"line {number} has no {text_column!r} key"
+    if not any(errors):
+        return table
     return table.append_column(pa.field(INPUT_ERROR, pa.string()), pa.array(errors, pa.string()))
 
 
@@ -336,6 +447,8 @@ def _json_row(number: int, line: bytes, schema: pa.Schema, text_column: str | No
             except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, ValueError, OverflowError):
                 item = None  # a value of another type than the column's: null, the rest of the row kept
         row[field.name] = item
+    if error is None and text_column is not None and text_column not in value:
+        error = f"line {number} has no {text_column!r} key"
     if error is None and isinstance(value.get(text_column), str):
         try:
             value[text_column].encode("utf-8")
@@ -425,6 +538,8 @@ def inspect_text_file(fs: pafs.FileSystem, path: str, fmt: str, text_column: str
                     return [text_column] if text_column else [], 0
                 raise ValueError("no line of its first block is a JSON object")
             return schema.names, round(lines * scale)
+        if not head.strip():  # empty or blank: no rows, read as the text column alone (read_tabular)
+            return [text_column] if text_column else [], 0
         try:
             reader = open_csv(_Replay(head, f), text_column, delimiter, block=READ_BLOCK)
             first = reader.read_next_batch()

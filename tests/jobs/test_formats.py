@@ -66,7 +66,7 @@ def test_input_format_reads_a_file_of_any_name_and_numbers_as_text(ray_local, de
 
 @pytest.mark.parametrize("name, content, message", [
     ("bad.jsonl", b"id,text\n1,hello\n", "input bad.jsonl is not a JSON Lines file"),
-    ("bad.csv", b"id,text\n1,hello,extra,fields\n", "input bad.csv is not a CSV file"),
+    ("bad.csv", b'id,"text\n1,hello\n', "input bad.csv is not a CSV file"),  # a quote never closed
     ("fake.parquet", b"id,text\n1,hello\n", "input fake.parquet is not a Parquet file"),
     ("other.csv", b"id,body\n1,hello\n", "text column 'text' not in other.csv; its columns are ['id', 'body']"),
 ])
@@ -142,12 +142,18 @@ def test_request_lines_are_read_to_the_planned_size_and_an_overlong_line_is_held
     assert len(lines[1]) == MAX_LINE_BYTES + 1
 
 
+def read_all(opened) -> pa.Table:
+    """A reader's batches as one table (a batch without a row error has no INPUT_ERROR column; null there)."""
+    return pa.concat_tables([pa.Table.from_batches([b]) for b in opened.batches], promote_options="default")
+
+
 JSONL_POISON = {  # a line -> what its row's error says (None: the row is read, as documented)
     b'{"id": 101, "text": "caf\xe9 au lait"}': "not valid UTF-8",
     b'{"id": 102, "text": "unterminated': "not JSON",
     b'{"id": 103, "text": 12}': None,  # a number is its text, "12"
     b'{"id": 104, "text": ["a", "list"]}': "is a JSON list, not text",
     b'{"id": "one hundred five", "text": "an id of another type"}': None,  # that value null, the text kept
+    b'{"id": 106, "title": "a line without the text key"}': "has no 'text' key",
     b'[1, 2, 3]': "is a JSON list, not an object",
     b'{"id": 107, "text": "' + b"long " * (4 << 20) + b'"}': "longer than the",
 }
@@ -163,7 +169,7 @@ def test_jsonl_rows_each_keep_their_own_problem(tmp_path):
     good = [json.dumps({"id": i, "text": f"row {i}"}).encode() for i in range(5)]
     data = b"\n".join(good[:2] + list(JSONL_POISON) + good[2:]) + b"\n"
     opened = formats.read_tabular(io.BytesIO(data), "jsonl", "text", batch_rows=4)
-    table = pa.Table.from_batches(list(opened.batches)).to_pylist()
+    table = read_all(opened).to_pylist()
     assert len(table) == len(good) + len(JSONL_POISON)
     for row, expected in zip(table[2:-3], JSONL_POISON.values()):
         problem = row.get(INPUT_ERROR)
@@ -172,22 +178,76 @@ def test_jsonl_rows_each_keep_their_own_problem(tmp_path):
     assert table[4]["text"] == "12" and table[6]["id"] is None and table[6]["text"] == "an id of another type"
 
 
-@pytest.mark.parametrize("content", [b"", b"\n\n  \n"], ids=["empty", "blank lines"])
-def test_an_empty_jsonl_file_reads_as_no_rows_with_the_text_column(content):
+def test_a_jsonl_line_without_the_text_key_says_so_and_a_null_text_is_null(tmp_path):
+    """Lines that all parse (pyarrow reads the batch whole, a missing key as null): the line without the key
+    is told apart from the line whose text is null."""
     import io
 
-    opened = formats.read_tabular(io.BytesIO(content), "jsonl", "text", batch_rows=4)
+    from pipelines.schema import INPUT_ERROR
+
+    data = b'{"id": 1, "text": "one"}\n{"id": 2, "title": "two"}\n{"id": 3, "text": null}\n{"id": 4, "text": "x"}\n'
+    table = read_all(formats.read_tabular(io.BytesIO(data), "jsonl", "text", 8))
+    assert table.column(INPUT_ERROR).to_pylist() == [None, "line 2 has no 'text' key", None, None]
+    assert table.column("text").to_pylist() == ["one", None, None, "x"]
+
+
+def test_csv_rows_of_the_wrong_field_count_are_their_rows_errors_in_their_places():
+    """A row with more or fewer fields than the header is left out by the reader; it comes back in its place
+    as a row whose error names it (its number among the rows, values spanning lines included). Blank lines
+    are not rows. Small blocks, so rows are placed across block ends."""
+    import io
+
+    from pipelines.schema import INPUT_ERROR
+
+    lines, expected = [b"id,text"], []
+    for i in range(3000):
+        if i % 97 == 5:
+            lines.append(b'%d,"spans\r\ntwo lines",extra' % i)  # 3 fields, over two lines
+            expected.append(("error", None))
+        elif i % 89 == 7:
+            lines.append(b"%d" % i)  # 1 field
+            expected.append(("error", None))
+        elif i % 83 == 3:
+            lines.append(b"")  # a blank line: not a row
+        else:
+            lines.append(b'%d,"row %d\nsecond line"' % (i, i) if i % 5 == 0 else
+                         b'%d,"row %d\r\nsecond line"' % (i, i) if i % 7 == 0 else b"%d,row %d" % (i, i))
+            expected.append(("row", i))
+    data = b"\n".join(lines) + b"\n"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(formats, "CSV_BLOCK", 4096)
+        table = read_all(formats.read_tabular(io.BytesIO(data), "csv", "text", 256))
+    got = table.to_pylist()
+    assert len(got) == len(expected)
+    numbers = [n for n, line in enumerate(lines[1:], start=1) if line]  # data rows, blank lines counted
+    for row, (kind, value), number in zip(got, expected, numbers):
+        if kind == "row":
+            assert row["id"] == value and row[INPUT_ERROR] is None, row
+        else:
+            assert row["id"] is None and row["text"] is None, row
+            assert row[INPUT_ERROR].startswith(f"row {number} after the header has "), row
+            assert "where the header has 2" in row[INPUT_ERROR]
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "csv"])
+@pytest.mark.parametrize("content", [b"", b"\n\n  \n"], ids=["empty", "blank lines"])
+def test_an_empty_text_file_reads_as_no_rows_with_the_text_column(content, fmt):
+    import io
+
+    opened = formats.read_tabular(io.BytesIO(content), fmt, "text", batch_rows=4)
     assert opened.schema.names == ["text"] and list(opened.batches) == []
 
 
 def test_bad_csv_and_jsonl_rows_are_their_rows_errors_through_the_cli(ray_local, demo_root, tmp_path):
-    """A latin-1 byte in a CSV text cell, a 3 MB cell, and the JSON Lines poison rows: each its row's error
+    """A latin-1 byte in a CSV text cell, a 3 MB cell, a row of three fields, and the JSON Lines poison rows:
+    each its row's error
     (or its documented reading), every other row classified as in Parquet, exit 0."""
     model, table = demo_root / "model", rows_of(demo_root).slice(0, 12)
     texts = tmp_path / "texts"
     texts.mkdir()
     body = io_csv(table)
-    body += b'900,"caf\xe9 au lait"\n901,"' + b"long " * (600 << 10) + b'"\n'
+    body += b'900,"caf\xe9 au lait"\n901,"' + b"long " * (600 << 10) + b'"\n902,"one field too many",x\n'
+    body += b'903,"the last row"\n'
     (texts / "tickets.csv").write_bytes(body)
     lines = [json.dumps(r).encode() for r in table.to_pylist()]
     (texts / "events.jsonl").write_bytes(b"\n".join(lines[:6] + list(JSONL_POISON) + lines[6:]) + b"\n")
@@ -200,6 +260,8 @@ def test_bad_csv_and_jsonl_rows_are_their_rows_errors_through_the_cli(ray_local,
     assert [r["error"] for r in tickets[:12]] == [None] * 12
     assert "not valid UTF-8" in tickets[12]["error"] and tickets[12]["text"] is None
     assert tickets[13]["error"] is None and len(tickets[13]["text"]) == 5 * (600 << 10)
+    assert "has 3 fields where the header has 2" in tickets[14]["error"] and tickets[14]["id"] is None
+    assert tickets[15]["id"] == 903 and tickets[15]["error"] is None and len(tickets) == 16
     assert pq.read_table(out / "tickets.parquet").schema.field("text").type == pa.string()
     events = pq.read_table(out / "events.parquet")
     assert "_input_error" not in events.column_names
