@@ -31,6 +31,7 @@ import functools
 import hashlib
 import json
 import math
+import re
 import secrets
 import time
 from dataclasses import dataclass, field
@@ -96,6 +97,38 @@ def _is_unicode(text: str) -> bool:
 
 def _escaped(text: str) -> str:
     return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+MAX_INT_DIGITS = 4300  # Python's own limit on reading an integer from text
+
+
+class _HugeInteger(ValueError):
+    def __init__(self, digits: int) -> None:
+        super().__init__(f"an integer of {digits:,} digits (at most {MAX_INT_DIGITS:,} are read)")
+
+
+def _integer(text: str) -> int:
+    """json's parse_int: an integer past the digit limit is named as such (Python's own message would point the
+    user at an interpreter setting)."""
+    if len(text.lstrip("-")) > MAX_INT_DIGITS:
+        raise _HugeInteger(len(text.lstrip("-")))
+    return int(text)
+
+
+_CUSTOM_ID = re.compile(r'"custom_id"\s*:\s*("(?:[^"\\]|\\.)*")')
+
+
+def _custom_id_of(raw: str) -> str | None:
+    """A line's custom_id where the line as a whole cannot be read, when it names exactly one (a best effort,
+    so that its error can still be matched to its request)."""
+    found = _CUSTOM_ID.findall(raw)
+    if len(found) != 1:
+        return None
+    try:
+        value = json.loads(found[0])
+    except ValueError:
+        return None
+    return (value if _is_unicode(value) else _escaped(value)) or None
 
 
 def _short(value: Any, limit: int = 60) -> str:
@@ -342,13 +375,17 @@ class OpenAIBatchPipeline(ReportsRows):
             except UnicodeDecodeError as exc:
                 raise LineError("invalid_utf8", f"{where} is not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
         try:
-            request = json.loads(raw or "")
+            request = json.loads(raw or "", parse_int=_integer)
         except json.JSONDecodeError as exc:
+            line.custom_id = _custom_id_of(raw or "")
             raise LineError("invalid_json", f"{where} is not JSON ({exc.msg} at column {exc.colno})") from None
         except RecursionError:
+            line.custom_id = _custom_id_of(raw or "")
             raise LineError("invalid_json", f"{where} is JSON nested too deep to read") from None
-        except ValueError as exc:  # e.g. an integer past Python's digit limit
-            raise LineError("invalid_json", f"{where} is not JSON we can read ({one_line(exc)})") from None
+        except ValueError as exc:  # an integer past the digit limit (_integer), or what else json refuses
+            line.custom_id = _custom_id_of(raw or "")
+            raise LineError("invalid_json", f"{where} holds {exc}" if isinstance(exc, _HugeInteger) else
+                            f"{where} is not JSON we can read ({one_line(exc)})") from None
         if not isinstance(request, dict):
             raise LineError("invalid_request", f"{where} is a JSON {type(request).__name__}, not a request object")
         custom_id = request.get("custom_id")

@@ -133,6 +133,17 @@ def test_a_poison_line_is_that_lines_error(pipeline, name):
     assert "Traceback" not in error["message"]
 
 
+def test_an_unreadable_line_keeps_the_custom_id_it_names_and_its_message_names_the_problem(pipeline):
+    lines = [POISON["integer of 5,000 digits"][0], POISON["nesting 100,000 deep"][0],
+             '{"custom_id": "cut-off", "url": "/v1/completions", "body": {"prompt": "x"',
+             '{"custom_id": "one", "body": {"custom_id": "two"', '{"body": {"prompt": "x"']
+    records = run_file(pipeline, lines)
+    assert [r["custom_id"] for r in records] == ["bigint", "deep", "cut-off", None, None]
+    assert [r["error"]["code"] for r in records] == ["invalid_json"] * 5
+    message = records[0]["error"]["message"]
+    assert "an integer of 5,000 digits" in message and "sys." not in message, message
+
+
 def test_odd_but_valid_text_is_answered(pipeline):
     odd = [request("nul", prompt="a\x00b"), request("emoji", prompt="\U0001F600 \u202e rtl"),
            request("empty-stop", prompt="x", stop=[]), embed("ctrl", "\x07\x1b[31m red")]
