@@ -4,10 +4,17 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-PROBS = pa.list_(pa.float32())
+
+def list_of(kind: pa.DataType, size: int = -1) -> pa.DataType:
+    """A list type whose item is named "element", as Parquet names it: a table a pipeline returns then has the
+    schema its file has when read back (pyarrow's own default name, "item", is renamed in the file)."""
+    return pa.list_(pa.field("element", kind), size)
+
+
+PROBS = list_of(pa.float32())
 
 SINGLE_LABEL = pa.schema([("label", pa.string()), ("score", pa.float32()), ("probs", PROBS)])
-MULTI_LABEL = pa.schema([("labels", pa.list_(pa.string())), ("probs", PROBS)])
+MULTI_LABEL = pa.schema([("labels", list_of(pa.string())), ("probs", PROBS)])
 REGRESSION = pa.schema([("score", pa.float32())])
 ZERO_SHOT = SINGLE_LABEL
 GENERATION = pa.schema([
@@ -23,9 +30,9 @@ INPUT_ERROR = "_input_error"
 MAX_LINE_BYTES = 8 << 20  # an OpenAI batch request line longer than this is that line's error, before it is parsed
 SCORE = pa.schema([("logprob", pa.float64()), ("tokens", pa.int32()), ("perplexity", pa.float64())])
 _ALTERNATIVE = pa.struct([("token", pa.string()), ("id", pa.int32()), ("logprob", pa.float32())])
-LOGPROBS = pa.field("logprobs", pa.list_(pa.struct([
+LOGPROBS = pa.field("logprobs", list_of(pa.struct([
     ("token", pa.string()), ("id", pa.int32()), ("logprob", pa.float32()),
-    ("top_logprobs", pa.list_(_ALTERNATIVE))])))
+    ("top_logprobs", list_of(_ALTERNATIVE))])))
 _SCALARS = {"string": pa.string(), "integer": pa.int64(), "number": pa.float64(), "boolean": pa.bool_()}
 
 
@@ -56,7 +63,7 @@ def arrow_type(schema: dict, where: str = "the schema") -> pa.DataType:
     if kind == "array":
         if not isinstance(schema.get("items"), dict):
             raise UnmappedSchema(f"{where} is an array without one `items` schema")
-        return pa.list_(arrow_type(schema["items"], f"{where}.items"))
+        return list_of(arrow_type(schema["items"], f"{where}.items"))
     if kind == "object" or "properties" in schema:
         properties = schema.get("properties")
         if not isinstance(properties, dict) or not properties:
@@ -100,7 +107,7 @@ def is_text_type(kind: pa.DataType) -> bool:
 
 def embedding_schema(hidden_size: int) -> pa.Schema:
     """One fixed-size float32 vector per row, the model's hidden size."""
-    return pa.schema([("embedding", pa.list_(pa.float32(), hidden_size))])
+    return pa.schema([("embedding", list_of(pa.float32(), hidden_size))])
 
 
 def classification_kind(config) -> str:

@@ -26,6 +26,12 @@ def test_last_token_equals_reference_row_by_row(tmp_path, sentencepiece_model, k
     out = pipe(pa.table({"id": list(range(len(texts))), "text": texts}))
     assert out.column("id").to_pylist() == list(range(len(texts))) and out.column("text").to_pylist() == texts
     assert out.schema.field("embedding").type == pa.list_(pa.float32(), hf.config.hidden_size)
+    # what the pipeline returns prints as its file does once written and read back (Parquet names list items
+    # "element", pyarrow "item")
+    import pyarrow.parquet as pq
+
+    pq.write_table(out, tmp_path / "out.parquet")
+    assert str(pq.read_schema(tmp_path / "out.parquet").remove_metadata()) == str(out.schema.remove_metadata())
     for i, text in enumerate(texts):
         want = reference_hidden(hf, pipe.tokenizer, text)[-1]
         torch.testing.assert_close(torch.tensor(out.column("embedding")[i].as_py()), want, atol=1e-5, rtol=0)
