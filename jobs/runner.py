@@ -37,7 +37,7 @@ from .execution.progress import Progress
 from .execution.submit import AlreadySubmitted, follow_job, submission_id, submit_job
 from .output.checksum import model_checksum, pin_model
 from .output import formats
-from .output.commit import commit, remove_temporaries
+from .output.commit import commit, remove_file, remove_temporaries
 from .output.discovery import Discovery, ShardInfo, absolute, discover, inspect_shard, join, output_overlap, resolve
 from .output.lease import OutputLease
 from .output.manifest import Manifest
@@ -616,6 +616,9 @@ class JobRun:
             sizes = [self.out_fs.get_file_info(join(self.out_base, t)).size for t in temps]
             self.manifest.mark_committing(decision.shard, {**entry, "size": sizes[0], "companions": {
                 name: {"size": size} for name, size in zip(finals[1:], sizes[1:])}})
+            # an earlier commit's main file goes first: a kill between the moves below then leaves no main file
+            # (an unfinished commit, redone) rather than the old results beside the new errors
+            remove_file(self.out_fs, self.out_base, final)
         for temp, name in reversed(list(zip(temps, finals))):  # the main file last: its presence means all are
             committed = commit(self.out_fs, self.out_base, temp, name)
             if name == final:

@@ -41,6 +41,13 @@ def commit(fs: pafs.FileSystem, out_base: str, temp: str, final: str) -> dict[st
     return on_disk(info)
 
 
+def remove_file(fs: pafs.FileSystem, out_base: str, name: str) -> None:
+    """Delete an output file where there is one."""
+    target = join(out_base, name)
+    if fs.get_file_info(target).type == pafs.FileType.File:
+        fs.delete_file(target)
+
+
 def on_disk(info: pafs.FileInfo) -> dict[str, int]:
     """What the end-of-run check compares of a committed file: its size and modification time."""
     return {"size": info.size, "output_mtime_ns": info.mtime_ns}

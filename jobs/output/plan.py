@@ -249,10 +249,19 @@ def plan_run(spec, discovery: Discovery, manifest: Manifest, listing: list[pafs.
         if shard in present_shards:
             continue
         if output not in outputs:
-            manifest.forget(shard)  # nothing of it in the output: nothing to keep or report
+            # nothing of it in the output but what an unfinished commit moved before it was cut off (an errors
+            # file without its results): ours by the journal, removed with the record, never left unnamed
+            moved = {name: recorded for name, recorded in _companions(entry).items() if name in outputs}
+            if any(recorded.get("size") not in (None, outputs[name].size) for name, recorded in moved.items()):
+                entry["state"] = ShardState.INPUT_REMOVED.value  # replaced since: kept, named, until --overwrite
+                plan.removed.append(shard)
+                continue
+            for name in moved:
+                plan.delete[f"{shard} ({name}, of a commit cut off)"] = name
+            manifest.forget(shard)
         elif spec.overwrite:
             plan.delete[shard] = output
-            for companion in entry.get("companions") or {}:
+            for companion in _companions(entry):
                 if companion in outputs:
                     plan.delete[f"{shard} ({companion})"] = companion
             manifest.forget(shard)
@@ -260,6 +269,11 @@ def plan_run(spec, discovery: Discovery, manifest: Manifest, listing: list[pafs.
             entry["state"] = ShardState.INPUT_REMOVED.value
             plan.removed.append(shard)
     return plan
+
+
+def _companions(entry: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The files committed (or being committed) beside a shard's main output: name -> what was recorded."""
+    return {**((entry.get("committing") or {}).get("companions") or {}), **(entry.get("companions") or {})}
 
 
 def missing_outputs(fs: pafs.FileSystem, out_base: str, manifest: Manifest) -> dict[str, str]:

@@ -210,6 +210,65 @@ def test_a_commit_cut_between_its_two_files_is_adopted(ray_local, causal_model, 
     assert len(read_jsonl(out / "a.errors.jsonl")) == 1
 
 
+def test_a_recommit_over_an_edited_input_never_shows_old_results_beside_new_errors(ray_local, causal_model, tmp_path,
+                                                                                   monkeypatch):
+    """The input is edited and rerun: at the moment between moving the new errors file and the new results file
+    (where a kill would stop it), the old results are already gone, so no custom_id can show twice."""
+    import jobs.runner
+
+    requests = tmp_path / "requests"
+    requests.mkdir()
+    write_batch(requests / "a.jsonl", [GOOD[4], "{oops"])
+    out = tmp_path / "out"
+    assert run_here(*batch(causal_model, requests, out)).returncode == 0
+    old_ids = [r["custom_id"] for r in read_jsonl(out / "a.jsonl")]
+    edited = json.loads(GOOD[4])
+    edited["custom_id"] = "edited-1"
+    write_batch(requests / "a.jsonl", [json.dumps(edited), "{still oops"])
+    seen = []
+    real_commit = jobs.runner.commit
+
+    def commit(fs, out_base, temp, name):
+        if name == "a.jsonl":  # the main file, moved last
+            seen.append(sorted(p.name for p in out.glob("*.jsonl")))
+        return real_commit(fs, out_base, temp, name)
+
+    monkeypatch.setattr(jobs.runner, "commit", commit)
+    rerun = run_here(*batch(causal_model, requests, out))
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    assert seen == [["a.errors.jsonl"]]  # the new errors file alone: the old results went before it came
+    assert [r["custom_id"] for r in read_jsonl(out / "a.jsonl")] == ["edited-1"] != old_ids
+
+
+def test_a_commit_cut_off_then_its_input_removed_leaves_nothing_unnamed(ray_local, causal_model, tmp_path):
+    """Killed after the errors file was moved and before the results file, then the input removed: the rerun
+    removes the moved errors file (the journal names it) instead of leaving it unrecorded, and every later run
+    is accepted."""
+    requests = tmp_path / "requests"
+    requests.mkdir()
+    write_batch(requests / "a.jsonl", [GOOD[4], "{oops"])
+    write_batch(requests / "b.jsonl", [GOOD[0]])
+    out = tmp_path / "out"
+    assert run_here(*batch(causal_model, requests, out)).returncode == 0
+    manifest = manifest_of(out)
+    entry = manifest["shards"]["a.jsonl"]
+    manifest["shards"]["a.jsonl"] = {  # what the journal holds when the kill came between the two moves
+        "state": "pending", "output": entry["output"], "input_identity": entry["input_identity"],
+        "committing": {"output": "a.jsonl", "size": entry["size"],
+                       "companions": {k: {"size": v["size"]} for k, v in entry["companions"].items()}}}
+    (out / MANIFEST).write_text(json.dumps(manifest))
+    (out / "a.jsonl").unlink()
+    (out / SUCCESS).unlink()
+    (requests / "a.jsonl").unlink()
+    rerun = run_here(*batch(causal_model, requests, out))
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    assert not (out / "a.errors.jsonl").exists() and (out / SUCCESS).exists()
+    assert "a.jsonl" not in manifest_of(out)["shards"]
+    for extra in ([], ["--overwrite"]):
+        again = run_here(*batch(causal_model, requests, out, *extra))
+        assert again.returncode == 0, again.stdout + again.stderr
+
+
 def test_a_driver_killed_mid_file_then_rerun_gives_each_custom_id_once(causal_model, tmp_path):
     requests = tmp_path / "requests"
     requests.mkdir()
