@@ -10,6 +10,7 @@ long the current batch has been running, which is how the driver tells a slow ac
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import resource
@@ -55,6 +56,21 @@ def failed(exc: BaseException, context: str = "") -> UnitResult:
     if isinstance(exc, OSError) and any(m in str(exc) for m in FULL_OR_READ_ONLY):
         return UnitResult(False, error=f"{context}{exc}", fatal=OUTPUT_UNWRITABLE)
     return UnitResult(False, error=f"{context}{type(exc).__name__}: {exc}", permanent=isinstance(exc, ValueError))
+
+
+def broken_compression(exc: OSError, shard: str) -> OSError | InputProblem:
+    """A codec's error on a compressed shard (cut short, corrupt) is the input's problem, which another attempt
+    would meet again; any other OSError (a network read) stays one that another attempt may not."""
+    problem = formats.compression_problem(exc, shard)
+    return exc if problem is None else InputProblem(f"{problem}; nothing of it was written")
+
+
+def compressed_data(batches, shard: str):
+    """The batches, with a codec's error met part way through as the shard's InputProblem."""
+    try:
+        yield from batches
+    except OSError as exc:
+        raise broken_compression(exc, shard) from None
 
 
 def build_pipeline(spec: JobSpec, device: str):
@@ -209,13 +225,17 @@ class ShardWorker:
         """The unit's rows as record batches, with the input's schema metadata."""
         batch_rows = self.spec.runner.batch_rows
         if fmt == formats.REQUESTS:
-            return formats.read_requests(source, batch_rows)
+            opened = formats.read_requests(source, batch_rows)
+            return dataclasses.replace(opened, batches=compressed_data(opened.batches, unit.shard))
         if fmt != "parquet":
             try:
                 opened = formats.read_tabular(source, fmt, self.spec.text_column, batch_rows,
                                               self.spec.csv_delimiter or ",")
             except (pa.ArrowInvalid, ValueError) as exc:
                 raise InputProblem(f"not a {formats.NAMES[fmt]} file ({exc})") from None
+            except OSError as exc:
+                raise broken_compression(exc, unit.shard) from None
+            opened = dataclasses.replace(opened, batches=compressed_data(opened.batches, unit.shard))
         else:
             try:
                 parquet = pq.ParquetFile(source)

@@ -47,6 +47,17 @@ COMPRESSIONS = {".gz": "gzip", ".bz2": "bz2", ".zst": "zstd"}
 REQUEST_COLUMNS = pa.schema([("line", pa.int64()), ("request", pa.binary())])
 
 
+DECOMPRESSION = ("compressed", "inflate", "decompress")  # how pyarrow's codecs word data they cannot decode
+
+
+def compression_problem(exc: BaseException, name: str) -> str | None:
+    """What is wrong with a compressed file whose codec failed (cut short, corrupt), or None where `exc` is not
+    that (a network read that failed may succeed another time)."""
+    if isinstance(exc, OSError) and compression_of(name) and any(word in str(exc) for word in DECOMPRESSION):
+        return f"its compressed data is cut short or corrupt ({' '.join(str(exc).split())[:200]})"
+    return None
+
+
 def suffix_of(name: str) -> str:
     base = name.rsplit("/", 1)[-1]
     return "." + base.rsplit(".", 1)[1].lower() if "." in base else ""

@@ -5,6 +5,7 @@ and the pipelines as callable classes in a real Ray Data `map_batches`."""
 from __future__ import annotations
 
 import json
+import os
 
 import pyarrow as pa
 import pyarrow.csv as pacsv
@@ -317,6 +318,35 @@ def test_compressed_inputs_equal_the_plain_files_and_a_delimiter_is_an_option(ra
     assert done.returncode == 0, done.stdout + done.stderr
     assert pq.read_table(tmp_path / "out-semi" / "s.parquet").column("label").equals(
         pq.read_table(tmp_path / "out-plain" / "a.parquet").column("label"))
+
+
+def test_a_compressed_file_cut_short_fails_alone_once_with_a_plain_reason(ray_local, demo_root, tmp_path):
+    """.jsonl.gz files whose end is missing (copies cut off): one cut inside its first block (refused when the
+    run plans), one cut further on (met by the worker part way through). Each fails at once (another attempt
+    would meet the same bytes), saying what is wrong; the whole file is committed."""
+    import gzip
+
+    model, table = demo_root / "model", rows_of(demo_root).slice(0, 20)
+    folder = tmp_path / "in"
+    folder.mkdir()
+    rows = table.to_pylist()
+    small = "".join(json.dumps(r) + "\n" for r in rows).encode()
+    # rows with 200 KB of random hex beside their text: about 5 rows to the first (1 MiB) block
+    big = "".join(json.dumps({**r, "pad": os.urandom(100_000).hex()}) + "\n" for r in rows).encode()
+    (folder / "early.jsonl.gz").write_bytes(gzip.compress(small * 50)[:200])
+    packed = gzip.compress(big)
+    (folder / "late.jsonl.gz").write_bytes(packed[: len(packed) * 3 // 4])
+    (folder / "whole.jsonl.gz").write_bytes(gzip.compress(small))
+    out = tmp_path / "out"
+    done = run_here(*classify(model, folder, out))
+    assert done.returncode == 1, done.stdout + done.stderr
+    shards = json.loads((out / "_manifest.json").read_text())["shards"]
+    for name, attempts in (("early.jsonl.gz", 0), ("late.jsonl.gz", 1)):
+        failed = [line for line in done.stdout.splitlines() if line.startswith(f"failed: {name}")]
+        assert len(failed) == 1 and "its compressed data is cut short or corrupt" in failed[0], done.stdout
+        assert shards[name]["state"] == "failed" and shards[name]["attempts"] == attempts, shards[name]
+    assert pq.read_table(out / "whole.parquet").num_rows == 20
+    assert not (out / "early.parquet").exists() and not (out / "late.parquet").exists()
 
 
 def test_two_inputs_with_one_output_name_are_refused_before_any_work(demo_root, tmp_path):
