@@ -150,9 +150,8 @@ class JobSpec:
         from persimmon.tokenizer import PersimmonTokenizer
         from pipelines.prompts import PromptTemplate
 
-        window = config.max_position_embeddings - getattr(self.options, "max_new_tokens", 0)
-        limit = min(self.options.max_length or window, window)
         try:
+            limit = self.options.prompt_limit(config.max_position_embeddings)
             PromptTemplate(template).check_fits(PersimmonTokenizer.from_pretrained(model), limit)
         except ValueError as exc:
             return [f"prompt_template: {exc}"]
@@ -185,9 +184,9 @@ class JobSpec:
         if options.get("dtype") == "auto":
             options["dtype"] = model_dtype
         if config is not None:
-            window = config.max_position_embeddings - getattr(self.options, "max_new_tokens", 0)
             if not (self.task == "classify" and self.wants_lm):  # zero-shot also subtracts its labels' tokens
-                if options.get("max_length") is not None and options["max_length"] >= window:
+                room = self.options.room(config.max_position_embeddings)
+                if options.get("max_length") is not None and options["max_length"] >= room:
                     options["max_length"] = None
             if self.task == "classify" and not self.wants_lm:
                 from pipelines.schema import classification_kind

@@ -419,7 +419,7 @@ class OpenAIBatchPipeline(ReportsRows):
     def _tokens(self, text: str, where: str, room: int = 0) -> list[int]:
         """The prompt's tokens; a prompt past the window is found on a bounded prefix first (a prompt of
         megabytes is refused without tokenizing it whole)."""
-        limit = min(self.window, self.options.max_length or self.window)
+        limit = self.options.prompt_limit(self.window)
         head = (limit + 2) * MAX_CHARS_PER_TOKEN  # a prefix that holds more than `limit` tokens if the text does
         if len(text) > head and len(self.tokenizer.encode(text[:head])) > limit + 1:
             raise LineError("context_length_exceeded", f"{where} has {len(text):,} characters: more than the "

@@ -69,9 +69,7 @@ class ClassificationPipeline(ReportsRows):
         config = self.model.config
         check_vocabulary(self.tokenizer, config)
         longest_label = max((len(ids) for ids in self.label_ids), default=0)
-        self.max_length = min(o.max_length or config.max_position_embeddings, config.max_position_embeddings - longest_label)
-        if self.max_length < 1:
-            raise ValueError(f"max_length must be positive, got {o.max_length}")
+        self.max_length = o.prompt_limit(config.max_position_embeddings, reserved=longest_label)
         if self.candidate_labels is not None:
             self.template.check_fits(self.tokenizer, self.max_length)
 

@@ -60,7 +60,7 @@ class EmbeddingPipeline(ReportsRows):
         self.model = load_model(PersimmonModel, model_dir, o.dtype, self.device)
         config = self.model.config
         check_vocabulary(self.tokenizer, config)
-        self.max_length = min(o.max_length or config.max_position_embeddings, config.max_position_embeddings)
+        self.max_length = o.prompt_limit(config.max_position_embeddings)
         self.schema = embedding_schema(config.hidden_size)
         self.stats = PipelineStats()
 

@@ -59,11 +59,7 @@ class GenerationPipeline(ReportsRows):
         self.model = load_model(PersimmonForCausalLM, model_dir, o.dtype, self.device)
         config = self.model.config
         check_vocabulary(self.tokenizer, config)
-        window = config.max_position_embeddings - max_new_tokens
-        if window < 1:
-            raise ValueError(f"max_new_tokens ({max_new_tokens}) leaves no room for a prompt in the model's "
-                             f"window of {config.max_position_embeddings} positions")
-        self.max_length = min(o.max_length or window, window)
+        self.max_length = o.prompt_limit(config.max_position_embeddings, reserved=max_new_tokens)
         self.template.check_fits(self.tokenizer, self.max_length)
         self.stats = PipelineStats()
         self.grammar = self.sampling.grammar

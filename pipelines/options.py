@@ -146,6 +146,25 @@ class ModelOptions(Options):
     max_length: int | None = option(None, "Tokens per text (default: the model's window).", min=1)
     batch_tokens: int = option(16384, "Padded tokens per forward pass.", min=1, identity=False)
 
+    # -- the window rule, in one place: a row's prompt gets max_length tokens where given, never more than the
+    # model's window less what the task keeps for itself (the tokens it generates, a zero-shot label's tokens)
+    def reserved_tokens(self) -> int:
+        """Positions of the window the task keeps for what follows the prompt."""
+        return 0
+
+    def room(self, window: int, reserved: int | None = None) -> int:
+        """The prompt tokens the window leaves (`reserved`: what the task keeps, when not reserved_tokens())."""
+        return window - (self.reserved_tokens() if reserved is None else reserved)
+
+    def prompt_limit(self, window: int, reserved: int | None = None) -> int:
+        """The prompt tokens a row may have; ValueError when the task leaves none."""
+        room = self.room(window, reserved)
+        if room < 1:
+            kept = self.reserved_tokens() if reserved is None else reserved
+            raise ValueError(f"the {kept} tokens the task keeps (to generate, or its longest label) leave no room "
+                             f"for a prompt in the model's window of {window} positions")
+        return min(self.max_length or room, room)
+
 
 @dataclass
 class ClassifyOptions(ModelOptions):
@@ -205,6 +224,9 @@ class GenerateOptions(EngineOptions):
     logprobs: int | None = option(
         None, "Add `logprobs`: each generated token's log-probability and its K likeliest alternatives (0-20).",
         min=0, max=20)
+
+    def reserved_tokens(self) -> int:
+        return self.max_new_tokens
 
     def problems(self) -> list[str]:
         found = super().problems() + _template_problems(self.prompt_template)

@@ -52,7 +52,7 @@ class ScorePipeline(ReportsRows):
         self.model = load_model(PersimmonForCausalLM, model_dir, o.dtype, self.device)
         config = self.model.config
         check_vocabulary(self.tokenizer, config)
-        self.max_length = min(o.max_length or config.max_position_embeddings, config.max_position_embeddings)
+        self.max_length = o.prompt_limit(config.max_position_embeddings)
         self.template = PromptTemplate(o.prompt_template) if o.prompt_template else None
         if self.template is not None:
             self.template.check_fits(self.tokenizer, self.max_length)

@@ -177,3 +177,22 @@ def test_schedule_recipes(demo_root, tmp_path):
     container = manifest["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]
     assert container["command"] == ["persimmon-batch", "run", "/jobs/job.toml"]
     assert runner.invoke(app, ["schedule", str(job), "--at", "25:00"]).exit_code == 2
+
+
+@pytest.mark.parametrize("task, options, reserved", [
+    ("generate", {"max_new_tokens": 100}, 100), ("score", {}, 0), ("embed", {}, 0), ("openai-batch", {}, 0)])
+def test_the_window_rule_is_one_rule_for_the_fingerprint_and_the_pipeline(task, options, reserved):
+    """A max_length counts as "none" in the fingerprint exactly where the pipeline's prompt limit no longer
+    changes with it: both read the task's options' one window rule (openai-batch reads the whole window; its
+    max_new_tokens is only a default for lines that give none)."""
+    from persimmon.config import PersimmonConfig
+    from jobs.spec import JobSpec
+
+    config = PersimmonConfig(max_position_embeddings=512)
+    spec = JobSpec(task, "m", "in", "out", options=options)
+    room = 512 - reserved
+    assert spec.options.prompt_limit(512) == room
+    for max_length in (room - 1, room, room + 5):
+        limited = JobSpec(task, "m", "in", "out", options={**options, "max_length": max_length})
+        same = limited.fingerprint("x", "float32", config) == spec.fingerprint("x", "float32", config)
+        assert same == (limited.options.prompt_limit(512) == spec.options.prompt_limit(512)), max_length

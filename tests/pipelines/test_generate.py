@@ -79,7 +79,7 @@ def test_truncation_keeps_template_and_stop(model_dir):
 def test_bad_arguments(model_dir):
     with pytest.raises(ValueError, match="must contain \\{text\\} exactly once"):
         GenerationPipeline(model_dir, prompt_template="no placeholder")
-    with pytest.raises(ValueError, match="leaves no room for a prompt"):
+    with pytest.raises(ValueError, match="leave no room for a prompt"):
         GenerationPipeline(model_dir, max_new_tokens=500)
     with pytest.raises(ValueError, match="max_new_tokens: must be at least 1"):
         GenerationPipeline(model_dir, max_new_tokens=0)
