@@ -20,6 +20,7 @@ from typing import Annotated, Optional
 import typer
 from typer.core import TyperGroup
 
+from pipelines.errors import one_line
 from pipelines.options import ModelOptions, Options, _value_type, default_of
 from pipelines.tasks import TASKS
 
@@ -96,7 +97,7 @@ class _Group(TyperGroup):
             code = EXIT_OK
         except PARSER_ERRORS as exc:
             where = f" (see: {exc.ctx.command_path} --help)" if getattr(exc, "ctx", None) else ""
-            typer.echo(f"error: {_one_line(exc.format_message())}{where}", err=True)
+            typer.echo(f"error: {one_line(exc.format_message())}{where}", err=True)
             code = exc.exit_code
         except (typer.Abort, KeyboardInterrupt):
             typer.echo("error: aborted", err=True)
@@ -118,10 +119,6 @@ def _options(debug: Annotated[bool, typer.Option("--debug", help="Show the trace
     DEBUG["on"] = DEBUG["on"] or debug
 
 
-def _one_line(text: str) -> str:
-    return "; ".join(part.strip() for part in str(text).strip().splitlines() if part.strip())
-
-
 def _report(exc: BaseException) -> int:
     """The exit status for an exception, after its one `error:` line (and a failed run's summary)."""
     from .errors import Interrupted
@@ -138,15 +135,15 @@ def _report(exc: BaseException) -> int:
         typer.echo("interrupted: rerun the same command to resume", err=True)
         return exc.exit_code
     if isinstance(exc, BatchError):
-        message = str(exc) if "\n  " in str(exc) else _one_line(str(exc))  # a job file's problems: one per line
+        message = str(exc) if "\n  " in str(exc) else one_line(exc)  # a job file's problems: one per line
         typer.echo(f"error: {message}", err=True)
         return exc.exit_code
     name = type(exc).__name__
     if name == "AuthenticationError":  # ray.exceptions: a cluster that wants a token this client lacks
-        typer.echo(f"error: the cluster refused this client: {_one_line(exc)[:300]} (set RAY_AUTH_TOKEN to the head "
+        typer.echo(f"error: the cluster refused this client: {one_line(exc, 300)} (set RAY_AUTH_TOKEN to the head "
                    "node's token, or copy its ~/.ray/auth_token here)", err=True)
         return EXIT_USAGE
-    typer.echo(f"error: {name}: {_one_line(exc)[:500]} (an unexpected error: --debug shows where)", err=True)
+    typer.echo(f"error: {name}: {one_line(exc, 500)} (an unexpected error: --debug shows where)", err=True)
     return EXIT_FAILED
 
 
@@ -280,7 +277,7 @@ def _run(spec: JobSpec, exit_at_end: bool = True) -> int:
     for warning in result.warnings():
         typer.echo(warning, err=True)
     if result.lost:
-        typer.echo(f"error: {_one_line(result.lost)}: this run stopped; what it committed is kept", err=True)
+        typer.echo(f"error: {one_line(result.lost)}: this run stopped; what it committed is kept", err=True)
     elif result.failed and not result.interrupted:
         typer.echo(f"error: {result.failed} of {result.shards} shards failed (the `failed:` lines say why); the "
                    "others are committed: fix those and rerun", err=True)
@@ -451,7 +448,7 @@ def submit(
     except AlreadySubmitted:
         raise
     except (ConnectionError, RuntimeError) as exc:
-        _fail(f"cannot submit to {address}: {_one_line(exc)}")
+        _fail(f"cannot submit to {address}: {one_line(exc)}")
     typer.echo(f"submitted {sid}")
     if wait and not follow_job(sid, address):
         raise typer.Exit(1)

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pipelines.errors import one_line
 from pipelines.options import ModelOptions, Options, option
 from pipelines.tasks import TASK_OPTIONS
 from pipelines.tasks import TASKS as REGISTRY
@@ -172,7 +173,7 @@ class JobSpec:
             vocabulary_for(PersimmonTokenizer.from_pretrained(model), config.vocab_size).probe(grammar)
         except GrammarError as exc:
             name = next(n for n in ("json_schema", "regex", "choices", "grammar") if getattr(self.options, n, None))
-            return [f"{name}: {' '.join(str(exc).split())[:500]}"]
+            return [f"{name}: {one_line(exc, 500)}"]
         return []
 
     def fingerprint(self, model_checksum: str, model_dtype: str, config=None) -> str:

@@ -49,7 +49,8 @@ from persimmon.sampling import MAX_LOGPROBS, FinishReason
 from .batching import (MAX_CHARS_PER_TOKEN, EncodedRow, PipelineStats, ReportsRows, check_vocabulary, engine_stream,
                        load_model, pad_batch, plan_batches)
 from .embed import pool
-from .options import BatchAPIOptions, _one_line
+from .errors import one_line
+from .options import BatchAPIOptions
 from .schema import MAX_LINE_BYTES
 
 ENDPOINTS = {"/v1/chat/completions": "chat", "/v1/completions": "completion", "/v1/embeddings": "embedding"}
@@ -77,13 +78,6 @@ class LineError(Exception):
     def __init__(self, code: str, message: str) -> None:
         super().__init__(message)
         self.code, self.message = code, message
-
-
-def one_line(exc: BaseException, limit: int = 300) -> str:
-    """An exception as one short line: its type and message."""
-    text = _one_line(exc)
-    text = text if len(text) <= limit else text[:limit] + "..."
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 def _is_unicode(text: str) -> bool:
@@ -235,7 +229,7 @@ def _grammar(kind: str, source: str):
         grammar = Grammar.json_schema(source) if kind == "json_schema" else Grammar(kind, source)
         grammar.check()
     except GrammarError as exc:
-        raise LineError("invalid_request", f"response_format: {' '.join(str(exc).split())}") from None
+        raise LineError("invalid_request", f"response_format: {one_line(exc)}") from None
     return grammar
 
 
@@ -362,7 +356,8 @@ class OpenAIBatchPipeline(ReportsRows):
         except LineError as exc:
             self._error(line, exc.code, exc.message)
         except Exception as exc:  # noqa: BLE001 -- one line's failure of any kind stays that line's
-            self._error(line, "invalid_request", f"line {number} could not be served: {one_line(exc)}")
+            self._error(line, "invalid_request",
+                        f"line {number} could not be served: {one_line(exc, 300, with_type=True)}")
         return line
 
     def _parse_into(self, line: _Line, raw: bytes | str | None) -> None:
@@ -385,7 +380,7 @@ class OpenAIBatchPipeline(ReportsRows):
         except ValueError as exc:  # an integer past the digit limit (_integer), or what else json refuses
             line.custom_id = _custom_id_of(raw or "")
             raise LineError("invalid_json", f"{where} holds {exc}" if isinstance(exc, _HugeInteger) else
-                            f"{where} is not JSON we can read ({one_line(exc)})") from None
+                            f"{where} is not JSON we can read ({one_line(exc, 300, with_type=True)})") from None
         if not isinstance(request, dict):
             raise LineError("invalid_request", f"{where} is a JSON {type(request).__name__}, not a request object")
         custom_id = request.get("custom_id")
@@ -579,7 +574,8 @@ class OpenAIBatchPipeline(ReportsRows):
                 try:
                     json.loads(c.text or "")
                 except ValueError as exc:
-                    return f"choice {choice}: the grammar matched, but the text is not JSON ({one_line(exc)})"
+                    return (f"choice {choice}: the grammar matched, but the text is not JSON "
+                            f"({one_line(exc, 300, with_type=True)})")
         return None
 
     @staticmethod

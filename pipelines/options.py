@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .errors import one_line
+
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 DTYPE_ALIASES = {"fp32": "float32", "float": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
 SIDES = ("left", "right")
@@ -239,7 +241,7 @@ class GenerateOptions(EngineOptions):
             try:
                 self.constraint().check()
             except (ValueError, OSError) as e:  # GrammarError is a ValueError
-                found.append(f"{given[0]}: {_one_line(e)}")
+                found.append(f"{given[0]}: {one_line(e)}")
         return found
 
     def resolved(self) -> "GenerateOptions":
@@ -289,10 +291,6 @@ def did_you_mean(key: str, known) -> str:
 
     close = difflib.get_close_matches(key, list(known), n=1, cutoff=0.6)
     return f" (did you mean {close[0]!r}?)" if close else ""
-
-
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split())
 
 
 def _inline(name: str, value: str) -> bool:

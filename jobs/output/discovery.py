@@ -410,13 +410,15 @@ def inspect_shard(fs: pafs.FileSystem, base: str, shard: str, info: pafs.FileInf
     info = info or fs.get_file_info(path)
     identity: dict[str, Any] = {"size": info.size, "mtime_ns": info.mtime_ns}
     if fmt != "parquet":
+        from pipelines.errors import one_line
+
         from .formats import NAMES, compression_problem, inspect_text_file
 
         try:
             columns, rows = inspect_text_file(fs, path, fmt, text_column, delimiter or ",")
         except Exception as exc:  # ArrowInvalid for what does not parse, OSError for what cannot be read
             problem = compression_problem(exc, shard) or (f"not a {NAMES[fmt]} file ({type(exc).__name__}: "
-                                                          f"{' '.join(str(exc).split())[:300]})")
+                                                          f"{one_line(exc, 300)})")
             return ShardInfo(identity, [], [], problem, format=fmt)
         return ShardInfo(identity, [], columns, group_bytes=[info.size or 0], format=fmt, estimated_rows=rows)
     try:

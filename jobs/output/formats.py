@@ -31,6 +31,7 @@ from typing import Any, Iterator
 import pyarrow as pa
 import pyarrow.fs as pafs
 
+from pipelines.errors import one_line
 from pipelines.schema import INPUT_ERROR, MAX_LINE_BYTES
 
 from ..errors import UsageError
@@ -54,7 +55,7 @@ def compression_problem(exc: BaseException, name: str) -> str | None:
     """What is wrong with a compressed file whose codec failed (cut short, corrupt), or None where `exc` is not
     that (a network read that failed may succeed another time)."""
     if isinstance(exc, OSError) and compression_of(name) and any(word in str(exc) for word in DECOMPRESSION):
-        return f"its compressed data is cut short or corrupt ({' '.join(str(exc).split())[:200]})"
+        return f"its compressed data is cut short or corrupt ({one_line(exc, 200)})"
     return None
 
 
@@ -438,7 +439,7 @@ def _json_row(number: int, line: bytes, schema: pa.Schema, text_column: str | No
     except UnicodeDecodeError as exc:
         return {}, f"line {number} is not valid UTF-8 ({exc.reason} at byte {exc.start})"
     except (ValueError, RecursionError) as exc:
-        return {}, f"line {number} is not JSON ({' '.join(str(exc).split())[:200]})"
+        return {}, f"line {number} is not JSON ({one_line(exc, 200)})"
     if not isinstance(value, dict):
         return {}, f"line {number} is a JSON {type(value).__name__}, not an object"
     row, error = {}, None
