@@ -27,12 +27,11 @@ import ray
 
 from persimmon import __version__
 
-from .errors import (BatchError, ClusterFailed, Interrupted, JobConflict, JobFailed, LeaseLost, ModelChanged,
-                     OutputBusy, UsageError, write_error)
+from .errors import (EXIT_BUSY, EXIT_FAILED, EXIT_OK, BatchError, ClusterFailed, Interrupted, JobConflict, JobFailed,
+                     LeaseLost, ModelChanged, OutputBusy, ShardState, UsageError, write_error)
 from .execution.cluster_auth import refresh_ray_config, token_available, use_token_auth
-from .execution.dispatcher import UNIT_COUNTS, Commit, Discard, Dispatcher, Failure
+from .execution.dispatcher import UNIT_COUNTS, Commit, Discard, Dispatcher, Failure, Fatal
 from .execution.pool import Pool
-from .execution.worker import MODEL_CHANGED
 from .execution.progress import Progress
 from .execution.submit import AlreadySubmitted, follow_job, submission_id, submit_job
 from .output.checksum import model_checksum, pin_model
@@ -91,8 +90,8 @@ class JobResult:
         if self.interrupted:
             return 128 + self.interrupted
         if self.lost:
-            return 75
-        return 0 if self.ok else 1
+            return EXIT_BUSY
+        return EXIT_OK if self.ok else EXIT_FAILED
 
     def summary(self) -> str:
         rate = self.rows / self.seconds if self.seconds else 0.0
@@ -364,7 +363,7 @@ def run_job(spec: JobSpec, stream=None, tty: bool | None = None,
         if manifest is None:
             manifest = Manifest(out_fs, out_base, {"shards": {}})
         elif manifest.data.get("fingerprint") != fingerprint:  # overwrite: the old results are replaced
-            manifest.data["shards"] = {s: {**e, "state": "pending"} for s, e in manifest.shards.items()}
+            manifest.data["shards"] = {s: {**e, "state": ShardState.PENDING.value} for s, e in manifest.shards.items()}
         plan = plan_run(spec, discovery, manifest, listing, recognised, fingerprint, _output_columns(spec, config))
         result = _result_of(spec, plan, discovery, takeover)
         embedded = spec.runner.address is None and not ray.is_initialized()
@@ -455,7 +454,7 @@ def _finish(manifest: Manifest, result: JobResult, spec: JobSpec, lease: OutputL
     (and, for a run that did work, found on disk: JobRun checks that before), each while the lease is still
     this run's (LeaseLost otherwise)."""
     counts = manifest.counts()
-    done = [e for e in manifest.shards.values() if e.get("state") == "done"]
+    done = [e for e in manifest.shards.values() if e.get("state") == ShardState.DONE.value]
     totals = {key: sum(e.get(key, 0) or 0 for e in done) for key in ("rows", "errors", "truncated", "nonfinite")}
     # the job's totals over every committed shard (a no-op rerun leaves them as they were); `run`: this run's own
     manifest.data["summary"] = {**counts, **totals,
@@ -540,7 +539,7 @@ class JobRun:
             self.result.lost = self.lease.lost
         fatal = self.dispatcher.fatal
         if fatal is not None and failure is None:
-            if fatal.fatal == MODEL_CHANGED:
+            if fatal.fatal == Fatal.MODEL_CHANGED:
                 failure = ModelChanged(fatal.error)
             else:
                 failure = JobFailed(f"cannot write to output {self.spec.output}: {fatal.error}; what is committed "

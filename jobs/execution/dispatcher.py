@@ -49,6 +49,13 @@ BACKUP_FACTOR = 1.5  # a unit is behind once it has run this many times what the
 BACKUP_MIN_SECONDS = 5.0  # ... and at least this long: shorter units are not worth a second attempt
 
 
+class Fatal(str, enum.Enum):
+    """Why a unit's result stops the whole job (another attempt, or another unit, would meet it too)."""
+
+    MODEL_CHANGED = "model changed"  # the checkpoint on disk is no longer the one the job pinned
+    OUTPUT_UNWRITABLE = "output unwritable"  # the output's filesystem is full or read-only
+
+
 @dataclass
 class UnitResult:
     ok: bool
@@ -56,7 +63,7 @@ class UnitResult:
     stats: dict[str, Any] = field(default_factory=dict)  # UNIT_COUNTS, seconds, node, host, pid, peak memory
     error: str | None = None
     permanent: bool = False  # retrying cannot help: this shard fails
-    fatal: str = ""  # the job cannot go on: "model changed" (on disk), "output unwritable" (full, read-only)
+    fatal: Fatal | None = None  # the job cannot go on
 
 
 @dataclass

@@ -32,10 +32,9 @@ from ..output.discovery import join
 from ..output.lease import _machine
 from ..output.plan import WorkUnit
 from ..spec import JobSpec
-from .dispatcher import UNIT_COUNTS, UnitResult
+from .dispatcher import UNIT_COUNTS, Fatal, UnitResult
 
 CONCURRENCY_GROUPS = {"work": 1, "control": 1}
-MODEL_CHANGED, OUTPUT_UNWRITABLE = "model changed", "output unwritable"  # UnitResult.fatal: the job stops
 # what a write to a full, read-only or over-quota output says (pyarrow's errors carry the text, not errno)
 FULL_OR_READ_ONLY = ("No space left on device", "Read-only file system", "Disk quota exceeded")
 
@@ -52,9 +51,9 @@ class InputProblem(ValueError):
 def failed(exc: BaseException, context: str = "") -> UnitResult:
     # pyarrow's ArrowInvalid (not Parquet, corrupt pages) is a ValueError, like the pipelines' column errors
     if isinstance(exc, ModelChanged):
-        return UnitResult(False, error=str(exc), fatal=MODEL_CHANGED)
+        return UnitResult(False, error=str(exc), fatal=Fatal.MODEL_CHANGED)
     if isinstance(exc, OSError) and any(m in str(exc) for m in FULL_OR_READ_ONLY):
-        return UnitResult(False, error=f"{context}{exc}", fatal=OUTPUT_UNWRITABLE)
+        return UnitResult(False, error=f"{context}{exc}", fatal=Fatal.OUTPUT_UNWRITABLE)
     return UnitResult(False, error=f"{context}{type(exc).__name__}: {exc}", permanent=isinstance(exc, ValueError))
 
 
@@ -164,7 +163,7 @@ class ShardWorker:
 
                 self.threads = torch.get_num_threads()  # what the units really ran with: in their stats
         except ModelChanged as exc:
-            return UnitResult(False, error=str(exc), fatal=MODEL_CHANGED)
+            return UnitResult(False, error=str(exc), fatal=Fatal.MODEL_CHANGED)
         except Exception as exc:
             text = str(exc).strip().splitlines()
             return UnitResult(False, error=f"{type(exc).__name__}: {text[-1] if text else exc}")

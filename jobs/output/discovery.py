@@ -412,10 +412,12 @@ def inspect_shard(fs: pafs.FileSystem, base: str, shard: str, info: pafs.FileInf
     if fmt != "parquet":
         from pipelines.errors import one_line
 
-        from .formats import NAMES, compression_problem, inspect_text_file
+        from .formats import NAMES, HeaderProblem, compression_problem, inspect_text_file
 
         try:
             columns, rows = inspect_text_file(fs, path, fmt, text_column, delimiter or ",")
+        except HeaderProblem as exc:
+            return ShardInfo(identity, [], [], str(exc), format=fmt)
         except Exception as exc:  # ArrowInvalid for what does not parse, OSError for what cannot be read
             problem = compression_problem(exc, shard) or (f"not a {NAMES[fmt]} file ({type(exc).__name__}: "
                                                           f"{one_line(exc, 300)})")

@@ -187,8 +187,8 @@ class _Replay(io.RawIOBase):
 def open_csv(source, text_column: str | None, delimiter: str = ",", block: int | None = None,
              invalid=None):
     """pyarrow's streaming CSV reader. `invalid(row)` is called for each row whose field count is not the
-    header's (and each blank line, a row of one empty field), which is then left out; without it those are
-    left out silently (reading the columns only)."""
+    header's, which is then left out; without it those are left out silently (reading the columns only).
+    Blank lines are not rows."""
     import pyarrow.csv as pacsv
 
     # the text column is read as bytes, so a cell that is not UTF-8 is that row's error (pipelines decode it)
@@ -200,42 +200,37 @@ def open_csv(source, text_column: str | None, delimiter: str = ",", block: int |
         return "skip"
 
     # newlines_in_values: a quoted text may span lines (tickets, documents), at some cost in parsing speed.
-    # One thread and blank lines kept: the reader then gives each skipped row's line number, and every line
-    # is either a row or a skipped one, which is what places a skipped row among the others (_CsvRows).
+    # One thread: the reader then numbers each row it leaves out, which places it among the others (_CsvRows).
     return pacsv.open_csv(source, read_options=pacsv.ReadOptions(block_size=block or CSV_BLOCK, use_threads=False),
                           parse_options=pacsv.ParseOptions(newlines_in_values=True, delimiter=delimiter,
-                                                           ignore_empty_lines=False, invalid_row_handler=handler),
+                                                           invalid_row_handler=handler),
                           convert_options=pacsv.ConvertOptions(column_types=types, strings_can_be_null=False))
 
 
-def _blank_rows(batch: pa.RecordBatch) -> list[bool]:
-    """Which rows are blank lines (or lines of delimiters alone): every value null or empty. They are not rows
-    of the file's data, as they were not when the reader skipped blank lines itself."""
-    import pyarrow.compute as pc
+class HeaderProblem(ValueError):
+    """A CSV file that is a CSV file, but whose header the job cannot take (said as it is, not as "not a CSV")."""
 
-    if not batch.num_rows:
-        return []
-    blank = None
-    for column in batch.columns:
-        empty = pc.is_null(column)
-        if pa.types.is_string(column.type) or pa.types.is_binary(column.type):
-            empty = pc.or_(empty, pc.equal(pc.binary_length(column), 0))
-        blank = empty if blank is None else pc.and_(blank, empty)
-    return pc.fill_null(blank, True).to_pylist()
+
+def _header(names: list[str]) -> list[str]:
+    """A CSV header's column names; HeaderProblem where one is named twice (its output could not be read back)."""
+    twice = sorted({name for name in names if names.count(name) > 1})
+    if twice:
+        raise HeaderProblem(f"its header names {', '.join(map(repr, twice))} more than once")
+    return names
 
 
 class _CsvRows:
     """A CSV file's record batches with the rows the reader left out (a field count not the header's) put
-    back in their places as rows of nulls whose INPUT_ERROR says what was wrong; blank lines (and lines of
-    delimiters alone) are not rows.
+    back in their places as rows of nulls whose INPUT_ERROR says what was wrong.
 
-    The reader numbers a left-out row by its place among all the rows it parsed, the header being the first
-    (a row whose values span lines is one); the kept rows are counted alongside."""
+    The reader numbers a left-out row by its place among the rows it parsed, the header being the first (a
+    row whose values span lines is one; blank lines are none); the kept rows are counted alongside."""
 
     def __init__(self, source, text_column: str | None, delimiter: str) -> None:
         self.skipped: list[tuple[int, int, int, str]] = []  # (data row index, fields, header's, text), in order
         self.reader = open_csv(source, text_column, delimiter, invalid=self._skip)
         self.schema = self.reader.schema
+        _header(self.schema.names)
         self.row = 0  # the index of the next data row, kept or left out
 
     def _skip(self, row) -> None:
@@ -249,10 +244,9 @@ class _CsvRows:
             yield self._placed(pa.RecordBatch.from_pylist([], schema=self.schema))
 
     def _placed(self, batch: pa.RecordBatch) -> pa.RecordBatch:
-        blank = _blank_rows(batch)
         if not self.skipped or self.skipped[0][0] > self.row + batch.num_rows:
             self.row += batch.num_rows  # nothing left out among these rows
-            return batch.filter(pa.array([not b for b in blank])) if any(blank) else batch
+            return batch
         order: list[int] = []  # indices into the batch's rows, then into the error rows after them
         errors: list[str | None] = []
         problems: list[str] = []
@@ -262,7 +256,7 @@ class _CsvRows:
                 index, fields, expected, text = self.skipped.pop(0)
                 self.row += 1
                 if not text.strip():
-                    continue  # a blank line (the reader gives most as rows of nulls, see _blank_rows)
+                    continue  # a line of spaces: blank, as the reader takes an empty line
                 shown = text if len(text) <= 60 else text[:57] + "..."
                 problems.append(f"row {index + 1} after the header has {fields} field{'s' * (fields != 1)} where "
                                 f"the header has {expected} ({shown!r})")
@@ -271,9 +265,8 @@ class _CsvRows:
 
         for i in range(batch.num_rows):
             take_skipped(False)
-            if not blank[i]:
-                order.append(i)
-                errors.append(None)
+            order.append(i)
+            errors.append(None)
             self.row += 1
         take_skipped(not batch.num_rows)
         nulls = pa.RecordBatch.from_arrays([pa.nulls(len(problems), f.type) for f in self.schema], schema=self.schema)
@@ -310,6 +303,8 @@ def read_tabular(source, fmt: str, text_column: str | None, batch_rows: int, del
         head = source.read(READ_BLOCK)
         if not head.strip():  # empty or blank: no rows, and an (empty) output like any other file's
             return Opened(pa.schema([(text_column, pa.string())] if text_column else []), iter(()), {})
+        if b"\n" not in head and b"\r" not in head:  # a header alone, without its line end (pyarrow: "empty")
+            head += b"\n"
         rows = _CsvRows(_Replay(head, source), text_column, delimiter)
         return Opened(rows.schema, _rebatch(rows.batches(), batch_rows), {})
     return read_json_lines(source, text_column, batch_rows)
@@ -393,7 +388,7 @@ def _json_chunk(chunk: list[tuple[int, bytes]], schema: pa.Schema, text_column: 
     import pyarrow.json as pajson
 
     data = b"\n".join(line for _, line in chunk)
-    if all(len(line) <= MAX_ROW_BYTES for _, line in chunk):
+    if all(len(line) <= MAX_ROW_BYTES for _, line in chunk) and _utf8(data):
         try:
             table = _read_json(data, pajson.ParseOptions(explicit_schema=schema, unexpected_field_behavior="ignore"))
             if table.num_rows == len(chunk):
@@ -407,6 +402,16 @@ def _json_chunk(chunk: list[tuple[int, bytes]], schema: pa.Schema, text_column: 
         errors.append(error)
     table = pa.Table.from_pylist(rows, schema=schema)
     return table.append_column(pa.field(INPUT_ERROR, pa.string()), pa.array(errors, pa.string()))
+
+
+def _utf8(data: bytes) -> bool:
+    """Whether the bytes are UTF-8: pyarrow's JSON reader takes strings as they are, so a batch that is not
+    is read line by line, each bad line its row's error (a bad byte in any column, not only the text)."""
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 def _missing_text(table: pa.Table, chunk: list[tuple[int, bytes]], text_column: str | None) -> pa.Table:
@@ -542,7 +547,12 @@ def inspect_text_file(fs: pafs.FileSystem, path: str, fmt: str, text_column: str
         if fmt == REQUESTS:
             return [], round(lines * scale)
         if fmt == "jsonl":
-            complete = head[: head.rfind(b"\n")] if b"\n" in head and len(head) == READ_BLOCK else head
+            while b"\n" not in head and len(head) <= MAX_ROW_BYTES:  # a first line longer than a block
+                more = f.read(READ_BLOCK)
+                if not more:
+                    break
+                head += more
+            complete = head[: head.rfind(b"\n")] if b"\n" in head and not head.endswith(b"\n") else head
             # the columns as the file has them (the text column is not added to a file that lacks it)
             schema = _json_schema([x for x in complete.split(b"\n") if x.strip()], None)
             if schema is None:
@@ -552,16 +562,18 @@ def inspect_text_file(fs: pafs.FileSystem, path: str, fmt: str, text_column: str
             return schema.names, round(lines * scale)
         if not head.strip():  # empty or blank: no rows, read as the text column alone (read_tabular)
             return [text_column] if text_column else [], 0
+        if b"\n" not in head and b"\r" not in head:  # a header alone, without its line end (read_tabular)
+            head += b"\n"
         try:
             reader = open_csv(_Replay(head, f), text_column, delimiter, block=READ_BLOCK)
             first = reader.read_next_batch()
         except StopIteration:
-            return reader.schema.names, 0
+            return _header(reader.schema.names), 0
         except pa.ArrowInvalid as exc:
             if "straddling" not in str(exc):
                 raise
-            return inspect_csv_whole_block(fs, path, text_column, delimiter), 1
-        return reader.schema.names, max(first.num_rows, round(first.num_rows * scale))
+            return _header(inspect_csv_whole_block(fs, path, text_column, delimiter)), 1
+        return _header(reader.schema.names), max(first.num_rows, round(first.num_rows * scale))
 
 
 def inspect_csv_whole_block(fs: pafs.FileSystem, path: str, text_column: str | None, delimiter: str) -> list[str]:

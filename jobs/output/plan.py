@@ -332,7 +332,7 @@ def check_text_column(spec, discovery: Discovery, sample: int = 8) -> None:
         info = inspect_shard(discovery.fs, discovery.base, shard, discovery.files[shard], spec.text_column, fmt,
                             spec.csv_delimiter)
         if info.error:
-            unreadable.append(f"{shard} is {info.error}")
+            unreadable.append(f"{shard}: {info.error}")
             if len(unreadable) == sample:
                 break
             continue

@@ -4,7 +4,7 @@ clock (milliseconds per test)."""
 from __future__ import annotations
 
 
-from jobs.execution.dispatcher import (STALL_FLOOR, Commit, Dispatcher, Failure, MergeTask, UnitResult)
+from jobs.execution.dispatcher import (STALL_FLOOR, Commit, Dispatcher, Failure, Fatal, MergeTask, UnitResult)
 from jobs.output.plan import WorkUnit
 
 
@@ -62,7 +62,7 @@ def test_a_fatal_result_stops_the_job_and_nothing_more_is_handed_out_or_committe
     d, _ = with_actors([WorkUnit("a"), WorkUnit("b"), WorkUnit("c")], n=2)
     d.next(0)
     d.next(1)
-    assert d.record(0, UnitResult(False, error="the model changed", fatal="model changed")) == []
+    assert d.record(0, UnitResult(False, error="the model changed", fatal=Fatal.MODEL_CHANGED)) == []
     assert d.fatal.error == "the model changed" and d.next(0) is None
     assert d.record(1, ok()) == []  # finished after the stop: not committed
     assert d.finished

@@ -66,9 +66,10 @@ def test_input_format_reads_a_file_of_any_name_and_numbers_as_text(ray_local, de
 
 
 @pytest.mark.parametrize("name, content, message", [
-    ("bad.jsonl", b"id,text\n1,hello\n", "input bad.jsonl is not a JSON Lines file"),
-    ("bad.csv", b'id,"text\n1,hello\n', "input bad.csv is not a CSV file"),  # a quote never closed
-    ("fake.parquet", b"id,text\n1,hello\n", "input fake.parquet is not a Parquet file"),
+    ("bad.jsonl", b"id,text\n1,hello\n", "input bad.jsonl: not a JSON Lines file"),
+    ("bad.csv", b'id,"text\n1,hello\n', "input bad.csv: not a CSV file"),  # a quote never closed
+    ("twice.csv", b"id,text,text\n1,a,b\n", "input twice.csv: its header names 'text' more than once"),
+    ("fake.parquet", b"id,text\n1,hello\n", "input fake.parquet: not a Parquet file"),
     ("other.csv", b"id,body\n1,hello\n", "text column 'text' not in other.csv; its columns are ['id', 'body']"),
 ])
 def test_a_file_not_of_its_format_fails_before_ray_starts(demo_root, tmp_path, name, content, message):
@@ -192,6 +193,42 @@ def test_a_jsonl_line_without_the_text_key_says_so_and_a_null_text_is_null(tmp_p
     assert table.column("text").to_pylist() == ["one", None, None, "x"]
 
 
+def test_a_jsonl_line_not_utf8_among_good_lines_is_its_rows_error_whatever_column_holds_the_byte(tmp_path):
+    """pyarrow reads a batch of lines that all parse whole, without checking their strings: a bad byte in the
+    text, or in another column, must still be its line's error (not a failed file, nor a corrupt output)."""
+    import io
+
+    import pyarrow.fs as pafs
+
+    from pipelines.schema import INPUT_ERROR
+
+    data = (b'{"id": 1, "text": "good", "tag": "t"}\n{"id": 2, "text": "bad \xff byte", "tag": "t"}\n'
+            b'{"id": 3, "text": "fine", "tag": "bad \xfe"}\n{"id": 4, "text": "good too", "tag": "t"}\n')
+    table = read_all(formats.read_tabular(io.BytesIO(data), "jsonl", "text", 8))
+    problems = table.column(INPUT_ERROR).to_pylist()
+    assert problems[0] is None and problems[3] is None
+    assert "line 2 is not valid UTF-8" in problems[1] and "line 3 is not valid UTF-8" in problems[2]
+    assert table.column("id").to_pylist() == [1, None, None, 4]
+    table.validate(full=True)  # every string valid: what is written can be read back
+    # a first line longer than the first block read to find the columns (a valid row: under 16 MiB)
+    long = tmp_path / "long.jsonl"
+    long.write_bytes(b'{"id": 1, "text": "' + b"w " * (1 << 20) + b'"}\n{"id": 2, "text": "small"}\n')
+    assert formats.inspect_text_file(pafs.LocalFileSystem(), str(long), "jsonl", "text")[0] == ["id", "text"]
+
+
+@pytest.mark.parametrize("content", [b"id,text", b"id,text\r\n", b"id,text\n"])
+def test_a_csv_of_a_header_alone_is_a_shard_of_no_rows(tmp_path, content):
+    import io
+
+    import pyarrow.fs as pafs
+
+    path = tmp_path / "header.csv"
+    path.write_bytes(content)
+    assert formats.inspect_text_file(pafs.LocalFileSystem(), str(path), "csv", "text") == (["id", "text"], 0)
+    opened = formats.read_tabular(io.BytesIO(content), "csv", "text", 8)
+    assert opened.schema.names == ["id", "text"] and sum(b.num_rows for b in opened.batches) == 0
+
+
 def test_csv_rows_of_the_wrong_field_count_are_their_rows_errors_in_their_places():
     """A row with more or fewer fields than the header is left out by the reader; it comes back in its place
     as a row whose error names it (its number among the rows, values spanning lines included). Blank lines
@@ -210,6 +247,9 @@ def test_csv_rows_of_the_wrong_field_count_are_their_rows_errors_in_their_places
             expected.append(("error", None))
         elif i % 83 == 3:
             lines.append(b"")  # a blank line: not a row
+        elif i % 71 == 9:
+            lines.append(b",")  # a row of empty fields: a row (its empty text is its error downstream)
+            expected.append(("empty", None))
         else:
             lines.append(b'%d,"row %d\nsecond line"' % (i, i) if i % 5 == 0 else
                          b'%d,"row %d\r\nsecond line"' % (i, i) if i % 7 == 0 else b"%d,row %d" % (i, i))
@@ -220,10 +260,11 @@ def test_csv_rows_of_the_wrong_field_count_are_their_rows_errors_in_their_places
         table = read_all(formats.read_tabular(io.BytesIO(data), "csv", "text", 256))
     got = table.to_pylist()
     assert len(got) == len(expected)
-    numbers = [n for n, line in enumerate(lines[1:], start=1) if line]  # data rows, blank lines counted
-    for row, (kind, value), number in zip(got, expected, numbers):
+    for number, (row, (kind, value)) in enumerate(zip(got, expected), start=1):  # data rows, blank lines none
         if kind == "row":
             assert row["id"] == value and row[INPUT_ERROR] is None, row
+        elif kind == "empty":
+            assert row["id"] is None and row["text"] == b"" and row[INPUT_ERROR] is None, row
         else:
             assert row["id"] is None and row["text"] is None, row
             assert row[INPUT_ERROR].startswith(f"row {number} after the header has "), row
