@@ -360,6 +360,18 @@ class OpenAIBatchPipeline(ReportsRows):
                         f"line {number} could not be served: {one_line(exc, 300, with_type=True)}")
         return line
 
+    def _claim(self, line: _Line, custom_id: str | None) -> bool:
+        """Give the line its custom_id unless an earlier line of the file named it: each custom_id is in the
+        output once, on the first line's record (a line that cannot be read keeps the one it names, so a later
+        line with that id is a duplicate). False where an earlier line has it."""
+        if custom_id is None:
+            return True
+        if custom_id in self._seen:
+            return False
+        self._seen[custom_id] = line.number
+        line.custom_id = custom_id
+        return True
+
     def _parse_into(self, line: _Line, raw: bytes | str | None) -> None:
         where = f"line {line.number}"
         if raw is not None and len(raw) > MAX_LINE_BYTES:
@@ -368,17 +380,18 @@ class OpenAIBatchPipeline(ReportsRows):
             try:
                 raw = raw.decode("utf-8")
             except UnicodeDecodeError as exc:
+                self._claim(line, _custom_id_of(raw.decode("utf-8", "replace")))
                 raise LineError("invalid_utf8", f"{where} is not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
         try:
             request = json.loads(raw or "", parse_int=_integer)
         except json.JSONDecodeError as exc:
-            line.custom_id = _custom_id_of(raw or "")
+            self._claim(line, _custom_id_of(raw or ""))
             raise LineError("invalid_json", f"{where} is not JSON ({exc.msg} at column {exc.colno})") from None
         except RecursionError:
-            line.custom_id = _custom_id_of(raw or "")
+            self._claim(line, _custom_id_of(raw or ""))
             raise LineError("invalid_json", f"{where} is JSON nested too deep to read") from None
         except ValueError as exc:  # an integer past the digit limit (_integer), or what else json refuses
-            line.custom_id = _custom_id_of(raw or "")
+            self._claim(line, _custom_id_of(raw or ""))
             raise LineError("invalid_json", f"{where} holds {exc}" if isinstance(exc, _HugeInteger) else
                             f"{where} is not JSON we can read ({one_line(exc, 300, with_type=True)})") from None
         if not isinstance(request, dict):
@@ -386,15 +399,13 @@ class OpenAIBatchPipeline(ReportsRows):
         custom_id = request.get("custom_id")
         if not isinstance(custom_id, str) or not custom_id:
             raise LineError("missing_custom_id", f"{where} has no custom_id (a non-empty string)")
-        line.custom_id = custom_id if _is_unicode(custom_id) else _escaped(custom_id)
+        custom_id = custom_id if _is_unicode(custom_id) else _escaped(custom_id)
+        if not self._claim(line, custom_id):  # its record has no custom_id: the earlier line's record has it
+            raise LineError("duplicate_custom_id", f"{where}: custom_id {_short(custom_id)} was used before, on line "
+                                                   f"{self._seen[custom_id]}")
         if "\\u" in raw and not _is_unicode(_dumps(request)):  # only a \\u escape can make a lone surrogate
             raise LineError("invalid_request", f"{where} holds a lone surrogate escape (\\ud800-\\udfff): not "
                                                "valid Unicode text")
-        custom_id = line.custom_id
-        if custom_id in self._seen:
-            raise LineError("duplicate_custom_id", f"{where}: custom_id {_short(custom_id)} was used before, on line "
-                                                   f"{self._seen[custom_id]}")
-        self._seen[custom_id] = line.number
         method = request.get("method", "POST")
         if method != "POST":
             raise LineError("invalid_url", f"method must be POST, got {_short(method)}")

@@ -144,6 +144,21 @@ def test_an_unreadable_line_keeps_the_custom_id_it_names_and_its_message_names_t
     assert "an integer of 5,000 digits" in message and "sys." not in message, message
 
 
+def test_each_custom_id_is_in_the_output_once_whatever_the_lines_that_name_it(pipeline):
+    """The first line that names a custom_id has it in its record; a later line naming it (readable or not) is
+    an error whose record has none, so results and errors together name each id once."""
+    lines = [request("a", prompt="x"), '{"custom_id": "a", "body": {"prompt": "broken',
+             '{"custom_id": "b", "body": {"prompt": "broken', request("b", prompt="x"),
+             request("c", prompt="x"), request("c", prompt="y"),
+             b'{"custom_id": "d", "url": "/v1/completions", "body": {"prompt": "caf\xe9"}}', request("d", prompt="x")]
+    records = run_file(pipeline, lines)
+    assert [r["custom_id"] for r in records] == ["a", None, "b", None, "c", None, "d", None]
+    assert [r["error"]["code"] if r["error"] else None for r in records] == [
+        None, "invalid_json", "invalid_json", "duplicate_custom_id", None, "duplicate_custom_id", "invalid_utf8",
+        "duplicate_custom_id"]
+    assert "custom_id 'b' was used before, on line 3" in records[3]["error"]["message"]
+
+
 def test_odd_but_valid_text_is_answered(pipeline):
     odd = [request("nul", prompt="a\x00b"), request("emoji", prompt="\U0001F600 \u202e rtl"),
            request("empty-stop", prompt="x", stop=[]), embed("ctrl", "\x07\x1b[31m red")]
