@@ -127,7 +127,7 @@ def _report(exc: BaseException) -> int:
     if result is not None:
         typer.echo(result.summary())
     if isinstance(exc, KeyboardInterrupt) and not isinstance(exc, BatchError):
-        from .runner import signal_of
+        from .execution.signals import signal_of
 
         typer.echo("interrupted: rerun the same command to resume", err=True)
         return 128 + signal_of(exc)
@@ -269,10 +269,12 @@ def _run(spec: JobSpec, exit_at_end: bool = True) -> int:
     """Run one job; returns its exit status (0, 1 failed shards, 75 output busy, 128 + signal when stopped)
     or exits with it. A job refused or failed under way raises its BatchError (the handler reports it)."""
     use_token_auth(spec.runner.address)  # before Ray is imported: it reads RAY_AUTH_MODE then
-    spec.validate()
-    from .runner import run_job  # imports Ray: only once arguments are good
+    from .resolve import resolve_job
 
-    result = run_job(spec)
+    job = resolve_job(spec)  # every check, once, before Ray is imported
+    from .runner import run_job
+
+    result = run_job(job)
     typer.echo(result.summary())
     for warning in result.warnings():
         typer.echo(warning, err=True)

@@ -168,14 +168,14 @@ def test_the_driver_plans_without_torch(demo_root):
     code = (
         "import sys\n"
         "from jobs.cli import app\n"
-        "from jobs.runner import _output_columns\n"
+        "from jobs.resolve import output_columns\n"
         "from jobs.spec import JobSpec\n"
         "from persimmon.config import PersimmonConfig\n"
         "from persimmon.files import load_dtype\n"
         f"spec = JobSpec('classify', {str(demo_root / 'model')!r}, 'in', 'out')\n"
         "spec.validate()\n"
         "config = PersimmonConfig.from_pretrained(spec.model)\n"
-        "print(load_dtype(spec.model), _output_columns(spec, config), spec.fingerprint('x', 'float32', config))\n"
+        "print(load_dtype(spec.model), output_columns(spec, config), spec.fingerprint('x', 'float32', config))\n"
         "print('torch' in sys.modules)\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split("\n")

@@ -1,5 +1,6 @@
-"""The package boundaries hold: the storage layer (jobs/output) imports with neither Ray nor torch present,
-and the dispatcher (the runner's policy) with no Ray."""
+"""The package boundaries hold: the storage layer (jobs/output) and the resolving of a job (jobs/resolve.py,
+what the CLI runs before it imports Ray) import with neither Ray nor torch present, and the dispatcher (the
+runner's policy) with no Ray."""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ def imports_without(blocked: set[str], modules: list[str]) -> subprocess.Complet
 
 def test_the_storage_layer_needs_neither_ray_nor_torch():
     modules = ["jobs.output.discovery", "jobs.output.commit", "jobs.output.manifest", "jobs.output.lease",
-               "jobs.output.ownership", "jobs.output.plan", "jobs.output.checksum", "jobs.errors"]
+               "jobs.output.ownership", "jobs.output.plan", "jobs.output.checksum", "jobs.errors", "jobs.resolve"]
     result = imports_without({"ray", "torch"}, modules)
     assert result.returncode == 0 and "imported" in result.stdout, result.stderr
 
