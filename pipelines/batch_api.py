@@ -46,8 +46,8 @@ from persimmon import PersimmonForCausalLM, PersimmonTokenizer, SamplingParams, 
 from persimmon.engine import GenerationEngine, Request
 from persimmon.sampling import MAX_LOGPROBS, FinishReason
 
-from .batching import (MAX_CHARS_PER_TOKEN, EncodedRow, PipelineStats, ReportsRows, check_vocabulary, engine_stream,
-                       load_model, pad_batch, plan_batches)
+from .batching import (MAX_CHARS_PER_TOKEN, NONFINITE, EncodedRow, PipelineStats, ReportsRows, check_vocabulary,
+                       engine_stream, finite, load_model, pad_batch, plan_batches)
 from .embed import pool
 from .errors import one_line
 from .options import BatchAPIOptions
@@ -541,10 +541,14 @@ class OpenAIBatchPipeline(ReportsRows):
                                "response": {"status_code": 200, "request_id": request_id, "body": body},
                                "error": None})
 
+    def _nonfinite(self, line: _Line) -> None:
+        """The line's model output was not finite (pipelines.batching.finite): its error, counted."""
+        self.stats.nonfinite += 1
+        self._error(line, "model_error", NONFINITE)
+
     def _finish(self, line: _Line) -> None:
         if any(c.finish_reason == FinishReason.NONFINITE for c in line.completions.values()):
-            self.stats.nonfinite += 1
-            self._error(line, "model_error", "the model produced non-finite logits (a corrupt checkpoint?)")
+            self._nonfinite(line)
             return
         failed = self._structured_failure(line)
         if failed is not None:
@@ -648,9 +652,8 @@ class OpenAIBatchPipeline(ReportsRows):
             per_line[id(line)].append(vector)
         for line in lines:
             found = per_line[id(line)]
-            if not all(np.isfinite(v).all() for v in found):
-                self.stats.nonfinite += 1
-                self._error(line, "model_error", "the model produced non-finite embeddings (a corrupt checkpoint?)")
+            if not all(finite(v) for v in found):
+                self._nonfinite(line)
                 continue
             base64_out = line.body.get("encoding_format") == "base64"
             data = [{"object": "embedding", "index": i,

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable
 
+import numpy as np
 import pyarrow as pa
 import torch
 
@@ -66,6 +67,11 @@ class PipelineStats:
         self.errors += sum(e is not None for e in errors)
         self.truncated += sum(r.truncated for r in rows)
         self.seconds += seconds
+
+    def nonfinite_row(self, errors: list[str | None], index: int) -> None:
+        """Row `index` got non-finite model output (see `finite`): an error row, counted."""
+        errors[index] = NONFINITE
+        self.nonfinite += 1
 
     def as_dict(self) -> dict:
         return {
@@ -188,22 +194,30 @@ def plan_batches(rows: list[EncodedRow], batch_tokens: int, extra_per_row: int =
     return batches
 
 
+# The one non-finite rule: a row any of whose model outputs (scores, logits, log-probabilities, embedding) is NaN
+# or infinite is an error row with this message, counted in PipelineStats.nonfinite (the run warns of it). A NaN
+# weight (a corrupt checkpoint) or a dtype that overflows must not turn into confident-looking output.
 NONFINITE = "model produced non-finite scores"
+
+
+def finite(values) -> bool:
+    """Whether one row's output (a number, a numpy array or a tensor) is all finite."""
+    if isinstance(values, torch.Tensor):
+        return bool(torch.isfinite(values).all())
+    return bool(np.isfinite(np.asarray(values, dtype=np.float64)).all())
 
 
 def drop_nonfinite(group: list[EncodedRow], scores: torch.Tensor, errors: list[str | None],
                    stats: PipelineStats) -> tuple[list[EncodedRow], torch.Tensor]:
-    """The rows whose scores are all finite, and their scores; the others become error rows. A NaN weight
-    (a corrupt checkpoint) must not turn into confident-looking output."""
-    finite = torch.isfinite(scores).all(dim=-1)
-    if bool(finite.all()):
+    """The rows whose scores are all finite, and their scores; the others become error rows."""
+    keep_rows = torch.isfinite(scores).all(dim=-1)
+    if bool(keep_rows.all()):
         return group, scores
-    keep = finite.tolist()
+    keep = keep_rows.tolist()
     for row, ok in zip(group, keep):
         if not ok:
-            errors[row.index] = NONFINITE
-            stats.nonfinite += 1
-    return [row for row, ok in zip(group, keep) if ok], scores[finite]
+            stats.nonfinite_row(errors, row.index)
+    return [row for row, ok in zip(group, keep) if ok], scores[keep_rows]
 
 
 def pad_batch(tok: PersimmonTokenizer, group: list[EncodedRow], side: str, stats: PaddingStats,

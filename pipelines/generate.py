@@ -21,7 +21,7 @@ from persimmon import PersimmonForCausalLM, PersimmonTokenizer, SamplingParams
 from persimmon.engine import GenerationEngine, Request
 from persimmon.sampling import FinishReason
 
-from .batching import (NONFINITE, PipelineStats, ReportsRows, check_vocabulary, encode_rows, engine_stream,
+from .batching import (PipelineStats, ReportsRows, check_vocabulary, encode_rows, engine_stream,
                        load_model, text_column)
 from .options import GenerateOptions
 from .prompts import PromptTemplate
@@ -100,9 +100,8 @@ class GenerationPipeline(ReportsRows):
             for c in completions:
                 entry, index = c.key
                 entry.left -= 1
-                if c.finish_reason == FinishReason.NONFINITE:
-                    entry.errors[index] = NONFINITE
-                    self.stats.nonfinite += 1
+                if c.finish_reason == FinishReason.NONFINITE:  # the engine found the row's logits not finite
+                    self.stats.nonfinite_row(entry.errors, index)
                     continue
                 entry.columns["completion"][index] = c.text
                 entry.columns["finish_reason"][index] = c.finish_reason.value

@@ -20,7 +20,7 @@ import torch
 
 from persimmon import PersimmonForCausalLM, PersimmonTokenizer
 
-from .batching import (NONFINITE, EncodedRow, PipelineStats, ReportsRows, check_vocabulary, encode_rows, pad_batch,
+from .batching import (EncodedRow, PipelineStats, ReportsRows, check_vocabulary, encode_rows, finite, pad_batch,
                        load_model, plan_batches, text_column)
 from .options import ScoreOptions
 from .prompts import PromptTemplate
@@ -95,9 +95,8 @@ class ScorePipeline(ReportsRows):
             self._report(len(group))
             for row, total in zip(group, self._logprobs(group, [spans[r.index] for r in group])):
                 start, end = spans[row.index]
-                if not math.isfinite(total):
-                    errors[row.index] = NONFINITE
-                    self.stats.nonfinite += 1
+                if not finite(total):
+                    self.stats.nonfinite_row(errors, row.index)
                     continue
                 count = end - start
                 columns["logprob"][row.index] = total

@@ -92,7 +92,8 @@ def sentencepiece_model(tmp_path_factory) -> Path:
 
 
 # The fast lane (`bash scripts/test.sh -m "not slow"`, a few minutes): everything but the modules that drive the
-# real CLI through subprocesses, clusters, kills and the README demo, and the tests that start a Ray of their own.
+# real CLI through subprocesses, clusters, kills and the README demo, the tests that start a Ray of their own
+# (the ray_local fixture), and the tests marked `slow` by hand (a Ray started in the test itself).
 SLOW_MODULES = {"test_adversary", "test_readme", "test_safety", "test_submit", "test_s3", "test_pool", "test_runner",
                 "test_cli", "test_batch_api"}
 SLOW_FIXTURES = {"ray_local"}

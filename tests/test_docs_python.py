@@ -57,6 +57,7 @@ def run_page(page: str, where: Path, names: dict[str, str], preamble: str = "") 
     return namespace
 
 
+@pytest.mark.slow  # starts Ray (or the CLI in a subprocess)
 def test_the_readme_python_blocks_run(models, release, tmp_path):  # noqa: F811 - the fixture
     import ray
 

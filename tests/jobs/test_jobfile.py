@@ -125,6 +125,7 @@ def partition(root: Path, demo_root: Path, day: str) -> None:
         shutil.copy(shard, folder)
 
 
+@pytest.mark.slow  # starts Ray (or the CLI in a subprocess)
 def test_runs_per_date_and_backfill(demo_root, tmp_path):
     for day in ("2026-11-21", "2026-11-22", "2026-11-23"):
         partition(tmp_path, demo_root, day)
@@ -156,6 +157,7 @@ def test_runs_per_date_and_backfill(demo_root, tmp_path):
     assert bad.exit_code == 2 and "is before --from" in bad.output
 
 
+@pytest.mark.slow  # starts Ray (or the CLI in a subprocess)
 def test_schedule_recipes(demo_root, tmp_path):
     partition(tmp_path, demo_root, "2026-11-24")
     body = good(demo_root / "model", tmp_path).replace('task = "classify"', 'task = "classify"\ndate = "2026-11-24"')
