@@ -193,17 +193,18 @@ class JobRun:
         self.result.layout = layout.describe()
         self.manifest.data["layout"] = layout.as_dict()
         self.dispatcher = Dispatcher(units, r.max_attempts, r.stall_timeout, r.placement_timeout,
-                                     backup_tasks=layout.backup_tasks)
+                                     backup_tasks=layout.backup_tasks, target=layout.actors,
+                                     needs=str(layout.resources))
         self.progress = Progress(sum(u.rows for u in units), self.result.shards - self.result.skipped,
                                  self.stream, self.tty)
         self.progress.note(self.result.layout)
         worker_args = (self.spec, self.job.fingerprint, self.lease.holder.run_id, self.job.pin, self.discovery.fs,
                        self.discovery.base, self.out_fs, self.out_base, layout.device, layout.threads)
-        self.pool = Pool(self.dispatcher, worker_args, layout.resources, layout.actors, self.progress.note)
+        self.pool = Pool(self.dispatcher, worker_args, layout.resources, self.progress.note)
         self.processing = None
         failure: BaseException | None = None
         try:
-            self.pool.request(self.pool.target)
+            self.pool.request(self.dispatcher.to_request())
             self._loop()
             if not self.dispatcher.stopped:
                 self._verify()

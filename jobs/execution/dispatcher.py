@@ -14,8 +14,12 @@ Actors move through: requested -> loading (placed, loading the model) -> idle <-
 - Liveness, on the driver's clock: an actor that has not answered for the stall timeout, or that reports
   being inside one model batch for longer, is stalled: the pool kills it, its unit counts an attempt and is
   redone on a fresh actor. The timeout is given, or adaptive: max(600 s, 20x the slowest batch seen).
-- Placement: an actor requested more than `placement_timeout` ago and not placed is given up; with no actor
-  placed or loading and none that can still come, the job cannot go on.
+- Placement: an actor requested more than `placement_timeout` ago and not placed is given up, and the run
+  goes on with one actor fewer (the cluster has no room for it: asking again would wait as long); with no
+  actor left, the job cannot go on (ClusterFailed).
+- Start-up: a model load that fails fails the job (JobFailed: every actor would meet it), one that finds the
+  model changed stops it (fatal); actors that die before taking work are replaced until `max_attempts` per
+  actor of the pool have died so, then the job fails.
 - Backups (MapReduce's backup tasks, Spark's speculation): with `backup_tasks` on, an idle actor with the queue
   empty starts a second attempt of the running unit that is furthest behind its peers: running longer than
   BACKUP_FACTOR times what its size predicts from the median rate (seconds per byte of text) of the units
@@ -39,6 +43,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Hashable
 
+from ..errors import ClusterFailed, JobFailed
 from ..output.plan import WorkUnit
 
 # the counters a work unit's result carries (summed over slices and over the job by the runner)
@@ -179,8 +184,12 @@ class Stalled:
 class Dispatcher:
     def __init__(self, units: list[WorkUnit], max_attempts: int = 3, stall_timeout: float | None = None,
                  placement_timeout: float = 300.0, clock: Callable[[], float] = time.monotonic,
-                 backup_tasks: bool = False) -> None:
+                 backup_tasks: bool = False, target: int = 1, needs: str = "") -> None:
         self.max_attempts, self.stall_timeout, self.placement_timeout = max_attempts, stall_timeout, placement_timeout
+        self.target = target  # the actors the run keeps (fewer once the cluster had no room for some)
+        self.needs = f" (each needs {needs})" if needs else ""  # what one actor asks of the cluster, for messages
+        self.start_failures = 0  # actors that died before they could take work
+        self.ever_requested = False  # no actor yet: the first to_request() asks for the whole pool
         self.clock, self.backup_tasks = clock, backup_tasks
         self.running: dict[tuple, set[Hashable]] = collections.defaultdict(set)  # unit identity -> its actors
         self.done: set[tuple] = set()  # units whose result was recorded: a twin attempt's result is discarded
@@ -229,11 +238,24 @@ class Dispatcher:
         live = sum(1 for a in self.actors.values() if a.state != ActorState.BUSY)
         return 0 if self.stopped else max(0, len(self.queue) - live)
 
+    def to_request(self) -> int:
+        """Actors to request now: the pool kept at its size while there is work for more (a dead actor is
+        replaced). Raises ClusterFailed when there is work, no actor, and none may be asked for (every one was
+        given up as unplaced)."""
+        if self.stopped:
+            return 0
+        wanted = max(0, min(self.target - len(self.actors), self.wants_actors()))
+        if not wanted and self.ever_requested and not self.actors and not self.finished:
+            raise ClusterFailed(f"no actor could be placed on the cluster for {self.placement_timeout:.0f} s"
+                                f"{self.needs}; what is committed is kept: rerun the same command to resume")
+        return wanted
+
     def stop(self, reason: str) -> None:
         self.stopped = self.stopped or reason
 
     # -- actors -------------------------------------------------------------------------------------------------
     def requested(self, actor: Hashable) -> None:
+        self.ever_requested = True
         now = self.clock()
         self.actors[actor] = ActorRecord(ActorState.REQUESTED, now, now)
 
@@ -245,6 +267,42 @@ class Dispatcher:
     def loaded(self, actor: Hashable) -> None:
         now = self.clock()
         self.actors[actor] = ActorRecord(ActorState.IDLE, now, now)
+
+    def load_ended(self, actor: Hashable, outcome: UnitResult) -> None:
+        """The actor's model load ended. Loaded: idle. The model changed on disk: the job stops (fatal). Any
+        other failure would meet every actor: the job fails (JobFailed)."""
+        if outcome.ok:
+            self.loaded(actor)
+        elif outcome.fatal:
+            self.fatal = outcome
+            self.stop(outcome.error or "fatal")
+        else:
+            self.actors.pop(actor, None)
+            raise JobFailed(f"the workers could not load the model: {outcome.error}")
+
+    def died(self, actor: Hashable, reason: str) -> list[Commit | Failure | Cancel | Discard]:
+        """The actor died. Its task failed (lost()); one that died before it could take work counts towards
+        the start-up limit: max_attempts per actor of the pool, then the job fails (JobFailed)."""
+        record = self.actors.get(actor)
+        if record is not None and record.state in (ActorState.REQUESTED, ActorState.LOADING):
+            self.start_failures += 1
+            if self.start_failures >= self.max_attempts * max(1, self.target):
+                self.actors.pop(actor, None)
+                raise JobFailed(f"the workers could not load the model: {reason}")
+        return self.lost(actor, reason)
+
+    def give_up_unplaced(self) -> list[Hashable]:
+        """The actors not placed within the placement timeout, forgotten, the pool one smaller for each (the
+        cluster has no room for them). Raises ClusterFailed when that leaves no actor at all."""
+        gone = self.unplaced()
+        for actor in gone:
+            self.lost(actor, "not placed")
+            self.target -= 1
+        if gone and not self.actors:
+            raise ClusterFailed(f"no actor could be placed on the cluster in {self.placement_timeout:.0f} s"
+                                f"{self.needs} (e.g. no GPU node joined); what is committed is kept: rerun the same "
+                                "command to resume")
+        return gone
 
     def live(self) -> int:
         """Actors placed (loading, idle or busy)."""

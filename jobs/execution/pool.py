@@ -1,7 +1,8 @@
 """The Ray side of a run: actors, `ray.wait`, pings, and deaths turned into results for the dispatcher.
 
-Nothing here decides: the dispatcher says which task an idle actor gets, which actors are stalled or unplaced
-and what a result means; the pool submits, waits (never without a deadline) and reports. It also watches the
+Nothing here decides: the dispatcher says which task an idle actor gets, which actors are stalled or unplaced,
+how many to request, what a result, a load or a death means and when the job cannot go on; the pool submits,
+waits (never without a deadline), kills and reports. It also watches the
 cluster itself: the GCS by a TCP connection to its address every second (Ray would otherwise end this
 process with only its own log line after 60 s without it), and, when an actor dies with its node, whether any
 node that can host an actor is left.
@@ -9,6 +10,7 @@ node that can host an actor is left.
 
 from __future__ import annotations
 
+import enum
 import os
 import signal
 import socket
@@ -21,10 +23,19 @@ import ray
 
 from persimmon.cpu import passive_wait_env
 
-from ..errors import ClusterFailed, JobFailed
+from ..errors import ClusterFailed
 from ..output.lease import _machine
-from .dispatcher import ActorState, Cancel, Commit, Discard, Dispatcher, Failure, MergeTask, UnitResult
+from .dispatcher import Cancel, Commit, Discard, Dispatcher, Failure, MergeTask, UnitResult
 from .worker import CONCURRENCY_GROUPS, ShardWorker
+
+class Reply(enum.Enum):
+    """What an object ref the pool waits on will answer."""
+
+    READY = "ready"  # the actor exists: its pid, machine and node
+    LOAD = "load"  # its model load ended (a UnitResult)
+    PING = "ping"  # its heartbeat: rows of its unit so far, seconds in its current batch
+    WORK = "work"  # its task ended (a UnitResult)
+
 
 GCS_GRACE = 10.0  # seconds of refused connections before the GCS counts as dead
 WAIT = 0.5  # the longest single wait of the loop
@@ -112,16 +123,16 @@ class Pool:
     """Actors of one run. `step()` moves the run forward by at most WAIT seconds and returns what to commit
     or fail; `on_note` hears what the user should see (an actor stalled, replaced, given up)."""
 
-    def __init__(self, dispatcher: Dispatcher, worker_args: tuple, resources: dict[str, Any], target: int,
+    def __init__(self, dispatcher: Dispatcher, worker_args: tuple, resources: dict[str, Any],
                  on_note: Callable[[str], None]) -> None:
-        self.dispatcher, self.worker_args, self.target, self.on_note = dispatcher, worker_args, target, on_note
+        self.dispatcher, self.worker_args, self.on_note = dispatcher, worker_args, on_note
         # OpenMP threads that sleep between parallel regions: on a node shared with other work, spinning threads
         # hold cores the others need (persimmon.cpu); the variable must be there before the actor loads torch
         env = passive_wait_env()
         self.remote = ray.remote(concurrency_groups=CONCURRENCY_GROUPS, max_restarts=0)(ShardWorker).options(
             scheduling_strategy="SPREAD", **({"runtime_env": {"env_vars": env}} if env else {}), **resources)
         self.resources = resources
-        self.refs: dict[Any, tuple[str, Actor]] = {}  # object ref -> (kind, actor)
+        self.refs: dict[Any, tuple[Reply, Actor]] = {}  # object ref -> (what it answers, whose)
         self.pinged: dict[Actor, float] = {}  # actor -> when its outstanding ping was sent
         self.actors: dict[int, Actor] = {}
         self.numbers = 0
@@ -129,7 +140,6 @@ class Pool:
         self.gcs = GcsWatch(gcs_address())
         self.abandoned = False  # the cluster is gone: no more Ray calls
         self.deaths = 0
-        self.start_failures = 0
 
     # -- actors -------------------------------------------------------------------------------------------------
     def request(self, count: int) -> None:
@@ -138,7 +148,7 @@ class Pool:
             actor = Actor(self.remote.remote(*self.worker_args), self.numbers)
             self.actors[actor.number] = actor
             self.dispatcher.requested(actor)
-            self.refs[actor.handle.ready.remote()] = ("ready", actor)
+            self.refs[actor.handle.ready.remote()] = (Reply.READY, actor)
 
     def _forget(self, actor: Actor) -> None:
         self.actors.pop(actor.number, None)
@@ -202,15 +212,8 @@ class Pool:
             self.on_note(f"{stalled.actor}: {stalled.reason}; killed, its work is redone on a fresh actor")
             self.kill(stalled.actor, stalled=True)
             decisions += self.dispatcher.lost(stalled.actor, stalled.reason)
-        for actor in self.dispatcher.unplaced():
+        for actor in self.dispatcher.give_up_unplaced():  # raises ClusterFailed when none is left
             self.kill(actor)
-            self.dispatcher.lost(actor, "not placed")
-            self.target -= 1  # the cluster has no room for it: asking again would wait as long
-            if not self.actors:
-                self.abandoned = False
-                raise ClusterFailed(f"no actor could be placed on the cluster in {self.dispatcher.placement_timeout:.0f}"
-                                    f" s (each needs {self.resources}; e.g. no GPU node joined); what is committed "
-                                    "is kept: rerun the same command to resume")
             self.on_note(f"{actor} could not be placed in {self.dispatcher.placement_timeout:.0f} s: going on with "
                          f"{len(self.actors)} actors")
         self._replace()
@@ -225,7 +228,7 @@ class Pool:
                 ref = actor.handle.merge.remote(task.shard, task.temps)
             else:
                 ref = actor.handle.process.remote(task, self.dispatcher.actors[actor].token)
-            self.refs[ref] = ("work", actor)
+            self.refs[ref] = (Reply.WORK, actor)
 
     def _ping(self) -> None:
         interval = min(2.0, self.dispatcher.timeout / 5)
@@ -233,12 +236,12 @@ class Pool:
         for actor in list(self.actors.values()):
             if actor.pid is None or now - self.pinged.get(actor, 0.0) < interval:
                 continue
-            if any(kind == "ping" and a == actor for kind, a in self.refs.values()):
+            if any(kind == Reply.PING and a == actor for kind, a in self.refs.values()):
                 continue  # one outstanding ping per actor: an unanswered one is the signal
             self.pinged[actor] = now
-            self.refs[actor.handle.ping.remote()] = ("ping", actor)
+            self.refs[actor.handle.ping.remote()] = (Reply.PING, actor)
 
-    def _handle(self, ref, kind: str, actor: Actor) -> list:
+    def _handle(self, ref, kind: Reply, actor: Actor) -> list:
         try:
             value = ray.get(ref, timeout=10)
         except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError,
@@ -247,26 +250,19 @@ class Pool:
         except ray.exceptions.GetTimeoutError:
             return self._died(actor, TimeoutError("its result could not be fetched in 10 s"))
         except ray.exceptions.RayTaskError as exc:  # a bug in the worker: the unit failed, the actor lives
-            if kind in ("work",):
+            if kind == Reply.WORK:
                 return self.dispatcher.record(actor, UnitResult(False, error=f"{type(exc).__name__}: "
                                                                              f"{str(exc)[:300]}"))
             return self._died(actor, exc)
-        if kind == "ready":
+        if kind == Reply.READY:
             actor.pid, actor.machine, actor.node = value["pid"], value["machine"], value["node"]
             self.dispatcher.placed(actor)
-            self.refs[actor.handle.load.remote()] = ("load", actor)
-        elif kind == "load":
+            self.refs[actor.handle.load.remote()] = (Reply.LOAD, actor)
+        elif kind == Reply.LOAD:
+            self.dispatcher.load_ended(actor, value)  # raises JobFailed when no actor could load the model
             if value.ok:
-                self.dispatcher.loaded(actor)
                 self.loaded_once.set()
-            elif value.fatal:
-                self.dispatcher.fatal = value
-                self.dispatcher.stop(value.error)
-            else:
-                self.kill(actor)
-                self.dispatcher.lost(actor, value.error)
-                raise JobFailed(f"the workers could not load the model: {value.error}")
-        elif kind == "ping":
+        elif kind == Reply.PING:
             self.pinged[actor] = time.monotonic()
             self.dispatcher.heartbeat(actor, value["rows"], value["busy_for"], value["slowest"])
         else:
@@ -277,15 +273,8 @@ class Pool:
     def _died(self, actor: Actor, exc: BaseException) -> list:
         reason = describe_death(exc)
         self.deaths += 1
-        record = self.dispatcher.actors.get(actor)
-        if record is not None and record.state in (ActorState.REQUESTED, ActorState.LOADING):
-            self.start_failures += 1  # died before it could take any work
-            if self.start_failures >= self.dispatcher.max_attempts * max(1, self.target):
-                self._forget(actor)
-                self.dispatcher.lost(actor, reason)
-                raise JobFailed(f"the workers could not load the model: {reason}")
         self._forget(actor)
-        decisions = self.dispatcher.lost(actor, reason)
+        decisions = self.dispatcher.died(actor, reason)  # raises JobFailed past the start-up failure limit
         if not self.dispatcher.stopped:
             self.on_note(f"{actor}: {reason}; its work is redone on a fresh actor")
         self._check_nodes(reason)
@@ -309,14 +298,7 @@ class Pool:
                                 "what is committed is kept: rerun the same command to resume")
 
     def _replace(self) -> None:
-        """Keep the pool at its size while there is work for more actors."""
-        if self.dispatcher.stopped:
-            return
-        present = len(self.actors)
-        wanted = min(self.target - present, self.dispatcher.wants_actors())
+        """Request the actors the dispatcher asks for (raises ClusterFailed when none is left)."""
+        wanted = self.dispatcher.to_request()
         if wanted > 0:
             self.request(wanted)
-        if not self.actors and not self.dispatcher.finished:
-            raise ClusterFailed("no actor could be placed on the cluster for "
-                                f"{self.dispatcher.placement_timeout:.0f} s (resources per actor: "
-                                f"{self.resources}); what is committed is kept: rerun the same command to resume")

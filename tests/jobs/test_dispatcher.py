@@ -4,6 +4,9 @@ clock (milliseconds per test)."""
 from __future__ import annotations
 
 
+import pytest
+
+from jobs.errors import ClusterFailed, JobFailed
 from jobs.execution.dispatcher import (STALL_FLOOR, Commit, Dispatcher, Failure, Fatal, MergeTask, UnitResult)
 from jobs.output.plan import WorkUnit
 
@@ -160,6 +163,79 @@ def test_actors_not_placed_in_time_are_given_up():
     assert d.unplaced() == [0]
     d.lost(0, "not placed")
     assert d.live() == 0 and d.wants_actors() == 1
+
+
+def test_an_unplaced_actor_shrinks_the_pool_and_the_last_one_ends_the_job():
+    clock = Clock()
+    d = Dispatcher([WorkUnit("a"), WorkUnit("b"), WorkUnit("c")], placement_timeout=300, clock=clock, target=2,
+                   needs="{'num_gpus': 1}")
+    assert d.to_request() == 2
+    d.requested(0)
+    d.requested(1)
+    d.placed(1)
+    d.loaded(1)
+    clock.now += 301
+    assert d.give_up_unplaced() == [0]  # the cluster has no room for it: asking again would wait as long
+    assert d.target == 1 and d.to_request() == 0  # one actor left, and the pool is its size
+    d.requested(2)  # e.g. the last actor, replaced after a death, is not placed either
+    d.actors.pop(1)
+    clock.now += 301
+    with pytest.raises(ClusterFailed, match=r"no actor could be placed .* \(each needs \{'num_gpus': 1\}\)"):
+        d.give_up_unplaced()
+
+
+def test_a_dead_actor_is_replaced_while_work_is_left_and_none_when_stopped():
+    d = Dispatcher([WorkUnit("a"), WorkUnit("b")], target=1)
+    assert d.to_request() == 1  # none requested yet: the first request is the pool
+    d.requested(0)
+    d.placed(0)
+    d.loaded(0)
+    d.next(0)
+    d.died(0, "actor died: its process exited")
+    assert d.to_request() == 1  # its unit is queued again: a fresh actor
+    d.stop("the lease was lost")
+    assert d.to_request() == 0
+    d = Dispatcher([WorkUnit("a")], target=1)
+    d.requested(0)
+    d.lost(0, "not placed")
+    d.target = 0  # every actor given up as unplaced (give_up_unplaced says so itself first)
+    with pytest.raises(ClusterFailed):
+        d.to_request()
+
+
+def test_a_failed_load_fails_the_job_and_a_changed_model_stops_it():
+    d = Dispatcher([WorkUnit("a")], target=2)
+    for a in (0, 1):
+        d.requested(a)
+        d.placed(a)
+    d.load_ended(0, UnitResult(True))
+    assert d.idle() == [0]
+    with pytest.raises(JobFailed, match="could not load the model: no such file"):
+        d.load_ended(1, UnitResult(False, error="no such file"))
+    d = Dispatcher([WorkUnit("a")], target=1)
+    d.requested(0)
+    d.placed(0)
+    changed = UnitResult(False, error="the model changed", fatal=Fatal.MODEL_CHANGED)
+    d.load_ended(0, changed)
+    assert d.stopped == "the model changed" and d.fatal is changed
+
+
+def test_actors_dying_before_they_take_work_fail_the_job_at_max_attempts_per_actor():
+    d = Dispatcher([WorkUnit("a")], max_attempts=2, target=2)
+    number = 0
+    for death in range(3):  # 2 attempts x 2 actors: the fourth death ends the job
+        d.requested(number)
+        assert d.died(number, "actor died: its process exited") == []
+        number += 1
+    d.requested(number)
+    d.placed(number)  # loading the model counts too
+    with pytest.raises(JobFailed, match="could not load the model: actor died"):
+        d.died(number, "actor died: its process exited")
+    # one that died while busy is a unit's attempt, not a start-up failure
+    d, _ = with_actors([WorkUnit("a")], n=1, max_attempts=1, target=1)
+    d.next(0)
+    [failure] = d.died(0, "actor died: out of memory")
+    assert failure.attempts == 1 and d.start_failures == 0
 
 
 def test_a_unit_of_a_lost_actor_counts_an_attempt_and_fails_at_the_limit():
