@@ -27,6 +27,7 @@ from pipelines.tasks import TASKS
 from .errors import (EXIT_FAILED, EXIT_INCOMPLETE, EXIT_OK, EXIT_USAGE, BatchError, ClusterFailed, ShardState,
                      UsageError)
 from .execution.cluster_auth import use_token_auth
+from .execution.signals import signal_of
 from .spec import JobSpec, RunnerSettings
 
 DEBUG = {"on": bool(os.environ.get("PERSIMMON_BATCH_DEBUG"))}
@@ -252,17 +253,12 @@ def with_options(**groups: type[Options]):
                 built[name] = cls(**values)
                 problems += [_flag(p.split(":", 1)[0]) + ":" + p.split(":", 1)[1] for p in built[name].problems()]
             if problems:
-                _fail("; ".join(problems))
+                raise UsageError("; ".join(problems))
             return func(**kwargs, **built)
 
         command.__signature__ = base.replace(parameters=fixed + extra)
         return command
     return wrap
-
-
-def _fail(message: str, code: int = EXIT_USAGE) -> None:
-    typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(code)
 
 
 def _run(spec: JobSpec, exit_at_end: bool = True) -> int:
@@ -357,8 +353,9 @@ def train_head(
                          features, penalty, options, runner)
     try:
         run_train_head(spec, lambda embed: _run(embed, exit_at_end=False), typer.echo)
-    except KeyboardInterrupt:  # while fitting or writing: the features are kept, the output is untouched
-        _fail("interrupted: rerun the same command (the features computed so far are kept)", code=130)
+    except KeyboardInterrupt as exc:  # while fitting or writing: the features are kept, the output is untouched
+        typer.echo("interrupted: rerun the same command (the features computed so far are kept)", err=True)
+        raise typer.Exit(128 + signal_of(exc)) from None
 
 
 JobFile = Annotated[Path, typer.Argument(help="A job file (TOML).", exists=True, dir_okay=False, resolve_path=True)]
@@ -450,7 +447,7 @@ def submit(
     except AlreadySubmitted:
         raise
     except (ConnectionError, RuntimeError) as exc:
-        _fail(f"cannot submit to {address}: {one_line(exc)}")
+        raise UsageError(f"cannot submit to {address}: {one_line(exc)}") from None
     typer.echo(f"submitted {sid}")
     if wait and not follow_job(sid, address):
         raise typer.Exit(1)
