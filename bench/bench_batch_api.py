@@ -30,7 +30,8 @@ def main() -> None:
     args = ap.parse_args()
 
     from jobs.corpus import paragraphs
-    from jobs.output.formats import REQUEST_COLUMNS, ParquetSink, RequestSink
+    from jobs.inputs.formats import REQUEST_COLUMNS
+    from jobs.output.sinks import ParquetSink, RequestSink
     from pipelines import GenerationPipeline
     from pipelines.batch_api import OpenAIBatchPipeline
 

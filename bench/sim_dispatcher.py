@@ -26,7 +26,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from jobs.execution.dispatcher import Cancel, Dispatcher, UnitResult  # noqa: E402
-from jobs.output.plan import WorkUnit  # noqa: E402
+from jobs.planning.units import WorkUnit  # noqa: E402
 
 STEP = 2.0  # simulated seconds between the pool's steps
 MEDIAN_SECONDS = 60.0  # a unit's median duration

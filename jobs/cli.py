@@ -265,7 +265,7 @@ def _run(spec: JobSpec, exit_at_end: bool = True) -> int:
     """Run one job; returns its exit status (0, 1 failed shards, 75 output busy, 128 + signal when stopped)
     or exits with it. A job refused or failed under way raises its BatchError (the handler reports it)."""
     use_token_auth(spec.runner.address)  # before Ray is imported: it reads RAY_AUTH_MODE then
-    from .resolve import resolve_job
+    from .planning.resolve import resolve_job
 
     job = resolve_job(spec)  # every check, once, before Ray is imported
     from .runner import run_job
@@ -483,10 +483,10 @@ def schedule(
 def status(output: Annotated[str, typer.Argument(help="A job's output directory.")]) -> None:
     """What is done, what is left, what failed, with row counts. Exit status: 0 complete, 1 shards failed,
     3 incomplete (shards left to do), 2 no job's output there."""
-    from .output.discovery import resolve
+    from .output.paths import resolve
     from .output.lease import OutputLease
     from .output.manifest import Manifest
-    from .output.plan import missing_outputs
+    from .planning.plan import missing_outputs
 
     fs, base = resolve(output)
     manifest = Manifest.load(fs, base)

@@ -23,7 +23,7 @@ from pipelines.options import ClassifyOptions, did_you_mean
 from pipelines.tasks import TASK_OPTIONS
 
 from .errors import UsageError
-from .output.formats import TABULAR
+from .inputs.formats import TABULAR
 from .spec import TASKS, JobSpec, RunnerSettings
 
 TOP = {"name": str, "task": str, "model": str, "input": str, "output": str, "text_column": str, "date": str,

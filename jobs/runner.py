@@ -4,7 +4,7 @@
    not inside the input or another job's output, holding nothing of anyone else's), the model (checksum and
    pin of its files).
 2. The output's lease (one owner per output, for every command); under it, the manifest is read again, the
-   ownership checked again, and the run planned (jobs/output/plan.py).
+   ownership checked again, and the run planned (jobs/planning/plan.py).
 3. Ray is started here or joined (execution/cluster.py); only then is the manifest written (a run refused by
    the cluster leaves nothing behind in an output it created).
 4. The dispatcher (policy) and the pool (Ray) process the units; each finished unit is committed (atomic
@@ -35,13 +35,16 @@ from .execution.progress import Progress
 from .execution.results import JobResult, result_of
 from .execution.signals import StopSignals, signal_of
 from .execution.submit import AlreadySubmitted, follow_job, submission_id, submit_job
-from .output import formats
+from .inputs.discovery import ShardInfo, inspect_shard
+from .inputs.formats import REQUESTS
+from .output.sinks import companions, request_counts
 from .output.commit import commit, remove_file, remove_temporaries
-from .output.discovery import ShardInfo, absolute, inspect_shard, join
+from .output.paths import absolute, join
 from .output.lease import OutputLease
 from .output.manifest import Manifest
-from .output.plan import Plan, missing_outputs, plan_run, plan_units, size_for_pool
-from .resolve import ResolvedJob, output_columns, read_manifest, resolve_job
+from .planning.plan import Plan, missing_outputs, plan_run
+from .planning.resolve import ResolvedJob, output_columns, read_manifest, resolve_job
+from .planning.units import plan_units, size_for_pool
 from .spec import JobSpec
 
 __all__ = ["AlreadySubmitted", "JobConflict", "JobResult", "OutputBusy", "follow_job", "run_job", "signal_of",
@@ -162,8 +165,8 @@ def _finish(manifest: Manifest, result: JobResult, spec: JobSpec, lease: OutputL
                                 "startup_seconds": round(result.startup_seconds, 3),
                                 "startup_parts": {k: round(v, 3) for k, v in result.startup_parts.items()},
                                 "backups": result.backups}
-    if spec.input_format == formats.REQUESTS:  # OpenAI's batch object counts requests, over the whole job
-        manifest.data["summary"]["request_counts"] = formats.request_counts(totals)
+    if spec.input_format == REQUESTS:  # OpenAI's batch object counts requests, over the whole job
+        manifest.data["summary"]["request_counts"] = request_counts(totals)
     manifest.data["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     try:
         lease.confirm(force=True)
@@ -308,7 +311,7 @@ class JobRun:
         entry.pop("input_identity", None)
         if decision.identity is not None:
             entry["input_identity"] = decision.identity
-        temps, finals = formats.companions(decision.temp, fmt), formats.companions(final, fmt)
+        temps, finals = companions(decision.temp, fmt), companions(final, fmt)
         if len(finals) > 1:  # files without metadata: journal the commit before moving them (manifest.py)
             sizes = [self.out_fs.get_file_info(join(self.out_base, t)).size for t in temps]
             self.manifest.mark_committing(decision.shard, {**entry, "size": sizes[0], "companions": {
@@ -332,7 +335,7 @@ class JobRun:
 
     def _discard(self, temp: str) -> None:
         """A backup's twin finished too: its file is nobody's (the end of the run would remove it anyway)."""
-        for name in formats.companions(temp, formats.REQUESTS if temp.endswith(".jsonl") else "parquet"):
+        for name in companions(temp, REQUESTS if temp.endswith(".jsonl") else "parquet"):
             try:
                 self.out_fs.delete_file(join(self.out_base, name))
             except OSError:

@@ -69,7 +69,7 @@ class JobSpec:
                                                for p in (str(self.model), str(self.input), str(self.output)))
         if self.task not in TASKS:
             raise ValueError(f"task must be one of {TASKS}, got {self.task!r}")
-        from .output.formats import REQUESTS, check_format
+        from .inputs.formats import REQUESTS, check_format
 
         if REGISTRY[self.task].requests:
             self.input_format = REQUESTS

@@ -29,7 +29,8 @@ from pipelines.options import EmbedOptions, ModelOptions
 from pipelines.schema import is_text_type
 
 from .errors import BatchError, UsageError
-from .output.discovery import absolute, discover, join, resolve
+from .inputs.discovery import discover
+from .output.paths import absolute, join, resolve
 from .output.lease import LEASE_DIR
 from .output.ownership import check_train_head_folder
 from .spec import JobSpec, RunnerSettings
@@ -72,7 +73,7 @@ class TrainHeadSpec:
         if self.runner.address is not None:
             raise TrainHeadError("on a cluster, give --features DIR: a folder every node can write "
                                  "(shared storage or an object store URI) for the rows' features")
-        from .output.checksum import cache_dir
+        from .output.paths import cache_dir
 
         key = json.dumps([str(Path(self.base).resolve()), absolute(self.input), self.text_column])
         return str(cache_dir() / "features" / hashlib.sha256(key.encode()).hexdigest()[:16])

@@ -44,7 +44,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Hashable
 
 from ..errors import ClusterFailed, JobFailed
-from ..output.plan import WorkUnit
+from ..planning.units import WorkUnit
 
 # the counters a work unit's result carries (summed over slices and over the job by the runner)
 UNIT_COUNTS = ("rows", "errors", "truncated", "real_tokens", "padded_tokens", "generated_tokens", "nonfinite")

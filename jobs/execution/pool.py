@@ -24,7 +24,7 @@ import ray
 from persimmon.cpu import passive_wait_env
 
 from ..errors import ClusterFailed
-from ..output.lease import _machine
+from ..output.lease import this_machine
 from .dispatcher import Cancel, Commit, Discard, Dispatcher, Failure, MergeTask, UnitResult
 from .worker import CONCURRENCY_GROUPS, ShardWorker
 
@@ -164,7 +164,7 @@ class Pool:
             ray.kill(actor.handle, no_restart=True)
         except Exception:
             pass
-        if stalled and actor.pid and actor.machine == _machine():
+        if stalled and actor.pid and actor.machine == this_machine():
             try:
                 os.kill(actor.pid, signal.SIGKILL)
             except (ProcessLookupError, PermissionError):

@@ -7,9 +7,9 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from ..errors import EXIT_BUSY, EXIT_FAILED, EXIT_OK
-from ..output import formats
-from ..output.discovery import Discovery
-from ..output.plan import Plan
+from ..inputs.discovery import Discovery
+from ..inputs.formats import REQUESTS
+from ..planning.plan import Plan
 
 LISTED = 20  # shards named one by one in a summary section before "and N more"
 
@@ -107,7 +107,7 @@ def result_of(input_format: str | None, plan: Plan, discovery: Discovery, takeov
     result.done = result.skipped
     result.notes = [takeover] if takeover else []
     if discovery.skipped:
-        kinds = ".jsonl" if input_format == formats.REQUESTS else ".parquet, .csv or .jsonl"
+        kinds = ".jsonl" if input_format == REQUESTS else ".parquet, .csv or .jsonl"
         names = ", ".join(discovery.skipped_names)
         more = f" and {discovery.skipped - len(discovery.skipped_names)} more" if discovery.skipped > len(
             discovery.skipped_names) else ""

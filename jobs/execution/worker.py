@@ -25,12 +25,13 @@ import ray
 from pipelines.schema import INPUT_ERROR
 
 from ..errors import ModelChanged
-from ..output.checksum import check_pin
-from ..output import formats
+from ..inputs.checksum import check_pin
+from ..inputs import formats
+from ..output import sinks
 from ..output.commit import META_FINGERPRINT, META_IDENTITY, META_INPUT, temporary_name
-from ..output.discovery import join
-from ..output.lease import _machine
-from ..output.plan import WorkUnit
+from ..output.paths import join
+from ..output.lease import this_machine
+from ..planning.units import WorkUnit
 from ..spec import JobSpec
 from .dispatcher import UNIT_COUNTS, Fatal, UnitResult
 
@@ -135,7 +136,7 @@ class ShardWorker:
     @ray.method(concurrency_group="control")
     def ready(self) -> dict[str, Any]:
         """Placed: where this actor runs (the pool kills a stalled one by pid when it is on the driver's machine)."""
-        return {"pid": os.getpid(), "machine": _machine(), "node": self.node}
+        return {"pid": os.getpid(), "machine": this_machine(), "node": self.node}
 
     @ray.method(concurrency_group="control")
     def ping(self) -> dict[str, float]:
@@ -188,12 +189,12 @@ class ShardWorker:
         self._rows, self._progress_at, self._token = 0, time.monotonic(), token
         before = self.pipeline.stats.as_dict()
         fmt = formats.shard_format(unit.shard, self.spec.input_format)
-        temp = temporary_name(unit.key, self.run_id, formats.temporary_suffix(fmt))
+        temp = temporary_name(unit.key, self.run_id, sinks.temporary_suffix(fmt))
         try:
             rows = self._run(unit, temp, fmt)
             check_pin(self.spec.model, self.pin)  # weights read through a memory map change with the file
         except Exception as exc:  # a bad shard is a result to report, not a crash of the actor
-            for name in formats.companions(temp, fmt):
+            for name in sinks.companions(temp, fmt):
                 self._discard(name)
             return failed(exc)
         after = self.pipeline.stats.as_dict()
@@ -256,7 +257,7 @@ class ShardWorker:
                         META_INPUT: unit.shard.encode(), META_IDENTITY: json.dumps(unit.identity).encode()}
             metadata.pop(b"pandas", None)  # describes the input's columns, not ours
             self.out_fs.create_dir(join(self.out_base, temp).rsplit("/", 1)[0], recursive=True)
-            sink = formats.sink_for(fmt, self.out_fs, join(self.out_base, temp))
+            sink = sinks.sink_for(fmt, self.out_fs, join(self.out_base, temp))
             rows = 0
             self.pipeline.on_rows, self.pipeline.on_progress = self._on_rows, self._on_progress
             try:

@@ -14,7 +14,7 @@ import uuid
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from .discovery import join
+from .paths import join
 
 TEMPORARY = "_temporary"
 META_FINGERPRINT = b"persimmon_batch.fingerprint"

@@ -74,7 +74,7 @@ def _boot_id() -> str:
     return _read("/proc/sys/kernel/random/boot_id")
 
 
-def _machine() -> str:
+def this_machine() -> str:
     """hostname + boot id + pid namespace: where a pid means the same process (containers on one host that
     share a hostname still differ in their pid namespace)."""
     try:
@@ -103,7 +103,7 @@ class Holder:
     host: str = field(default_factory=socket.gethostname)
     pid: int = field(default_factory=os.getpid)
     process_start: str = field(default_factory=lambda: _process_start(os.getpid()))
-    machine: str = field(default_factory=_machine)
+    machine: str = field(default_factory=this_machine)
     started_at: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
     ttl: float = 120.0
     command: str = ""  # what holds it: classify, train-head, ...
@@ -120,7 +120,7 @@ class Holder:
         return f"host {self.host}, pid {self.pid}, run {self.run_id}, started {self.started_at}{what}"
 
     def local(self) -> bool:
-        return self.machine == _machine()
+        return self.machine == this_machine()
 
     def gone(self) -> bool:
         """True when the holder ran on this machine and its process no longer exists."""
@@ -132,7 +132,7 @@ class Observations:
     boot's clock) it was first seen with them. A record seen unchanged by several runs in a row adds up."""
 
     def __init__(self, folder: Path | None = None) -> None:
-        from .checksum import cache_dir
+        from .paths import cache_dir
 
         self.path = (folder or cache_dir()) / "lease-observations.json"
 

@@ -21,7 +21,7 @@ import pyarrow.fs as pafs
 
 from ..errors import ForeignOutput, ShardState
 from .commit import write_whole
-from .discovery import join
+from .paths import join
 
 MANIFEST = "_manifest.json"
 SUCCESS = "_SUCCESS"

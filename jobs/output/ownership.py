@@ -21,7 +21,7 @@ import pyarrow.fs as pafs
 
 from ..errors import ForeignOutput
 from .commit import TEMPORARY
-from .discovery import join
+from .paths import join
 from .lease import LEASE_DIR, LEASE_NAME
 from .manifest import JOURNAL, JOURNAL_NAME, MANIFEST, SUCCESS, WRITE_LEFTOVER, Manifest
 

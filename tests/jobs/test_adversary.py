@@ -516,7 +516,7 @@ def test_11_unreadable_and_odd_inputs_are_one_line(demo, tmp_path):
     (input / "proc").symlink_to("/proc/self", target_is_directory=True)
     listed = runner.invoke(app, ["status", str(out)])  # nothing written: no manifest
     assert listed.exit_code == 2
-    from jobs.output.discovery import discover
+    from jobs.inputs.discovery import discover
 
     assert len(discover(str(input)).shards) == 4  # the link into /proc is not walked
     (input / "proc").unlink()

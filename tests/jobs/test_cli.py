@@ -168,7 +168,7 @@ def test_the_driver_plans_without_torch(demo_root):
     code = (
         "import sys\n"
         "from jobs.cli import app\n"
-        "from jobs.resolve import output_columns\n"
+        "from jobs.planning.resolve import output_columns\n"
         "from jobs.spec import JobSpec\n"
         "from persimmon.config import PersimmonConfig\n"
         "from persimmon.files import load_dtype\n"

@@ -8,7 +8,7 @@ import pytest
 
 from jobs.errors import ClusterFailed, JobFailed
 from jobs.execution.dispatcher import (STALL_FLOOR, Commit, Dispatcher, Failure, Fatal, MergeTask, UnitResult)
-from jobs.output.plan import WorkUnit
+from jobs.planning.units import WorkUnit
 
 
 class Clock:

@@ -12,7 +12,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import pytest
 
-from jobs.output import formats
+from jobs.inputs import formats
 from tests.jobs.conftest import classify, manifest_of, run_here
 
 
@@ -130,7 +130,7 @@ def test_request_lines_are_read_to_the_planned_size_and_an_overlong_line_is_held
     Read as a job's worker opens a shard: open_source bounded by the planned size, then read_requests."""
     import pyarrow.fs as pafs
 
-    from jobs.output.formats import open_source, read_requests
+    from jobs.inputs.formats import open_source, read_requests
     from pipelines.schema import MAX_LINE_BYTES
 
     planned = b'{"a": 1}\n' + b"x" * (20 << 20) + b'\n{"b": 2}\n\n{"c": 3}'

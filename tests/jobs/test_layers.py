@@ -1,6 +1,6 @@
-"""The package boundaries hold: the storage layer (jobs/output) and the resolving of a job (jobs/resolve.py,
-what the CLI runs before it imports Ray) import with neither Ray nor torch present, and the dispatcher (the
-runner's policy) with no Ray."""
+"""The package boundaries hold: the storage layer (jobs/output), the inputs layer (jobs/inputs) and the
+planning layer (jobs/planning: the job resolved before the CLI imports Ray, the plan, the work units) import
+with neither Ray nor torch present; so do the two policies, the run's dispatcher and the engine's scheduler."""
 
 from __future__ import annotations
 
@@ -20,15 +20,18 @@ def imports_without(blocked: set[str], modules: list[str]) -> subprocess.Complet
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
 
 
-def test_the_storage_layer_needs_neither_ray_nor_torch():
-    modules = ["jobs.output.discovery", "jobs.output.commit", "jobs.output.manifest", "jobs.output.lease",
-               "jobs.output.ownership", "jobs.output.plan", "jobs.output.checksum", "jobs.errors", "jobs.resolve"]
+def test_storage_inputs_and_planning_need_neither_ray_nor_torch():
+    modules = ["jobs.output.paths", "jobs.output.sinks", "jobs.output.commit", "jobs.output.manifest",
+               "jobs.output.lease", "jobs.output.ownership", "jobs.inputs.discovery", "jobs.inputs.formats",
+               "jobs.inputs.checksum", "jobs.planning.units", "jobs.planning.plan", "jobs.planning.resolve",
+               "jobs.errors"]
     result = imports_without({"ray", "torch"}, modules)
     assert result.returncode == 0 and "imported" in result.stdout, result.stderr
 
 
-def test_the_policy_needs_no_ray():
-    result = imports_without({"ray", "torch"}, ["jobs.execution.dispatcher"])
+def test_the_policies_need_neither_ray_nor_torch():
+    """The run's dispatcher and the engine's slot scheduler: tested on made-up results in milliseconds."""
+    result = imports_without({"ray", "torch"}, ["jobs.execution.dispatcher", "persimmon.scheduler"])
     assert result.returncode == 0, result.stderr
 
 

@@ -21,7 +21,7 @@ from jobs.runner import JobConflict, run_job
 from tests.jobs.conftest import add_shards, descendants, process_title
 from jobs.output.manifest import MANIFEST, SUCCESS, Manifest
 from jobs.output.commit import TEMPORARY
-from jobs.output.discovery import resolve
+from jobs.output.paths import resolve
 from jobs.spec import JobSpec, RunnerSettings
 from pipelines import ClassificationPipeline, EmbeddingPipeline
 

@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from jobs.output.lease import OutputBusy, OutputLease
-from jobs.output.discovery import resolve
+from jobs.output.paths import resolve
 from tests.jobs.conftest import add_shards, classify, cli, run, run_here
 
 moto_server = pytest.importorskip("moto.server")

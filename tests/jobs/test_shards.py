@@ -10,10 +10,11 @@ import pyarrow.parquet as pq
 import pytest
 
 from jobs.errors import UsageError
-from jobs.output import checksum
-from jobs.output.discovery import discover, inspect_shard, output_overlap, resolve
+from jobs.inputs import checksum
+from jobs.inputs.discovery import discover, inspect_shard, output_overlap
+from jobs.output.paths import resolve
 from jobs.execution.worker import rows_of
-from jobs.output.plan import plan_units, size_for_pool
+from jobs.planning.units import plan_units, size_for_pool
 
 
 def shard(path: Path, rows: int = 3, row_group_size: int | None = None) -> None:

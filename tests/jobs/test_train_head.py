@@ -165,7 +165,7 @@ def test_what_train_head_may_replace(tmp_path, causal_model):
     metrics.json, files added to an earlier output, another job's output given as --features, or an output
     another train-head is writing."""
     from jobs.output.lease import OutputBusy, OutputLease
-    from jobs.output.discovery import resolve
+    from jobs.output.paths import resolve
     from jobs.train_head import TrainHeadError, TrainHeadSpec, train_head
 
     labeled(tmp_path / "labeled", rows=40)

@@ -22,69 +22,17 @@ import os
 import re
 import stat
 from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
+from pathlib import PurePosixPath
 from typing import Any
 
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from ..errors import UsageError
+from ..output.paths import existing_chain, folder_key, inside, join, resolve
 
 GLOB_CHARS = "*?["
 PSEUDO_FILESYSTEMS = ("/proc", "/sys", "/dev")
-
-
-def expand(uri: str) -> str:
-    """A local path with `~` expanded; a URI as it is."""
-    return uri if "://" in uri else os.path.expanduser(uri)
-
-
-def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
-    """(filesystem, path) for a local path or a URI pyarrow understands. Local paths are expanded (`~`) and
-    resolved through symlinks."""
-    if "://" in uri:
-        try:
-            return pafs.FileSystem.from_uri(uri)
-        except (ValueError, OSError) as exc:  # pyarrow: ArrowInvalid (a ValueError) for an unknown scheme
-            raise UsageError(f"cannot open {uri}: {exc}") from None
-    return pafs.LocalFileSystem(), os.path.realpath(expand(uri))
-
-
-def absolute(uri: str) -> str:
-    """A local path made absolute (`~` expanded, symlinks resolved); a URI as it is."""
-    return uri if "://" in uri else str(Path(expand(uri)).resolve())
-
-
-def join(base: str, rel: str) -> str:
-    return f"{base.rstrip('/')}/{rel}" if base else rel
-
-
-def inside(path: str, folder: str) -> bool:
-    """Whether `path` is `folder` or below it (plain path comparison: object stores have no links)."""
-    path, folder = path.rstrip("/"), folder.rstrip("/")
-    return path == folder or path.startswith(folder + "/")
-
-
-def folder_key(path: str) -> tuple[int, int] | None:
-    """(device, inode) of a local folder, None if it does not exist."""
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return (st.st_dev, st.st_ino) if stat.S_ISDIR(st.st_mode) else None
-
-
-def existing_chain(path: str) -> list[tuple[str, tuple[int, int]]]:
-    """The folder `path` (if it exists) and each existing folder above it, with their (device, inode)."""
-    chain, current = [], os.path.abspath(path)
-    while True:
-        key = folder_key(current)
-        if key is not None:
-            chain.append((current, key))
-        parent = os.path.dirname(current)
-        if parent == current:
-            return chain
-        current = parent
 
 
 def _hidden(name: str) -> bool:
@@ -142,7 +90,7 @@ class Discovery:
 
     def output(self, shard: str) -> str:
         """The output file a shard's results are committed to, relative to the output folder."""
-        from .formats import output_name
+        from ..output.sinks import output_name
 
         return output_name(shard, self.format_of(shard))
 
@@ -298,7 +246,8 @@ def discover(uri: str, output: tuple[pafs.FileSystem, str] | None = None, input_
     if not found.shards:
         kinds = NAMES.get(input_format) or "Parquet, CSV or JSON Lines"
         raise UsageError(f"no {kinds} files in input {uri}")
-    from .formats import ERRORS_SUFFIX, companions
+    from ..output.sinks import companions
+    from .formats import ERRORS_SUFFIX
 
     outputs: dict[str, str] = {}  # every file an input's output is made of (openai-batch: its errors file too)
     for rel in found.shards:
@@ -357,7 +306,7 @@ def _remote_candidates(found: Discovery, path: str, exclude_path: str | None) ->
 def output_overlap(discovery: Discovery, out_fs: pafs.FileSystem, out_base: str) -> str | None:
     """Why writing to out_base would overwrite the input (or feed outputs back into it), or None. Locally
     decided by folder identity (device, inode), so a link or a bind mount does not hide the overlap."""
-    from .formats import companions
+    from ..output.sinks import companions
 
     if out_fs.type_name != discovery.fs.type_name:
         return None

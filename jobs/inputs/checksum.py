@@ -27,15 +27,10 @@ from typing import Any
 from persimmon.files import model_files
 
 from ..errors import ModelChanged
+from ..output.paths import cache_dir
 
 CHUNK = 8 << 20
 LOUD = 1 << 30  # files big enough that hashing them is worth a line on stderr
-
-
-def cache_dir() -> Path:
-    if os.environ.get("PERSIMMON_BATCH_CACHE"):
-        return Path(os.environ["PERSIMMON_BATCH_CACHE"])
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "persimmon-batch"
 
 
 def _stat(file: Path) -> dict[str, int]:

@@ -9,13 +9,14 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import ForeignOutput, UsageError
-from .output.checksum import model_checksum, pin_model
-from .output.discovery import Discovery, discover, output_overlap, resolve
-from .output.manifest import Manifest
-from .output.ownership import enclosing_job, system_folder
-from .output.plan import check_ownership, check_text_column, list_output
-from .spec import JobSpec
+from ..errors import ForeignOutput, UsageError
+from ..inputs.checksum import model_checksum, pin_model
+from ..inputs.discovery import Discovery, discover, output_overlap
+from ..output.manifest import Manifest
+from ..output.ownership import enclosing_job, system_folder
+from ..output.paths import resolve
+from .plan import check_ownership, check_text_column, list_output
+from ..spec import JobSpec
 
 
 @dataclass
