@@ -42,12 +42,12 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from persimmon import PersimmonForCausalLM, PersimmonTokenizer, SamplingParams, __version__
+from persimmon import PersimmonForCausalLM, SamplingParams, __version__
 from persimmon.engine import GenerationEngine, Request
 from persimmon.sampling import MAX_LOGPROBS, FinishReason
 
-from .batching import (MAX_CHARS_PER_TOKEN, NONFINITE, EncodedRow, PipelineStats, ReportsRows, check_vocabulary,
-                       engine_stream, finite, load_model, pad_batch, plan_batches)
+from .batching import (MAX_CHARS_PER_TOKEN, NONFINITE, EncodedRow, ModelPipeline, checked_options, engine_stream,
+                       finite, pad_batch, plan_batches)
 from .embed import pool
 from .errors import one_line
 from .options import BatchAPIOptions
@@ -277,24 +277,17 @@ class _Batch:
     left: int
 
 
-class OpenAIBatchPipeline(ReportsRows):
+class OpenAIBatchPipeline(ModelPipeline):
     def __init__(self, model_dir: str | Path, options: BatchAPIOptions | None = None, *,
                  device: str | torch.device = "cpu", text_column: str | None = None, **overrides) -> None:
-        o = dataclasses.replace(options or BatchAPIOptions(), **overrides)
-        o.check()
-        self.options = o
-        self.device = torch.device(device)
-        self.tokenizer = PersimmonTokenizer.from_pretrained(model_dir)
-        self.model = load_model(PersimmonForCausalLM, model_dir, o.dtype, self.device)
-        self.config = self.model.config
-        check_vocabulary(self.tokenizer, self.config)
+        o = checked_options(options or BatchAPIOptions(), overrides)
+        self._load(model_dir, o, PersimmonForCausalLM, device, text_column)
         self.window = self.config.max_position_embeddings
         self.model_name = Path(model_dir).name
         self.vocabulary = None
         self.engine = GenerationEngine(
             self.model, o.max_new_tokens, decode=self.tokenizer.decode, kv_cache_bytes=o.kv_cache_bytes, prefill_tokens=o.batch_tokens,
             vocab_limit=self.tokenizer.vocab_size, pad_token_id=self.tokenizer.padding_id, compile=o.compile)
-        self.stats = PipelineStats()
         self.schema = OUTPUT
         self._seen: dict[str, int] = {}  # custom_id -> its line, over one stream (one input file)
 

@@ -7,6 +7,7 @@ scattered back to the input order by the caller. PaddingStats keeps the real and
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -296,3 +297,29 @@ def engine_stream(engine, batches, enqueue, drain, finish, beat=None):
         step()
         yield from ready()
     yield from ready()
+
+
+def checked_options(options, overrides: dict):
+    """A task's options with keyword overrides (`dtype="bfloat16"`), checked (ValueError lists each problem)."""
+    options = dataclasses.replace(options, **overrides)
+    options.check()
+    return options
+
+
+class ModelPipeline(ReportsRows):
+    """The start every pipeline shares (`_load`): its checked options; the tokenizer; the model in its dtype on
+    its device, fitted to the CPU (load_model), with a vocabulary that covers the tokenizer's; empty stats.
+    `_limit` fixes the tokens a row may have: the window less what the task reserves (ModelOptions)."""
+
+    def _load(self, model_dir, options, model_class, device, text_column: str | None) -> None:
+        self.options, self.text_column = options, text_column
+        self.device = torch.device(device)
+        self.tokenizer = PersimmonTokenizer.from_pretrained(model_dir)
+        self.model = load_model(model_class, model_dir, options.dtype, self.device)
+        self.config = self.model.config
+        check_vocabulary(self.tokenizer, self.config)
+        self.stats = PipelineStats()
+
+    def _limit(self, reserved: int = 0) -> int:
+        self.max_length = self.options.prompt_limit(self.config.max_position_embeddings, reserved=reserved)
+        return self.max_length

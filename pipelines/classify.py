@@ -8,7 +8,6 @@ prefill of the prompt (its KV cache is repeated across candidates, not recompute
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -16,16 +15,16 @@ from typing import Iterable, Iterator
 import pyarrow as pa
 import torch
 
-from persimmon import PersimmonForCausalLM, PersimmonForSequenceClassification, PersimmonTokenizer
+from persimmon import PersimmonForCausalLM, PersimmonForSequenceClassification
 from persimmon.engine import prefill_prefix, prefill_rows, shares_prefix
 
-from .batching import (EncodedRow, PipelineStats, ReportsRows, check_vocabulary, drop_nonfinite, encode_rows,
-                       load_model, pad_batch, plan_batches, text_column)
+from .batching import (EncodedRow, ModelPipeline, checked_options, drop_nonfinite, encode_rows, pad_batch,
+                       plan_batches, text_column)
 from .options import ZERO_SHOT_TEMPLATE, ClassifyOptions
 from .prompts import PromptTemplate
 from .schema import ZERO_SHOT, append_columns, classification_kind, classification_schema
 
-class ClassificationPipeline(ReportsRows):
+class ClassificationPipeline(ModelPipeline):
     def __init__(
         self,
         model_dir: str | Path,
@@ -39,20 +38,15 @@ class ClassificationPipeline(ReportsRows):
         """options (or the same names as keywords, e.g. dtype="bfloat16", max_length=2048): see ClassifyOptions.
         max_length: tokens per text (default: the model's max_position_embeddings); longer texts are cut on
         truncation_side. batch_tokens: padded tokens per forward pass. threshold: multi-label cut-off."""
-        o = dataclasses.replace(options or ClassifyOptions(), **overrides)
-        o.check()
+        o = checked_options(options or ClassifyOptions(), overrides)
         if padding_side not in ("left", "right"):
             raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
-        self.options = o
-        self.text_column = text_column
+        self.candidate_labels = list(o.candidate_labels) if o.candidate_labels else None
+        self._load(model_dir, o, PersimmonForSequenceClassification if self.candidate_labels is None
+                   else PersimmonForCausalLM, device, text_column)
         self.truncation_side, self.padding_side = o.truncation_side, padding_side
         self.batch_tokens, self.threshold = o.batch_tokens, o.threshold
-        self.device = torch.device(device)
-        self.tokenizer = PersimmonTokenizer.from_pretrained(model_dir)
-        self.stats = PipelineStats()
-        self.candidate_labels = list(o.candidate_labels) if o.candidate_labels else None
         if self.candidate_labels is not None:
-            self.model = load_model(PersimmonForCausalLM, model_dir, o.dtype, self.device)
             template = o.prompt_template or ZERO_SHOT_TEMPLATE
             self.template = PromptTemplate(template, labels=", ".join(self.candidate_labels))
             # the question and labels before {text}: prefilled once (its last piece may merge with the text)
@@ -63,13 +57,9 @@ class ClassificationPipeline(ReportsRows):
             self.kind = "zero_shot"
         else:
             self.label_ids = []
-            self.model = load_model(PersimmonForSequenceClassification, model_dir, o.dtype, self.device)
-            self.kind = classification_kind(self.model.config)
-            self.schema = classification_schema(self.model.config)
-        config = self.model.config
-        check_vocabulary(self.tokenizer, config)
-        longest_label = max((len(ids) for ids in self.label_ids), default=0)
-        self.max_length = o.prompt_limit(config.max_position_embeddings, reserved=longest_label)
+            self.kind = classification_kind(self.config)
+            self.schema = classification_schema(self.config)
+        self._limit(reserved=max((len(ids) for ids in self.label_ids), default=0))
         if self.candidate_labels is not None:
             self.template.check_fits(self.tokenizer, self.max_length)
 

@@ -8,7 +8,6 @@ the features `persimmon-batch train-head` fits a classifier head on.
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -17,10 +16,10 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from persimmon import PersimmonModel, PersimmonTokenizer
+from persimmon import PersimmonModel
 
-from .batching import (PipelineStats, ReportsRows, check_vocabulary, drop_nonfinite, encode_rows, pad_batch,
-                       load_model, plan_batches, text_column)
+from .batching import (ModelPipeline, checked_options, drop_nonfinite, encode_rows, pad_batch, plan_batches,
+                       text_column)
 from .options import EmbedOptions
 from .schema import append_columns, embedding_schema
 
@@ -38,7 +37,7 @@ def pool(hidden: torch.Tensor, mask: torch.Tensor, pooling: str) -> torch.Tensor
     raise ValueError(f"pooling must be 'last' or 'mean', got {pooling!r}")
 
 
-class EmbeddingPipeline(ReportsRows):
+class EmbeddingPipeline(ModelPipeline):
     def __init__(
         self,
         model_dir: str | Path,
@@ -50,19 +49,13 @@ class EmbeddingPipeline(ReportsRows):
         **overrides,
     ) -> None:
         """options (or the same names as keywords, e.g. pooling="mean", normalize=True): see EmbedOptions."""
-        o = dataclasses.replace(options or EmbedOptions(), **overrides)
-        o.check()
+        o = checked_options(options or EmbedOptions(), overrides)
         if padding_side not in ("left", "right"):
             raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
-        self.options, self.text_column, self.padding_side = o, text_column, padding_side
-        self.device = torch.device(device)
-        self.tokenizer = PersimmonTokenizer.from_pretrained(model_dir)
-        self.model = load_model(PersimmonModel, model_dir, o.dtype, self.device)
-        config = self.model.config
-        check_vocabulary(self.tokenizer, config)
-        self.max_length = o.prompt_limit(config.max_position_embeddings)
-        self.schema = embedding_schema(config.hidden_size)
-        self.stats = PipelineStats()
+        self._load(model_dir, o, PersimmonModel, device, text_column)
+        self.padding_side = padding_side
+        self._limit()
+        self.schema = embedding_schema(self.config.hidden_size)
 
     def _encode(self, text: str) -> tuple[list[int], bool]:
         enc = self.tokenizer.encode_truncated(text, self.max_length, self.options.truncation_side)

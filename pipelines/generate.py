@@ -8,7 +8,6 @@ Sampling is seeded per row by its prompt, so a rerun reproduces every completion
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,18 +16,17 @@ from typing import Iterable, Iterator
 import pyarrow as pa
 import torch
 
-from persimmon import PersimmonForCausalLM, PersimmonTokenizer, SamplingParams
+from persimmon import PersimmonForCausalLM, SamplingParams
 from persimmon.engine import GenerationEngine, Request
 from persimmon.sampling import FinishReason
 
-from .batching import (PipelineStats, ReportsRows, check_vocabulary, encode_rows, engine_stream,
-                       load_model, text_column)
+from .batching import (ModelPipeline, checked_options, encode_rows, engine_stream, text_column)
 from .options import GenerateOptions
 from .prompts import PromptTemplate
 from .schema import append_columns, generation_schema, parsed_type
 
 
-class GenerationPipeline(ReportsRows):
+class GenerationPipeline(ModelPipeline):
     def __init__(
         self,
         model_dir: str | Path,
@@ -46,28 +44,20 @@ class GenerationPipeline(ReportsRows):
         if sampling is not None:
             overrides.update(temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p,
                              seed=sampling.seed)
-        o = dataclasses.replace(options or GenerateOptions(), **overrides)
-        o.check()
-        self.options = o
+        o = checked_options(options or GenerateOptions(), overrides)
+        self._load(model_dir, o, PersimmonForCausalLM, device, text_column)
         self.template = PromptTemplate(o.prompt_template)
         self.max_new_tokens = max_new_tokens = o.max_new_tokens
         self.sampling = o.sampling
-        self.text_column, self.truncation_side = text_column, o.truncation_side
+        self.truncation_side = o.truncation_side
         self.batch_tokens, self.compile = o.batch_tokens, o.compile
-        self.device = torch.device(device)
-        self.tokenizer = PersimmonTokenizer.from_pretrained(model_dir)
-        self.model = load_model(PersimmonForCausalLM, model_dir, o.dtype, self.device)
-        config = self.model.config
-        check_vocabulary(self.tokenizer, config)
-        self.max_length = o.prompt_limit(config.max_position_embeddings, reserved=max_new_tokens)
-        self.template.check_fits(self.tokenizer, self.max_length)
-        self.stats = PipelineStats()
+        self.template.check_fits(self.tokenizer, self._limit(reserved=max_new_tokens))
         self.grammar = self.sampling.grammar
         self.vocabulary = None
         if self.grammar is not None or o.logprobs is not None:
             from persimmon.grammar import vocabulary_for
 
-            self.vocabulary = vocabulary_for(self.tokenizer, config.vocab_size)
+            self.vocabulary = vocabulary_for(self.tokenizer, self.config.vocab_size)
         # `parsed`: the completion under --json-schema as a typed value, when the schema maps to Arrow
         self.parsed_type = parsed_type(self.grammar.schema) if self.grammar is not None else None
         self.schema = generation_schema(self.parsed_type, o.logprobs is not None)

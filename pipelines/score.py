@@ -9,7 +9,6 @@ vocabulary projection runs in slices of positions, so a 262k vocabulary never ho
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import time
 from pathlib import Path
@@ -18,10 +17,10 @@ from typing import Iterable, Iterator
 import pyarrow as pa
 import torch
 
-from persimmon import PersimmonForCausalLM, PersimmonTokenizer
+from persimmon import PersimmonForCausalLM
 
-from .batching import (EncodedRow, PipelineStats, ReportsRows, check_vocabulary, encode_rows, finite, pad_batch,
-                       load_model, plan_batches, text_column)
+from .batching import (EncodedRow, ModelPipeline, checked_options, encode_rows, finite, pad_batch, plan_batches,
+                       text_column)
 from .options import ScoreOptions
 from .prompts import PromptTemplate
 from .schema import SCORE, append_columns
@@ -39,26 +38,19 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
     return n
 
 
-class ScorePipeline(ReportsRows):
+class ScorePipeline(ModelPipeline):
     def __init__(self, model_dir: str | Path, options: ScoreOptions | None = None, *,
                  device: str | torch.device = "cpu", text_column: str = "text", **overrides) -> None:
         """options (or the same names as keywords): see ScoreOptions. Texts longer than max_length tokens
         (default: the model's window) lose their end (truncation_side right) and are scored as kept."""
-        o = dataclasses.replace(options or ScoreOptions(), **overrides)
-        o.check()
-        self.options, self.text_column = o, text_column
-        self.device = torch.device(device)
-        self.tokenizer = PersimmonTokenizer.from_pretrained(model_dir)
-        self.model = load_model(PersimmonForCausalLM, model_dir, o.dtype, self.device)
-        config = self.model.config
-        check_vocabulary(self.tokenizer, config)
-        self.max_length = o.prompt_limit(config.max_position_embeddings)
+        o = checked_options(options or ScoreOptions(), overrides)
+        self._load(model_dir, o, PersimmonForCausalLM, device, text_column)
+        self._limit()
         self.template = PromptTemplate(o.prompt_template) if o.prompt_template else None
         if self.template is not None:
             self.template.check_fits(self.tokenizer, self.max_length)
             self.prefix_ids = self.tokenizer.encode(self.template.prefix)
             self.empty_ids = self.tokenizer.encode(self.template.render(""))
-        self.stats = PipelineStats()
         self.schema = SCORE
 
     def _encode(self, text: str) -> tuple[list[int], bool]:
