@@ -106,16 +106,26 @@ class Grammar:
         return LLMatcher.grammar_from_lark(self.source)
 
     def check(self) -> None:
-        """Raise GrammarError when the grammar does not compile (no vocabulary needed)."""
-        from llguidance import LLMatcher
+        """Raise GrammarError when the grammar does not compile (no vocabulary needed). Decided once per
+        grammar in a process: the CLI's flags, the job's validation and each pipeline ask again."""
+        problem = _compile_problem(self)
+        if problem is not None:
+            raise GrammarError(problem)
 
-        try:
-            text = self.llguidance()
-        except (ValueError, RecursionError) as e:
-            raise GrammarError(f"the {self.describe()} does not compile: {e}") from None
-        message = LLMatcher.validate_grammar(text)
-        if message and not message.startswith("WARNING"):
-            raise GrammarError(f"the {self.describe()} does not compile: {' '.join(message.split())}")
+
+@functools.lru_cache(maxsize=16)  # sources are at most 1 MiB (pipelines.options): 16 MiB held at worst
+def _compile_problem(grammar: Grammar) -> str | None:
+    """Why the grammar does not compile, or None."""
+    from llguidance import LLMatcher
+
+    try:
+        text = grammar.llguidance()
+    except (ValueError, RecursionError) as e:
+        return f"the {grammar.describe()} does not compile: {e}"
+    message = LLMatcher.validate_grammar(text)
+    if message and not message.startswith("WARNING"):
+        return f"the {grammar.describe()} does not compile: {' '.join(message.split())}"
+    return None
 
 
 def token_bytes(sp, special: set[int]) -> list[bytes]:

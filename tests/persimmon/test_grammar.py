@@ -168,3 +168,29 @@ def test_compiled_grammars_are_bounded_least_recently_used_first(setup):
         vocab.matcher(grammars[0])  # kept in use: never the least recent
     assert len(vocab._compiled) == COMPILED_GRAMMARS
     assert grammars[0] in vocab._compiled and grammars[1] not in vocab._compiled and grammars[-1] in vocab._compiled
+
+
+def test_a_constraint_is_compiled_once_however_many_layers_check_it(monkeypatch, tmp_path):
+    """The CLI's flags, the spec's validation and each pipeline's options all check the constraint: one
+    compile per process decides it (a bad one stays refused each time, with the same message)."""
+    from llguidance import LLMatcher
+
+    from pipelines.options import GenerateOptions
+
+    calls = []
+    real = LLMatcher.validate_grammar
+
+    def counting(text, *args, **kwargs):
+        calls.append(text)
+        return real(text, *args, **kwargs)
+
+    monkeypatch.setattr(LLMatcher, "validate_grammar", counting)
+    schema = tmp_path / "once.schema.json"
+    schema.write_text(json.dumps({"type": "object", "properties": {"once": {"type": "integer"}}}))
+    options = GenerateOptions(json_schema=str(schema))
+    for _ in range(3):
+        assert options.problems() == [] and options.resolved().problems() == []
+    assert len(calls) == 1
+    bad = GenerateOptions(regex="(unclosed")
+    first, second = bad.problems(), bad.problems()
+    assert first == second and "does not compile" in first[0] and len(calls) == 2
