@@ -17,11 +17,8 @@ import torch
 
 from persimmon import PersimmonConfig, PersimmonTokenizer
 
-from .schema import INPUT_ERROR, is_text_type
+from .schema import INPUT_ERROR, MAX_CHARS_PER_TOKEN, is_text_type
 
-# A piece of the sentencepiece vocabulary is at most this many characters (its max_piece_length default),
-# so max_length tokens never need more than this many characters per token of text.
-MAX_CHARS_PER_TOKEN = 16
 
 
 @dataclass

@@ -27,6 +27,9 @@ ERROR = pa.field("error", pa.string())
 # a reader's per-row problem (a CSV / JSON Lines row it could not read as it is): the pipelines take it as the
 # row's error, and the job drops the column from what it writes
 INPUT_ERROR = "_input_error"
+# A piece of the sentencepiece vocabulary is at most this many characters (its max_piece_length default),
+# so max_length tokens never need more than this many characters per token of text.
+MAX_CHARS_PER_TOKEN = 16
 MAX_LINE_BYTES = 8 << 20  # an OpenAI batch request line longer than this is that line's error, before it is parsed
 SCORE = pa.schema([("logprob", pa.float64()), ("tokens", pa.int32()), ("perplexity", pa.float64())])
 _ALTERNATIVE = pa.struct([("token", pa.string()), ("id", pa.int32()), ("logprob", pa.float32())])

@@ -35,6 +35,12 @@ def test_the_policies_need_neither_ray_nor_torch():
     assert result.returncode == 0, result.stderr
 
 
+def test_batch_request_parsing_and_rendering_need_no_torch():
+    """OpenAI batch lines are parsed and answered without the model (pipelines/batch_api requests, responses)."""
+    result = imports_without({"ray", "torch"}, ["pipelines.batch_api.requests", "pipelines.batch_api.responses"])
+    assert result.returncode == 0, result.stderr
+
+
 def test_the_block_is_real():
     result = imports_without({"ray"}, ["jobs.execution.pool"])
     assert result.returncode != 0 and "ray is not available here" in result.stderr

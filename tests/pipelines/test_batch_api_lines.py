@@ -208,3 +208,22 @@ def test_a_long_line_reports_progress_while_it_runs(pipeline):
     finally:
         pipeline.on_progress = None
     assert len(beats) >= 4  # every engine step, not only the line's end
+
+
+def test_lines_are_parsed_and_checked_without_the_model(causal_model_dir):
+    """Request parsing is its own part (pipelines/batch_api/requests.py): a tokenizer and the options, no model."""
+    from persimmon import PersimmonTokenizer
+    from pipelines.batch_api import RequestParser
+    from pipelines.options import BatchAPIOptions
+
+    parser = RequestParser(PersimmonTokenizer.from_pretrained(causal_model_dir), BatchAPIOptions(), window=256)
+    good = parser.parse(1, chat("a", seed=7, max_tokens=5).encode())
+    assert good.error is None and good.kind == "chat" and good.custom_id == "a"
+    assert good.params.seed == 7 and good.params.max_new_tokens == 5 and "\n\nhuman:" in good.params.stop
+    assert good.texts[0].endswith("\n\nadept:") and good.prompts[0] == parser.tokenizer.encode(good.texts[0])
+    again = parser.parse(2, chat("a").encode())
+    assert again.error[0] == "duplicate_custom_id" and again.custom_id is None
+    broken = parser.parse(3, b'{"custom_id": "b", "body": ')
+    assert broken.error[0] == "invalid_json" and broken.custom_id == "b"
+    parser.reset()  # a new file: custom_ids start over
+    assert parser.parse(4, chat("a").encode()).error is None

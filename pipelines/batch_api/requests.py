@@ -1,60 +1,22 @@
-"""OpenAIBatchPipeline: OpenAI batch request lines in, one response (or error) line per request out.
-
-Each input row is one line of an OpenAI batch file, `{"custom_id", "method": "POST", "url", "body"}`. Three
-endpoints are served by the one checkpoint: `/v1/chat/completions` and `/v1/completions` through the
-continuous-batching engine (every line with its own sampling parameters, stop strings, logprobs and
-`response_format` grammar; `n` choices are `n` engine rows sharing the prompt), and `/v1/embeddings` through
-the base model (the final hidden state at the last real token, or the mean, unit length by default).
-
-Chat messages become the Persimmon chat prompt: system (and developer) messages first, as plain text, each
-followed by a blank line; then each user message as `human: ...` and each assistant message as
-`adept: ...`, separated by blank lines; then `\\n\\nadept:` for the answer, which also ends at the next
-`\\n\\nhuman:`. Message content is a string or a list of text parts.
-
-A line that cannot be served becomes that line's error (`{code, message}`), never the file's: whatever goes
-wrong while reading, checking or tokenizing it (not UTF-8, not JSON, nested too deep, an integer of thousands of
-digits, a lone surrogate escape, no custom_id or one seen before in the file, an unknown url, a field of the wrong
-type or one we cannot honour given a value other than its default, a prompt past the model's window, a grammar
-that does not compile), and what it may cost is bounded before it is parsed: MAX_LINE_BYTES per line, MAX_LIST
-inputs or prompts (times n) per line, a prompt's length checked on a bounded prefix before it is tokenized whole.
-A constrained row that did not complete is an error line (or `finish_reason: "length"` when max_tokens cut it),
-never a 200 "stop". A line without a seed samples from a stream of its own; a seed reproduces. `usage` counts the tokens the model read (BOS included)
-and wrote. The output table has one row per line: line, custom_id, ok, and the JSON record to write.
-"""
+"""OpenAI batch request lines read, checked and tokenized, without the model: what each line asks for (its
+endpoint, prompts as token ids, sampling parameters, grammar), or the error that line gets. See the package's
+docstring for what is accepted; every problem is a LineError, never an exception out of `parse`."""
 
 from __future__ import annotations
 
-import base64
-import collections
-import dataclasses
 import functools
-import hashlib
 import json
 import math
 import re
-import secrets
-import time
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
 
-import numpy as np
-import pyarrow as pa
-import torch
+from persimmon.params import MAX_LOGPROBS, SamplingParams
 
-from persimmon import PersimmonForCausalLM, SamplingParams, __version__
-from persimmon.engine import GenerationEngine, Request
-from persimmon.sampling import MAX_LOGPROBS, FinishReason
-
-from .batching import (MAX_CHARS_PER_TOKEN, NONFINITE, EncodedRow, ModelPipeline, checked_options, engine_stream,
-                       finite, pad_batch, plan_batches)
-from .embed import pool
-from .errors import one_line
-from .options import BatchAPIOptions
-from .schema import MAX_LINE_BYTES
+from ..errors import one_line
+from ..schema import MAX_CHARS_PER_TOKEN, MAX_LINE_BYTES
 
 ENDPOINTS = {"/v1/chat/completions": "chat", "/v1/completions": "completion", "/v1/embeddings": "embedding"}
-OUTPUT = pa.schema([("line", pa.int64()), ("custom_id", pa.string()), ("ok", pa.bool_()), ("record", pa.string())])
 MAX_CHOICES = 8
 MAX_LIST = 2048  # embedding inputs, prompts, and prompts x n per line (OpenAI's embeddings bound)
 SEED_RANGE = (-(1 << 63), (1 << 63) - 1)  # seeds are int64, as OpenAI's
@@ -80,7 +42,7 @@ class LineError(Exception):
         self.code, self.message = code, message
 
 
-def _is_unicode(text: str) -> bool:
+def is_unicode(text: str) -> bool:
     """Whether text is valid Unicode (no lone surrogate, which no UTF-8 writer can encode)."""
     try:
         text.encode("utf-8")
@@ -122,7 +84,7 @@ def _custom_id_of(raw: str) -> str | None:
         value = json.loads(found[0])
     except ValueError:
         return None
-    return (value if _is_unicode(value) else _escaped(value)) or None
+    return (value if is_unicode(value) else _escaped(value)) or None
 
 
 def _short(value: Any, limit: int = 60) -> str:
@@ -131,19 +93,8 @@ def _short(value: Any, limit: int = 60) -> str:
     return text if len(text) <= limit else text[:limit] + "..."
 
 
-def _dumps(value: Any) -> str:
+def dumps(value: Any) -> str:
     return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
-
-
-def _digest(*parts: Any) -> str:
-    return hashlib.sha256("\0".join(map(str, parts)).encode("utf-8", "surrogatepass")).hexdigest()[:24]
-
-
-def _record(value: dict) -> str:
-    """An output line: UTF-8 text as it is, or (should any string in it not be valid Unicode) ASCII with escapes,
-    so writing it can never fail."""
-    text = _dumps(value)
-    return text if _is_unicode(text) else json.dumps(value, ensure_ascii=True, separators=(",", ":"))
 
 
 def _int(body: dict, name: str, low: int, high: int | None = None) -> int | None:
@@ -173,8 +124,8 @@ def _check_fields(body: dict, kind: str) -> None:
         if name in DEFAULTS:
             if value == DEFAULTS[name] or (name == "best_of" and value == body.get("n", 1)):
                 continue
-            raise LineError("unsupported_parameter", f"{name}: only its default ({_dumps(DEFAULTS[name])}) is "
-                                                     f"supported, got {_dumps(value)}")
+            raise LineError("unsupported_parameter", f"{name}: only its default ({dumps(DEFAULTS[name])}) is "
+                                                     f"supported, got {dumps(value)}")
         raise LineError("unsupported_parameter", f"{name} is not supported by persimmon-batch's {kind} endpoint")
 
 
@@ -187,7 +138,7 @@ def _content(message: dict, where: str) -> str:
         for part in content:
             if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
                 raise LineError("invalid_request", f"{where}.content: only text parts are supported, got "
-                                                   f"{_dumps(part)[:100]}")
+                                                   f"{dumps(part)[:100]}")
             parts.append(part["text"])
         return "".join(parts)
     raise LineError("invalid_request", f"{where}.content must be a string or a list of text parts")
@@ -249,13 +200,13 @@ def response_grammar(value: Any):
         schema = spec.get("schema") if isinstance(spec, dict) else None
         if not isinstance(schema, dict):
             raise LineError("invalid_request", "response_format.json_schema.schema must be a JSON schema object")
-        return _grammar("json_schema", _dumps(schema))
+        return _grammar("json_schema", dumps(schema))
     raise LineError("invalid_request", f"response_format.type {_short(kind)} is not supported (text, json_object, "
                                        "json_schema)")
 
 
 @dataclass
-class _Line:
+class Line:
     number: int
     custom_id: str | None
     kind: str = ""
@@ -269,103 +220,48 @@ class _Line:
     ok: bool = False
     logprobs: int | None = None  # chat: top_logprobs when logprobs is true; completion: logprobs
     params: SamplingParams | None = None
+    error: tuple[str, str] | None = None  # (code, message): the line cannot be served
+
+    @property
+    def needs_vocabulary(self) -> bool:
+        """A grammar to follow or log-probabilities to write: the model's vocabulary as bytes is needed."""
+        return self.params is not None and (self.params.grammar is not None or self.logprobs is not None)
 
 
-@dataclass(eq=False)
-class _Batch:
-    lines: list[_Line]
-    left: int
+class RequestParser:
+    """The lines of one file (a stream): each parsed on its own, custom_ids unique across them."""
 
+    def __init__(self, tokenizer, options, window: int) -> None:
+        self.tokenizer, self.options, self.window = tokenizer, options, window
+        self.seen: dict[str, int] = {}  # custom_id -> its line, over one stream (one input file)
 
-class OpenAIBatchPipeline(ModelPipeline):
-    def __init__(self, model_dir: str | Path, options: BatchAPIOptions | None = None, *,
-                 device: str | torch.device = "cpu", text_column: str | None = None, **overrides) -> None:
-        o = checked_options(options or BatchAPIOptions(), overrides)
-        self._load(model_dir, o, PersimmonForCausalLM, device, text_column)
-        self.window = self.config.max_position_embeddings
-        self.model_name = Path(model_dir).name
-        self.vocabulary = None
-        self.engine = GenerationEngine(
-            self.model, o.max_new_tokens, decode=self.tokenizer.decode, kv_cache_bytes=o.kv_cache_bytes, prefill_tokens=o.batch_tokens,
-            vocab_limit=self.tokenizer.vocab_size, pad_token_id=self.tokenizer.padding_id, compile=o.compile)
-        self.schema = OUTPUT
-        self._seen: dict[str, int] = {}  # custom_id -> its line, over one stream (one input file)
+    def reset(self) -> None:
+        self.seen = {}
 
-    # -- the interface the runner's workers use -----------------------------------------------------------
-    def __call__(self, batch: pa.RecordBatch | pa.Table) -> pa.Table:
-        return next(iter(self.stream([batch])))
-
-    def stream(self, batches: Iterable[pa.RecordBatch | pa.Table]) -> Iterator[pa.Table]:
-        """Each input batch's output table, in input order (one stream is one file: custom_ids are unique
-        within it)."""
-        self.engine.reset()
-        self._seen = {}
-
-        def finish(entry: _Batch, seconds: float) -> pa.Table:
-            self.stats.rows += len(entry.lines)
-            self.stats.errors += sum(not line.ok for line in entry.lines)
-            self.stats.seconds += seconds
-            return pa.table([pa.array([x.number for x in entry.lines], pa.int64()),
-                             pa.array([x.custom_id for x in entry.lines], pa.string()),
-                             pa.array([x.ok for x in entry.lines], pa.bool_()),
-                             pa.array([x.record for x in entry.lines], pa.string())], schema=OUTPUT)
-
-        def drain(done) -> None:
-            for c in done:
-                entry, line, key = c.key
-                line.completions[key] = c
-                line.left -= 1
-                self.stats.generated_tokens += len(c.tokens)
-                if line.left == 0:
-                    self._finish(line)
-                    entry.left -= 1
-                    self._report(1)
-
-        yield from engine_stream(self.engine, batches, self._enqueue, drain, finish, self._beat)
-
-    # -- lines in ------------------------------------------------------------------------------------------
-    def _enqueue(self, batch: pa.RecordBatch | pa.Table) -> _Batch:
-        numbers = batch.column("line").to_pylist() if "line" in batch.schema.names else list(range(1, batch.num_rows + 1))
-        raws = batch.column("request").to_pylist()
-        lines = [self._parse(number, raw) for number, raw in zip(numbers, raws)]
-        entry = _Batch(lines, 0)
-        embeddings = [line for line in lines if line.record is None and line.kind == "embedding"]
-        if embeddings:
-            self._embed(embeddings)
-        immediate = 0
-        for line in lines:
-            if line.record is not None:
-                immediate += 1
-                continue
-            self._add(entry, line)
-        self._report(immediate)
-        return entry
-
-    def _parse(self, number: int, raw: bytes | str | None) -> _Line:
-        """One line read, checked and tokenized; anything that goes wrong is that line's error."""
-        line = _Line(number, None)
+    def parse(self, number: int, raw: bytes | str | None) -> Line:
+        """One line read, checked and tokenized; anything that goes wrong is that line's `error`."""
+        line = Line(number, None)
         try:
             self._parse_into(line, raw)
         except LineError as exc:
-            self._error(line, exc.code, exc.message)
+            line.error = (exc.code, exc.message)
         except Exception as exc:  # noqa: BLE001 -- one line's failure of any kind stays that line's
-            self._error(line, "invalid_request",
-                        f"line {number} could not be served: {one_line(exc, 300, with_type=True)}")
+            line.error = ("invalid_request", f"line {number} could not be served: {one_line(exc, 300, with_type=True)}")
         return line
 
-    def _claim(self, line: _Line, custom_id: str | None) -> bool:
+    def _claim(self, line: Line, custom_id: str | None) -> bool:
         """Give the line its custom_id unless an earlier line of the file named it: each custom_id is in the
         output once, on the first line's record (a line that cannot be read keeps the one it names, so a later
         line with that id is a duplicate). False where an earlier line has it."""
         if custom_id is None:
             return True
-        if custom_id in self._seen:
+        if custom_id in self.seen:
             return False
-        self._seen[custom_id] = line.number
+        self.seen[custom_id] = line.number
         line.custom_id = custom_id
         return True
 
-    def _parse_into(self, line: _Line, raw: bytes | str | None) -> None:
+    def _parse_into(self, line: Line, raw: bytes | str | None) -> None:
         where = f"line {line.number}"
         if raw is not None and len(raw) > MAX_LINE_BYTES:
             raise LineError("line_too_large", f"{where} is longer than the {MAX_LINE_BYTES:,} bytes a line may have")
@@ -392,11 +288,11 @@ class OpenAIBatchPipeline(ModelPipeline):
         custom_id = request.get("custom_id")
         if not isinstance(custom_id, str) or not custom_id:
             raise LineError("missing_custom_id", f"{where} has no custom_id (a non-empty string)")
-        custom_id = custom_id if _is_unicode(custom_id) else _escaped(custom_id)
+        custom_id = custom_id if is_unicode(custom_id) else _escaped(custom_id)
         if not self._claim(line, custom_id):  # its record has no custom_id: the earlier line's record has it
             raise LineError("duplicate_custom_id", f"{where}: custom_id {_short(custom_id)} was used before, on line "
-                                                   f"{self._seen[custom_id]}")
-        if "\\u" in raw and not _is_unicode(_dumps(request)):  # only a \\u escape can make a lone surrogate
+                                                   f"{self.seen[custom_id]}")
+        if "\\u" in raw and not is_unicode(dumps(request)):  # only a \\u escape can make a lone surrogate
             raise LineError("invalid_request", f"{where} holds a lone surrogate escape (\\ud800-\\udfff): not "
                                                "valid Unicode text")
         method = request.get("method", "POST")
@@ -433,7 +329,7 @@ class OpenAIBatchPipeline(ModelPipeline):
                                                        f"window of {self.window}")
         return ids
 
-    def _parse_embedding(self, line: _Line) -> None:
+    def _parse_embedding(self, line: Line) -> None:
         value = line.body.get("input")
         texts = [value] if isinstance(value, str) else value
         if not isinstance(texts, list) or not texts or not all(isinstance(t, str) and t for t in texts):
@@ -447,7 +343,7 @@ class OpenAIBatchPipeline(ModelPipeline):
         line.texts = texts
         line.prompts = [self._tokens(t, f"input[{i}]") for i, t in enumerate(texts)]
 
-    def _parse_generation(self, line: _Line) -> None:
+    def _parse_generation(self, line: Line) -> None:
         body, kind = line.body, line.kind
         if kind == "chat":
             prompts = [chat_prompt(body.get("messages"))]
@@ -488,10 +384,6 @@ class OpenAIBatchPipeline(ModelPipeline):
         else:
             line.logprobs = _int(body, "logprobs", 0, MAX_LOGPROBS)
             grammar = None
-        if (grammar is not None or line.logprobs is not None) and self.vocabulary is None:
-            from persimmon.grammar import vocabulary_for
-
-            self.vocabulary = self.engine.vocabulary = vocabulary_for(self.tokenizer, self.config.vocab_size)
         line.texts = prompts
         line.prompts = []
         for i, text in enumerate(prompts):
@@ -504,154 +396,3 @@ class OpenAIBatchPipeline(ModelPipeline):
         line.params = SamplingParams(
             temperature=1.0 if temperature is None else temperature, top_p=1.0 if top_p is None else top_p,
             seed=seed, max_new_tokens=new, stop=tuple(stop), logprobs=line.logprobs, grammar=grammar)
-
-    def _add(self, entry: _Batch, line: _Line) -> None:
-        entry.left += 1
-        line.left = len(line.prompts) * line.n
-        if line.params.seed is None and not line.params.greedy:
-            # unseeded: a stream of the line's own, so two identical lines are two independent draws
-            line.params = dataclasses.replace(line.params, seed=secrets.randbits(63))
-        for p, ids in enumerate(line.prompts):
-            for choice in range(line.n):  # choice 0 samples as `generate` would the same prompt and seed
-                key = None if choice == 0 else np.asarray(ids, "<i8").tobytes() + f"#{choice}".encode()
-                self.engine.add(Request((entry, line, (p, choice)), ids, line.params, seed_key=key))
-
-    # -- records out -----------------------------------------------------------------------------------------
-    def _ids(self, line: _Line) -> tuple[str, str, str]:
-        digest = _digest(line.custom_id, line.number, _dumps(line.body))
-        return f"batch_req_{digest}", f"req_{digest}", digest
-
-    def _error(self, line: _Line, code: str, message: str) -> None:
-        line.ok = False
-        batch_id = f"batch_req_{_digest(line.custom_id, line.number, message)}"
-        line.record = _record({"id": batch_id, "custom_id": line.custom_id, "response": None,
-                               "error": {"code": code, "message": message}})
-
-    def _respond(self, line: _Line, body: dict) -> None:
-        batch_id, request_id, _ = self._ids(line)
-        line.ok = True
-        line.record = _record({"id": batch_id, "custom_id": line.custom_id,
-                               "response": {"status_code": 200, "request_id": request_id, "body": body},
-                               "error": None})
-
-    def _nonfinite(self, line: _Line) -> None:
-        """The line's model output was not finite (pipelines.batching.finite): its error, counted."""
-        self.stats.nonfinite += 1
-        self._error(line, "model_error", NONFINITE)
-
-    def _finish(self, line: _Line) -> None:
-        if any(c.finish_reason == FinishReason.NONFINITE for c in line.completions.values()):
-            self._nonfinite(line)
-            return
-        failed = self._structured_failure(line)
-        if failed is not None:
-            self._error(line, "structured_output_failed", failed)
-            return
-        _, _, digest = self._ids(line)
-        choices, written = [], 0
-        for index, (p, choice) in enumerate(sorted(line.completions)):
-            c = line.completions[(p, choice)]
-            written += len(c.tokens)
-            reason = "length" if c.finish_reason == FinishReason.LENGTH else "stop"
-            if line.kind == "chat":
-                choices.append({"index": index, "finish_reason": reason, "logprobs": self._chat_logprobs(c),
-                                "message": {"role": "assistant", "content": (c.text or "").lstrip(), "refusal": None}})
-            else:
-                choices.append({"index": index, "finish_reason": reason, "text": c.text or "",
-                                "logprobs": self._completion_logprobs(c, len(line.texts[p]))})
-        read = sum(len(ids) for ids in line.prompts)
-        body = {"id": f"{'chatcmpl' if line.kind == 'chat' else 'cmpl'}-{digest}",
-                "object": "chat.completion" if line.kind == "chat" else "text_completion",
-                "created": int(time.time()), "model": self._model(line), "choices": choices,
-                "usage": {"prompt_tokens": read, "completion_tokens": written, "total_tokens": read + written},
-                "system_fingerprint": f"persimmon-batch-{__version__}"}
-        self._respond(line, body)
-
-    def _structured_failure(self, line: _Line) -> str | None:
-        """Why a constrained line's response would not hold what it claims, or None. A choice the grammar
-        refused, or one that stopped short of a complete match, fails the line; one cut by max_tokens is a
-        "length" choice, as OpenAI's; a JSON format's complete match must also parse as JSON."""
-        if line.params is None or line.params.grammar is None:
-            return None
-        for (_, choice), c in sorted(line.completions.items()):
-            if c.finish_reason == FinishReason.LENGTH:
-                continue
-            if c.error is not None:
-                return f"choice {choice}: {c.error}"
-            if self._json_format(line):
-                try:
-                    json.loads(c.text or "")
-                except ValueError as exc:
-                    return (f"choice {choice}: the grammar matched, but the text is not JSON "
-                            f"({one_line(exc, 300, with_type=True)})")
-        return None
-
-    @staticmethod
-    def _json_format(line: _Line) -> bool:
-        value = line.body.get("response_format")
-        return isinstance(value, dict) and value.get("type") in ("json_object", "json_schema")
-
-    def _model(self, line: _Line) -> str:
-        model = line.body.get("model")
-        return model if isinstance(model, str) and model else self.model_name
-
-    def _token(self, token: int) -> tuple[str, list[int]]:
-        """A token's text (a lone byte as \\xNN) and its exact bytes (OpenAI's `bytes`; none for a control piece)."""
-        tokens = self.vocabulary.tokens
-        data = tokens[token] if token < len(tokens) else b""
-        return self.vocabulary.text(token), [] if data.startswith(b"\xff") else list(data)
-
-    def _chat_logprobs(self, c) -> dict | None:
-        if c.logprobs is None:
-            return None
-        content = []
-        for t in c.logprobs:
-            text, data = self._token(t.id)
-            top = [{"token": self._token(i)[0], "logprob": lp, "bytes": self._token(i)[1]} for i, lp in t.top]
-            content.append({"token": text, "logprob": t.logprob, "bytes": data, "top_logprobs": top})
-        return {"content": content, "refusal": None}
-
-    def _completion_logprobs(self, c, offset: int) -> dict | None:
-        if c.logprobs is None:
-            return None
-        tokens, offsets = [], []
-        for t in c.logprobs:
-            offsets.append(offset)
-            text = self._token(t.id)[0]
-            tokens.append(text)
-            offset += len(text)
-        return {"tokens": tokens, "token_logprobs": [t.logprob for t in c.logprobs],
-                "top_logprobs": [{self._token(i)[0]: lp for i, lp in t.top} for t in c.logprobs],
-                "text_offset": offsets}
-
-    @torch.inference_mode()
-    def _embed(self, lines: list[_Line]) -> None:
-        rows, owners = [], []
-        for line in lines:
-            for i, ids in enumerate(line.prompts):
-                rows.append(EncodedRow(len(rows), ids, False))
-                owners.append((line, i))
-        vectors: list[np.ndarray | None] = [None] * len(rows)
-        for group in plan_batches(rows, self.options.batch_tokens):
-            ids, mask = pad_batch(self.tokenizer, group, "right", self.stats.padding, self.device)
-            hidden = self.model.model(ids, attention_mask=mask).last_hidden_state
-            out = pool(hidden, mask, self.options.pooling).float()
-            if self.options.normalize:
-                out = torch.nn.functional.normalize(out, dim=-1)
-            for row, vector in zip(group, out.cpu().numpy()):
-                vectors[row.index] = vector
-        per_line: dict[int, list[np.ndarray]] = collections.defaultdict(list)
-        for (line, _), vector in zip(owners, vectors):
-            per_line[id(line)].append(vector)
-        for line in lines:
-            found = per_line[id(line)]
-            if not all(finite(v) for v in found):
-                self._nonfinite(line)
-                continue
-            base64_out = line.body.get("encoding_format") == "base64"
-            data = [{"object": "embedding", "index": i,
-                     "embedding": base64.b64encode(v.astype("<f4").tobytes()).decode() if base64_out
-                     else [float(x) for x in v]} for i, v in enumerate(found)]
-            read = sum(len(ids) for ids in line.prompts)
-            self._respond(line, {"object": "list", "data": data, "model": self._model(line),
-                                 "usage": {"prompt_tokens": read, "total_tokens": read}})
