@@ -24,7 +24,7 @@ from pipelines.tasks import TASK_OPTIONS
 
 from .errors import UsageError
 from .inputs.formats import TABULAR
-from .spec import TASKS, JobSpec, RunnerSettings
+from .spec import TASK_NAMES, JobSpec, RunnerSettings
 
 TOP = {"name": str, "task": str, "model": str, "input": str, "output": str, "text_column": str, "date": str,
        "options": dict, "runner": dict, "input_format": str, "csv_delimiter": str}
@@ -91,8 +91,8 @@ def read_job_file(path: str | Path, check_model: bool = True) -> dict[str, Any]:
     if isinstance(delimiter, str) and (len(delimiter) != 1 or delimiter in "\"\r\n"):
         problems.append(f"csv_delimiter must be one character (not a quote or a line end), got {delimiter!r}")
     task = raw.get("task")
-    if isinstance(task, str) and task not in TASKS:
-        problems.append(f"task: expected one of {list(TASKS)}, got {task!r}{did_you_mean(task, TASKS)}")
+    if isinstance(task, str) and task not in TASK_NAMES:
+        problems.append(f"task: expected one of {list(TASK_NAMES)}, got {task!r}{did_you_mean(task, TASK_NAMES)}")
     kind = TASK_OPTIONS.get(task, ClassifyOptions)
     options = raw.get("options", {}) if isinstance(raw.get("options", {}), dict) else {}
     options = file_options(options, path.parent)

@@ -29,7 +29,7 @@ from .errors import (BatchError, ClusterFailed, JobConflict, JobFailed, LeaseLos
 from .execution import cluster
 from .execution.cluster import joined
 from .execution.dispatcher import UNIT_COUNTS, Commit, Discard, Dispatcher, Failure, Fatal
-from .execution.layout import actor_layout, pool_size
+from .execution.layout import actor_layout, cluster_capacity
 from .execution.pool import Pool
 from .execution.progress import Progress
 from .execution.results import JobResult, result_of
@@ -190,9 +190,9 @@ class JobRun:
 
     def run(self, shards: list[tuple[str, ShardInfo]]) -> JobResult:
         r = self.spec.runner
-        pool = pool_size(self.spec)
-        units = size_for_pool(shards, pool[0], r.rows_per_unit, r.batch_rows)
-        layout = actor_layout(self.spec, pool, len(units))
+        capacity = cluster_capacity(self.spec)
+        units = size_for_pool(shards, capacity[0], r.rows_per_unit, r.batch_rows)
+        layout = actor_layout(self.spec, capacity, len(units))
         self.result.layout = layout.describe()
         self.manifest.data["layout"] = layout.as_dict()
         self.dispatcher = Dispatcher(units, r.max_attempts, r.stall_timeout, r.placement_timeout,

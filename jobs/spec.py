@@ -18,11 +18,11 @@ from typing import Any
 from pipelines.errors import one_line
 from pipelines.options import ModelOptions, Options, option
 from pipelines.tasks import TASK_OPTIONS
-from pipelines.tasks import TASKS as REGISTRY
+from pipelines.tasks import TASKS
 
 from .errors import UsageError
 
-TASKS = tuple(TASK_OPTIONS)
+TASK_NAMES = tuple(TASKS)
 
 
 @dataclass
@@ -68,10 +68,10 @@ class JobSpec:
         self.model, self.input, self.output = (p if "://" in p else os.path.expanduser(p)
                                                for p in (str(self.model), str(self.input), str(self.output)))
         if self.task not in TASKS:
-            raise ValueError(f"task must be one of {TASKS}, got {self.task!r}")
+            raise ValueError(f"task must be one of {TASK_NAMES}, got {self.task!r}")
         from .inputs.formats import REQUESTS, check_format
 
-        if REGISTRY[self.task].requests:
+        if TASKS[self.task].requests:
             self.input_format = REQUESTS
         else:
             check_format(self.input_format)
@@ -114,7 +114,7 @@ class JobSpec:
     def wants_lm(self) -> bool:
         """Whether the task runs a causal LM (generation, scoring, zero-shot classification); classification
         runs a classifier, embedding the base model of either."""
-        return REGISTRY[self.task].needs_lm(self.options)
+        return TASKS[self.task].needs_lm(self.options)
 
     def _model_problems(self, model: Path) -> list[str]:
         """Say before any actor tries to load the wrong head, a config that does not fit its weights, or a

@@ -24,7 +24,7 @@ from .options import EmbedOptions
 from .schema import append_columns, embedding_schema
 
 
-def pool(hidden: torch.Tensor, mask: torch.Tensor, pooling: str) -> torch.Tensor:
+def pooled(hidden: torch.Tensor, mask: torch.Tensor, pooling: str) -> torch.Tensor:
     """(B, H) from hidden states (B, T, H) under an attention mask (B, T) of either padding side."""
     real = mask.to(hidden.device).bool()
     if pooling == "last":
@@ -65,7 +65,7 @@ class EmbeddingPipeline(ModelPipeline):
     def embed(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """(B, hidden) float32 vectors of a padded batch."""
         hidden = self.model(ids, attention_mask=mask).last_hidden_state
-        vectors = pool(hidden, mask, self.options.pooling).float()
+        vectors = pooled(hidden, mask, self.options.pooling).float()
         if self.options.normalize:
             vectors = torch.nn.functional.normalize(vectors, dim=-1)
         return vectors

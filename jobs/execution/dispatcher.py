@@ -88,7 +88,7 @@ class MergeTask:
         return (self.shard, "merge")
 
 
-Task = WorkUnit | MergeTask
+Work = WorkUnit | MergeTask  # what an actor is given
 
 
 @dataclass
@@ -152,7 +152,7 @@ class ActorRecord:
     since: float  # when it entered this state (driver clock)
     heard: float  # when it last answered (driver clock)
     busy_for: float = 0.0  # what it last said: seconds inside its current model batch (or model load)
-    task: Task | None = None
+    task: Work | None = None
     rows: int = 0  # rows of its current unit processed so far
     token: int = 0  # this assignment's number: a cancel names it, so it never stops a later unit
     backup: bool = False  # a second attempt of a unit that another actor is still running
@@ -198,7 +198,7 @@ class Dispatcher:
         self.tokens = itertools.count(1)
         self.notes: list[str] = []  # what the user should hear (backups started, won); the pool takes them
         self.backups = {"started": 0, "won": 0}
-        self.queue: collections.deque[Task] = collections.deque(units)
+        self.queue: collections.deque[Work] = collections.deque(units)
         self.actors: dict[Hashable, ActorRecord] = {}
         self.attempts: collections.Counter[tuple] = collections.Counter()  # by unit identity
         self.parts: dict[str, dict[int, UnitResult]] = collections.defaultdict(dict)
@@ -317,7 +317,7 @@ class Dispatcher:
     def idle(self) -> list[Hashable]:
         return [k for k, a in self.actors.items() if a.state == ActorState.IDLE]
 
-    def next(self, actor: Hashable) -> Task | None:
+    def next(self, actor: Hashable) -> Work | None:
         """The task for an idle actor, or None (nothing left, or stopped)."""
         record = self.actors[actor]
         assert record.state == ActorState.IDLE, record.state
@@ -335,7 +335,7 @@ class Dispatcher:
         self.running[task.ident].add(actor)
         return task
 
-    def _straggler(self) -> Task | None:
+    def _straggler(self) -> Work | None:
         """The running unit a second attempt would finish soonest relative to the first (see the module's
         docstring), or None."""
         if not len(self.rates):
@@ -440,7 +440,7 @@ class Dispatcher:
         cancels = [Cancel(twin, self.actors[twin].token, key) for twin in twins if twin in self.actors]
         return self._outcome(task, outcome) + cancels
 
-    def _outcome(self, task: Task, outcome: UnitResult) -> list[Commit | Failure]:
+    def _outcome(self, task: Work, outcome: UnitResult) -> list[Commit | Failure]:
         key = task.ident
         if not outcome.ok:
             self.attempts[key] += 1

@@ -26,7 +26,7 @@ from persimmon.cpu import passive_wait_env
 from ..errors import ClusterFailed
 from ..output.lease import this_machine
 from .dispatcher import Cancel, Commit, Discard, Dispatcher, Failure, MergeTask, UnitResult
-from .worker import CONCURRENCY_GROUPS, ShardWorker
+from .worker import CONCURRENCY_GROUPS, UnitWorker
 
 class Reply(enum.Enum):
     """What an object ref the pool waits on will answer."""
@@ -129,7 +129,7 @@ class Pool:
         # OpenMP threads that sleep between parallel regions: on a node shared with other work, spinning threads
         # hold cores the others need (persimmon.cpu); the variable must be there before the actor loads torch
         env = passive_wait_env()
-        self.remote = ray.remote(concurrency_groups=CONCURRENCY_GROUPS, max_restarts=0)(ShardWorker).options(
+        self.remote = ray.remote(concurrency_groups=CONCURRENCY_GROUPS, max_restarts=0)(UnitWorker).options(
             scheduling_strategy="SPREAD", **({"runtime_env": {"env_vars": env}} if env else {}), **resources)
         self.resources = resources
         self.refs: dict[Any, tuple[Reply, Actor]] = {}  # object ref -> (what it answers, whose)

@@ -1,4 +1,4 @@
-"""ShardWorker: what one Ray actor does. Created cheaply (the pool sees it placed), it loads the pipeline once
+"""UnitWorker: what one Ray actor does. Created cheaply (the pool sees it placed), it loads the pipeline once
 (after checking the model is the one the job pinned), then streams each work unit's record batches from
 Parquet through it into an attempt-unique temporary output file, one record batch window at a time. It
 reports each unit's outcome as a UnitResult (the dispatcher decides about retries).
@@ -119,7 +119,7 @@ def skip_where_null(batch, text_column: str, column: str):
                                    schema=batch.schema)
 
 
-class ShardWorker:
+class UnitWorker:
     def __init__(self, spec: JobSpec, fingerprint: str, run_id: str, pin: dict[str, Any], in_fs: pafs.FileSystem,
                  in_base: str, out_fs: pafs.FileSystem, out_base: str, device: str, threads: int | None) -> None:
         self.spec, self.fingerprint, self.run_id, self.pin = spec, fingerprint, run_id, pin

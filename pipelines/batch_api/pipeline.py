@@ -21,7 +21,7 @@ from persimmon.sampling import FinishReason
 
 from ..batching import (NONFINITE, EncodedRow, ModelPipeline, checked_options, engine_stream, finite, pad_batch,
                         plan_batches)
-from ..embed import pool
+from ..embed import pooled
 from ..options import BatchAPIOptions
 from .requests import Line, RequestParser
 from .responses import Responses
@@ -145,7 +145,7 @@ class OpenAIBatchPipeline(ModelPipeline):
         for group in plan_batches(rows, self.options.batch_tokens):
             ids, mask = pad_batch(self.tokenizer, group, "right", self.stats.padding, self.device)
             hidden = self.model.model(ids, attention_mask=mask).last_hidden_state
-            out = pool(hidden, mask, self.options.pooling).float()
+            out = pooled(hidden, mask, self.options.pooling).float()
             if self.options.normalize:
                 out = torch.nn.functional.normalize(out, dim=-1)
             for row, vector in zip(group, out.cpu().numpy()):

@@ -70,7 +70,7 @@ def test_1_a_stopped_actor_is_replaced_and_its_unit_redone(demo):
     # the bound scales with this machine's pace now: the replacement starts an actor, loads the model and
     # redoes units, as the run did up to its first commit
     bound = 3 + 30 + 3 * (time.time() - launched)
-    workers = processes(proc, "ray::ShardWorker")
+    workers = processes(proc, "ray::UnitWorker")
     assert workers
     for pid in workers:
         os.kill(pid, signal.SIGSTOP)
@@ -223,7 +223,7 @@ def test_5_a_model_changed_mid_run_is_refused_by_the_replacement_actor(ray_local
     weights = load_file(mine / "model.safetensors")
     weights["score.weight"] = -weights["score.weight"]  # retrained in place
     save_file(weights, mine / "model.safetensors", metadata={"format": "pt"})
-    for pid in processes(proc, "ray::ShardWorker"):  # the actor is lost (out of memory, say) and replaced
+    for pid in processes(proc, "ray::UnitWorker"):  # the actor is lost (out of memory, say) and replaced
         os.kill(pid, signal.SIGKILL)
     stdout, stderr = proc.communicate(timeout=300)
     assert proc.returncode == 1, (stdout, stderr)

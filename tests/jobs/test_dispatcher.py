@@ -397,7 +397,7 @@ def test_a_death_is_called_out_of_memory_only_when_ray_says_so():
     from jobs.execution.pool import describe_death
 
     # what Ray 2.60 says of an actor whose process got SIGKILL from anyone (copied from a real run)
-    killed = ("The actor died unexpectedly before finishing this task.\n\tclass_name: ShardWorker\n\tpid: 3024\n"
+    killed = ("The actor died unexpectedly before finishing this task.\n\tclass_name: UnitWorker\n\tpid: 3024\n"
               "The actor is dead because its worker process has died. Worker exit type: SYSTEM_ERROR Worker exit "
               "detail: Worker unexpectedly exits with a connection error code 2. End of file. Some common causes "
               "include: (1) the process was killed by the OOM killer due to high memory usage, (2) ray stop "

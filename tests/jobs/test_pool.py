@@ -99,7 +99,7 @@ def test_a_straggler_is_backed_up_on_an_idle_actor_and_committed_once(demo, tmp_
     deadline, reader = time.time() + 120, None
     while time.time() < deadline:  # the first actor to read its unit is throttled from its unit's start: one
         assert proc.poll() is None, proc.communicate()  # throttled late in its unit has little left to back up
-        workers = [p for p in descendants(proc.pid) if "ray::ShardWorker" in process_title(p)]
+        workers = [p for p in descendants(proc.pid) if "ray::UnitWorker" in process_title(p)]
         reader = next((p for p in workers if str(path) in open_files(p)), None)
         if reader is not None:
             break

@@ -135,7 +135,7 @@ def test_actor_killed_mid_shard_is_redone(ray_local, demo, task):
         def kill():
             time.sleep(0.3)  # the actor is inside its next shard by now
             # this test's own worker: a descendant of this process (ray.init started the raylet) with its title
-            pids = [p for p in descendants(os.getpid()) if process_title(p).startswith("ray::ShardWorker")]
+            pids = [p for p in descendants(os.getpid()) if process_title(p).startswith("ray::UnitWorker")]
             for pid in pids:
                 os.kill(int(pid), signal.SIGKILL)
             killed.extend(pids)

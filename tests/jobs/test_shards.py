@@ -64,7 +64,7 @@ def texts(path: Path, lengths: list[int], row_group_size: int | None = None) -> 
 
 
 def read_unit(path: Path, unit) -> list[int]:
-    """The ids a worker reads for `unit` (the same reader and slicing as ShardWorker._run)."""
+    """The ids a worker reads for `unit` (the same reader and slicing as UnitWorker._run)."""
     batches = pq.ParquetFile(path).iter_batches(batch_size=7, row_groups=unit.row_groups)
     if unit.row_groups is not None:
         batches = rows_of(batches, unit.skip, unit.rows)
