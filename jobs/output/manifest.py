@@ -14,8 +14,9 @@ import hashlib
 import json
 import re
 import time
+import typing
 import uuid
-from typing import Any
+from typing import Any, TypedDict
 
 import pyarrow.fs as pafs
 
@@ -30,9 +31,38 @@ JOURNAL_NAME = re.compile(r"[0-9a-f]{20}\.json")
 WRITE_LEFTOVER = re.compile(r"\._manifest\.json\.[0-9a-f]{8}")  # a manifest write cut short
 
 
-# the types of the fields the runner and `status` read (a hand-edited manifest is checked before it is used)
-ENTRY_FIELDS = {"output": str, "input_identity": dict, "rows": int, "errors": int, "size": int, "attempts": int,
-                "output_mtime_ns": int, "error": str, "companions": dict, "committing": dict}
+class ShardEntry(TypedDict, total=False):
+    """One input shard's record in `shards`: the one schema of an entry (a hand-edited manifest is checked
+    against it before it is used; every field may be absent or null)."""
+
+    state: str  # a ShardState value
+    output: str  # the committed file, relative to the output folder
+    input_identity: dict  # the input when it was committed: size, mtime_ns, and footer digest and rows
+    size: int  # the committed file's bytes, and its mtime: how the end-of-run check knows it
+    output_mtime_ns: int
+    attempts: int
+    error: str  # why the shard failed
+    companions: dict  # openai-batch: the errors file beside the results, name -> {size}
+    committing: dict  # a commit under way: the entry it will have, journaled before its files move
+    adopted: bool  # committed by a run that died before recording it, recognised by the next run
+    # what processing it counted (execution/dispatcher.UNIT_COUNTS) and where it ran
+    rows: int
+    errors: int
+    truncated: int
+    nonfinite: int
+    real_tokens: int
+    padded_tokens: int
+    generated_tokens: int
+    seconds: float
+    parts: int  # a shard cut into units: how many
+    threads: int
+    node: str
+    host: str
+    pid: int
+    peak_rss_mb: float
+
+
+ENTRY_FIELDS: dict[str, type] = {k: v for k, v in typing.get_type_hints(ShardEntry).items() if k != "state"}
 JOB_FIELDS = {"fingerprint": str, "runs": list, "spec": dict, "model": dict, "lease": str}
 
 
@@ -43,6 +73,13 @@ def _now() -> str:
 def _not_ours(path: str, why: str) -> ForeignOutput:
     return ForeignOutput(f"{path} is not a persimmon-batch manifest ({why}); this folder holds another tool's "
                          "files: use another output folder")
+
+
+def _of_type(value: Any, kind: type) -> bool:
+    """JSON's types: a bool is no number, an int is a float."""
+    if kind is bool or isinstance(value, bool):
+        return kind is bool and isinstance(value, bool)
+    return isinstance(value, (int, float) if kind is float else kind)
 
 
 def check_shape(data: Any, path: str) -> dict[str, Any]:
@@ -58,7 +95,7 @@ def check_shape(data: Any, path: str) -> dict[str, Any]:
             raise _not_ours(path, f"shard entry {name!r} is {entry!r}")
         for key, kind in ENTRY_FIELDS.items():
             value = entry.get(key)
-            if value is not None and (not isinstance(value, kind) or isinstance(value, bool)):
+            if value is not None and not _of_type(value, kind):
                 raise _not_ours(path, f"shard entry {name!r} has {key} {value!r}")
     for key, kind in JOB_FIELDS.items():
         if data.get(key) is not None and not isinstance(data[key], kind):
@@ -105,7 +142,7 @@ class Manifest:
         return manifest
 
     @property
-    def shards(self) -> dict[str, dict[str, Any]]:
+    def shards(self) -> dict[str, ShardEntry]:
         return self.data.setdefault("shards", {})
 
     def runs(self) -> set[str]:

@@ -19,7 +19,7 @@ import pytest
 from jobs.errors import ForeignOutput
 from jobs.runner import JobConflict, run_job
 from tests.jobs.conftest import add_shards, descendants, process_title
-from jobs.output.manifest import MANIFEST, SUCCESS, Manifest
+from jobs.output.manifest import MANIFEST, SUCCESS, Manifest, ShardEntry, check_shape
 from jobs.output.commit import TEMPORARY
 from jobs.output.paths import resolve
 from jobs.spec import JobSpec, RunnerSettings
@@ -66,6 +66,8 @@ def test_every_row_once_with_in_process_labels(ray_local, demo):
     assert manifest["summary"]["done"] == 4 and (out / SUCCESS).exists()
     for entry in manifest["shards"].values():
         assert entry["state"] == "done" and entry["rows"] == 60 and entry["node"]
+        assert set(entry) <= set(ShardEntry.__annotations__), "every field an entry gets is in its one schema"
+    assert check_shape(manifest, "here") is manifest
 
     before = file_digests(out)
     again = run_job(spec_for(model, input, out))  # a rerun does nothing and changes nothing
