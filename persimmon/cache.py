@@ -75,9 +75,7 @@ class KVCache:
         end = start + other.length
         if end > self.capacity:
             self._grow(end)
-        for mine, theirs in ((self.keys, other.keys), (self.values, other.values)):
-            for layer in range(len(mine)):
-                mine[layer][rows, :, start:end] = theirs[layer][:, :, : other.length]
+        copy_positions(self, rows, other, slice(None), other.length, at=start)
 
     def select_rows(self, rows: torch.Tensor) -> None:
         """Keep only these batch rows (e.g. drop finished sequences), in the given order."""
@@ -91,3 +89,11 @@ class KVCache:
         pad = new_capacity - self.capacity
         self.keys = [torch.nn.functional.pad(k, (0, 0, 0, pad)) for k in self.keys]
         self.values = [torch.nn.functional.pad(v, (0, 0, 0, pad)) for v in self.values]
+
+
+def copy_positions(target, rows, source, source_rows, length: int, at: int = 0) -> None:
+    """Every layer's keys and values: target[rows, :, at:at + length] = source[source_rows, :, :length]
+    (a KVCache or the engine's SlotPool on either side): the one per-layer copy of cached positions."""
+    for mine, theirs in ((target.keys, source.keys), (target.values, source.values)):
+        for layer in range(len(mine)):
+            mine[layer][rows, :, at:at + length] = theirs[layer][source_rows, :, :length]

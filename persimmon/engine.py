@@ -44,7 +44,7 @@ from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
 
-from .cache import KVCache
+from .cache import KVCache, copy_positions
 from .cpu import ThreadGovernor
 from .sampling import FinishReason, SamplingParams, StopChecker, TokenLogprob, row_seed, row_uniforms, sample
 from .scheduler import (ADMIT_FRACTION, CAPACITY_STEP, INCOMPLETE, RESORT_EVERY, Completion, Layout,  # noqa: F401
@@ -104,14 +104,6 @@ class SlotPool:
                 gathered = [buf[source, :, :read] for _, source, read in moves]  # every read before any write
                 for (target, _, read), part in zip(moves, gathered):
                     buf[target, :, :read] = part
-
-
-def copy_positions(target, rows, source, source_rows, length: int) -> None:
-    """Every layer's keys and values: target[rows, :, :length] = source[source_rows, :, :length]
-    (a SlotPool or KVCache on either side)."""
-    for mine, theirs in ((target.keys, source.keys), (target.values, source.values)):
-        for layer in range(len(mine)):
-            mine[layer][rows, :, :length] = theirs[layer][source_rows, :, :length]
 
 
 class SlotBatch:
