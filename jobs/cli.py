@@ -12,6 +12,7 @@ import functools
 import inspect
 import json
 import os
+import signal
 import sys
 import typing
 from pathlib import Path
@@ -24,8 +25,8 @@ from pipelines.errors import one_line
 from pipelines.options import ModelOptions, Options, _value_type, default_of
 from pipelines.tasks import TASKS
 
-from .errors import (EXIT_FAILED, EXIT_INCOMPLETE, EXIT_OK, EXIT_USAGE, BatchError, ClusterFailed, ShardState,
-                     UsageError)
+from .errors import (EXIT_BUSY, EXIT_FAILED, EXIT_INCOMPLETE, EXIT_OK, EXIT_SIGNALED, EXIT_UNAVAILABLE, EXIT_USAGE,
+                     BatchError, ClusterFailed, ShardState, UsageError, exit_for_signal)
 from .execution.cluster_auth import use_token_auth
 from .execution.signals import signal_of
 from .spec import JobSpec, RunnerSettings
@@ -102,7 +103,7 @@ class _Group(TyperGroup):
             code = exc.exit_code
         except (typer.Abort, KeyboardInterrupt):
             typer.echo("error: aborted", err=True)
-            code = 130
+            code = exit_for_signal(signal.SIGINT)
         if not standalone_mode:
             return code
         sys.exit(code if isinstance(code, int) else EXIT_OK)
@@ -131,7 +132,7 @@ def _report(exc: BaseException) -> int:
         from .execution.signals import signal_of
 
         typer.echo("interrupted: rerun the same command to resume", err=True)
-        return 128 + signal_of(exc)
+        return exit_for_signal(signal_of(exc))
     if isinstance(exc, Interrupted):
         typer.echo("interrupted: rerun the same command to resume", err=True)
         return exc.exit_code
@@ -355,7 +356,7 @@ def train_head(
         run_train_head(spec, lambda embed: _run(embed, exit_at_end=False), typer.echo)
     except KeyboardInterrupt as exc:  # while fitting or writing: the features are kept, the output is untouched
         typer.echo("interrupted: rerun the same command (the features computed so far are kept)", err=True)
-        raise typer.Exit(128 + signal_of(exc)) from None
+        raise typer.Exit(exit_for_signal(signal_of(exc))) from None
 
 
 JobFile = Annotated[Path, typer.Argument(help="A job file (TOML).", exists=True, dir_okay=False, resolve_path=True)]
@@ -399,21 +400,21 @@ def run(
             code = _report(exc)
         worst = max(worst, code)
         outcomes.append((day, code))
-        if code >= 128:  # stopped by a signal: the remaining dates are not started
+        if code >= EXIT_SIGNALED:  # stopped by a signal: the remaining dates are not started
             break
     if len(dates) > 1:  # a backfill: one line per date, after each date's own report
         done = sum(code == 0 for _, code in outcomes)
         typer.echo(f"== {raw['name']}: {done} of {len(dates)} dates done")
         for day, code in outcomes:
-            typer.echo(f"  {day}: {DATE_OUTCOMES.get(code, 'stopped' if code >= 128 else f'exit {code}')} (exit {code})")
+            typer.echo(f"  {day}: {DATE_OUTCOMES.get(code, 'stopped' if code >= EXIT_SIGNALED else f'exit {code}')} (exit {code})")
         for day in dates[len(outcomes):]:
             typer.echo(f"  {day}: not started")
     if worst:
         raise typer.Exit(worst)
 
 
-DATE_OUTCOMES = {0: "done", 1: "shards failed", 2: "refused", 3: "incomplete", 69: "cluster unavailable",
-                 75: "output busy"}
+DATE_OUTCOMES = {EXIT_OK: "done", EXIT_FAILED: "shards failed", EXIT_USAGE: "refused", EXIT_INCOMPLETE: "incomplete",
+                 EXIT_UNAVAILABLE: "cluster unavailable", EXIT_BUSY: "output busy"}
 
 
 @command()
@@ -450,7 +451,7 @@ def submit(
         raise UsageError(f"cannot submit to {address}: {one_line(exc)}") from None
     typer.echo(f"submitted {sid}")
     if wait and not follow_job(sid, address):
-        raise typer.Exit(1)
+        raise typer.Exit(EXIT_FAILED)
 
 
 class ScheduleFormat(str, enum.Enum):

@@ -23,6 +23,11 @@ EXIT_USAGE = 2
 EXIT_INCOMPLETE = 3
 EXIT_UNAVAILABLE = 69  # EX_UNAVAILABLE
 EXIT_BUSY = 75  # EX_TEMPFAIL
+EXIT_SIGNALED = 128  # + the signal's number: stopped by a signal
+
+
+def exit_for_signal(signum: int) -> int:
+    return EXIT_SIGNALED + signum
 
 
 class ShardState(str, enum.Enum):
@@ -87,7 +92,7 @@ class Interrupted(BatchError, KeyboardInterrupt):
 
     @property
     def exit_code(self) -> int:  # type: ignore[override]
-        return 128 + self.signum
+        return exit_for_signal(self.signum)
 
 
 def write_error(exc: OSError, where: str) -> JobFailed:

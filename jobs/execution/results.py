@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable
 
-from ..errors import EXIT_BUSY, EXIT_FAILED, EXIT_OK
+from ..errors import EXIT_BUSY, EXIT_FAILED, EXIT_OK, exit_for_signal
 from ..inputs.discovery import Discovery
 from ..inputs.formats import REQUESTS
 from ..planning.plan import Plan
@@ -50,7 +50,7 @@ class JobResult:
     @property
     def exit_code(self) -> int:
         if self.interrupted:
-            return 128 + self.interrupted
+            return exit_for_signal(self.interrupted)
         if self.lost:
             return EXIT_BUSY
         return EXIT_OK if self.ok else EXIT_FAILED
