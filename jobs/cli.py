@@ -129,8 +129,6 @@ def _report(exc: BaseException) -> int:
     if result is not None:
         typer.echo(result.summary())
     if isinstance(exc, KeyboardInterrupt) and not isinstance(exc, BatchError):
-        from .execution.signals import signal_of
-
         typer.echo("interrupted: rerun the same command to resume", err=True)
         return exit_for_signal(signal_of(exc))
     if isinstance(exc, Interrupted):
@@ -266,9 +264,11 @@ def _run(spec: JobSpec, exit_at_end: bool = True) -> int:
     """Run one job; returns its exit status (0, 1 failed shards, 75 output busy, 128 + signal when stopped)
     or exits with it. A job refused or failed under way raises its BatchError (the handler reports it)."""
     use_token_auth(spec.runner.address)  # before Ray is imported: it reads RAY_AUTH_MODE then
+    from .execution.signals import StopSignals
     from .planning.resolve import resolve_job
 
-    job = resolve_job(spec)  # every check, once, before Ray is imported
+    with StopSignals():  # a SIGTERM while the checks run (a first model checksum takes minutes) stops like Ctrl-C
+        job = resolve_job(spec)  # every check, once, before Ray is imported
     from .runner import run_job
 
     result = run_job(job)

@@ -1,4 +1,4 @@
-"""run_job: one run of a job from its checks to its verified end. The only module that starts or joins Ray.
+"""run_job: one run of a job from its checks to its verified end.
 
 1. Before anything is written: the spec, the input (discovered by identity), the output (not a system folder,
    not inside the input or another job's output, holding nothing of anyone else's), the model (checksum and
@@ -23,6 +23,7 @@ from typing import Callable, Iterator
 import ray
 
 from persimmon import __version__
+from pipelines.errors import one_line
 
 from .errors import (BatchError, ClusterFailed, JobConflict, JobFailed, LeaseLost, ModelChanged, OutputBusy,
                      ShardState, UsageError, write_error)
@@ -216,7 +217,8 @@ class JobRun:
         except LeaseLost as exc:
             self.result.lost = str(exc)
         except ClusterFailed as exc:
-            cluster.gone.append(str(exc))
+            if self.pool.abandoned:  # the cluster itself is gone (not: no actor could be placed on it)
+                cluster.gone.append(str(exc))
             failure = exc
         except OSError as exc:  # a commit or a journal record failed: gone under us, or the disk
             try:
@@ -228,12 +230,11 @@ class JobRun:
         except BatchError as exc:
             failure = exc
         except ray.exceptions.RayError as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            failure = JobFailed(f"Ray failed during the job ({type(exc).__name__}: {first}); what is committed is "
-                                "kept: rerun the same command to resume")
+            failure = JobFailed(f"Ray failed during the job ({one_line(exc, first=True, with_type=True)}); what is "
+                                "committed is kept: rerun the same command to resume")
         finally:
             self.result.backups = dict(self.dispatcher.backups)
-            self.pool.kill_all()  # stops their units mid-way; the temporaries are removed by run_job
+            self.pool.kill_all()  # stops their units mid-way; held_output removes the temporaries
             self.progress.close()
             self.result.seconds = time.perf_counter() - self.processing if self.processing else 0.0
         if self.lease.lost and not self.result.lost:

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from pipelines.errors import one_line
-from pipelines.options import ModelOptions, Options, option
+from pipelines.options import CONSTRAINTS, ModelOptions, Options, option
 from pipelines.tasks import TASK_OPTIONS
 from pipelines.tasks import TASKS
 
@@ -163,16 +163,21 @@ class JobSpec:
         the tokens show (a grammar nested past llguidance's limits, too many choices, a token the vocabulary
         lacks) is refused here, not in every shard after Ray starts."""
         constraint = getattr(self.options, "constraint", None)
-        grammar = constraint() if constraint is not None else None
-        if grammar is None:
+        if constraint is None:
             return []
         from persimmon.grammar import GrammarError, vocabulary_for
         from persimmon.tokenizer import PersimmonTokenizer
 
         try:
+            grammar = constraint()
+        except (ValueError, OSError):  # not JSON, or a file gone: options.problems() says so
+            return []
+        if grammar is None:
+            return []
+        try:
             vocabulary_for(PersimmonTokenizer.from_pretrained(model), config.vocab_size).probe(grammar)
         except GrammarError as exc:
-            name = next(n for n in ("json_schema", "regex", "choices", "grammar") if getattr(self.options, n, None))
+            name = next(n for n in CONSTRAINTS if getattr(self.options, n, None))
             return [f"{name}: {one_line(exc, 500)}"]
         return []
 

@@ -70,13 +70,6 @@ class KVCache:
         """Mark num_tokens more positions as filled (called once per forward, after every layer wrote)."""
         self.length += num_tokens
 
-    def write_rows(self, rows: torch.Tensor, start: int, other: "KVCache") -> None:
-        """Copy other's filled positions into these batch rows at [start, start + other.length)."""
-        end = start + other.length
-        if end > self.capacity:
-            self._grow(end)
-        copy_positions(self, rows, other, slice(None), other.length, at=start)
-
     def select_rows(self, rows: torch.Tensor) -> None:
         """Keep only these batch rows (e.g. drop finished sequences), in the given order."""
         self.keys = [k.index_select(0, rows) for k in self.keys]
@@ -91,9 +84,9 @@ class KVCache:
         self.values = [torch.nn.functional.pad(v, (0, 0, 0, pad)) for v in self.values]
 
 
-def copy_positions(target, rows, source, source_rows, length: int, at: int = 0) -> None:
-    """Every layer's keys and values: target[rows, :, at:at + length] = source[source_rows, :, :length]
-    (a KVCache or the engine's SlotPool on either side): the one per-layer copy of cached positions."""
+def copy_positions(target, rows, source, source_rows, length: int) -> None:
+    """Every layer's keys and values: target[rows, :, :length] = source[source_rows, :, :length] (a KVCache or
+    the engine's SlotPool on either side)."""
     for mine, theirs in ((target.keys, source.keys), (target.values, source.values)):
         for layer in range(len(mine)):
-            mine[layer][rows, :, at:at + length] = theirs[layer][source_rows, :, :length]
+            mine[layer][rows, :, :length] = theirs[layer][source_rows, :, :length]

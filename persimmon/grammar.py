@@ -29,6 +29,7 @@ import numpy as np
 KINDS = ("json_schema", "regex", "choices", "lark")
 COMPILED_GRAMMARS = 64  # compiled grammars kept per vocabulary (least recently used dropped first) ...
 COMPILED_SOURCE_BYTES = 16 << 20  # ... and their sources' bytes at most (a big schema compiles to a big matcher)
+CHECKED_SOURCE_BYTES = 64 << 10  # grammars whose compile check is remembered (by their text)
 JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ",", "key_separator": ":"}
 
 
@@ -108,12 +109,13 @@ class Grammar:
     def check(self) -> None:
         """Raise GrammarError when the grammar does not compile (no vocabulary needed). Decided once per
         grammar in a process: the CLI's flags, the job's validation and each pipeline ask again."""
-        problem = _compile_problem(self)
+        small = len(self.source) <= CHECKED_SOURCE_BYTES  # a big schema is checked each time, not held
+        problem = _compile_problem(self) if small else _compile_problem.__wrapped__(self)
         if problem is not None:
             raise GrammarError(problem)
 
 
-@functools.lru_cache(maxsize=16)  # sources are at most 1 MiB (pipelines.options): 16 MiB held at worst
+@functools.lru_cache(maxsize=64)  # of sources up to CHECKED_SOURCE_BYTES: 4 MiB held at most
 def _compile_problem(grammar: Grammar) -> str | None:
     """Why the grammar does not compile, or None."""
     from llguidance import LLMatcher

@@ -317,6 +317,7 @@ class ModelPipeline(ReportsRows):
         check_vocabulary(self.tokenizer, self.config)
         self.stats = PipelineStats()
 
-    def _limit(self, reserved: int = 0) -> int:
+    def _limit(self, reserved: int | None = None) -> int:
+        """`reserved`: what the task keeps beyond its options' reserved_tokens() (a zero-shot label's tokens)."""
         self.max_length = self.options.prompt_limit(self.config.max_position_embeddings, reserved=reserved)
         return self.max_length

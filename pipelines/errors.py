@@ -8,10 +8,14 @@ and the CLI use it too."""
 from __future__ import annotations
 
 
-def one_line(value: object, limit: int | None = None, with_type: bool = False) -> str:
+def one_line(value: object, limit: int | None = None, with_type: bool = False, first: bool = False) -> str:
     """`value` (an exception or text) as one line, at most `limit` characters ("..." where it was cut);
-    with_type: the exception's type name first (`ValueError: ...`)."""
-    text = "; ".join(" ".join(line.split()) for line in str(value).splitlines() if line.strip())
+    with_type: the exception's type name first (`ValueError: ...`); first: only its first non-blank line (Ray's
+    errors go on with a traceback). An exception with no text is its type's name."""
+    lines = [" ".join(line.split()) for line in str(value).splitlines() if line.strip()]
+    text = "; ".join(lines[:1] if first else lines)
+    if not text and isinstance(value, BaseException) and not with_type:
+        return type(value).__name__
     if limit is not None and len(text) > limit:
         text = text[:limit] + "..."
     if with_type and isinstance(value, BaseException):

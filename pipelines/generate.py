@@ -51,7 +51,7 @@ class GenerationPipeline(ModelPipeline):
         self.sampling = o.sampling
         self.truncation_side = o.truncation_side
         self.batch_tokens, self.compile = o.batch_tokens, o.compile
-        self.template.check_fits(self.tokenizer, self._limit(reserved=max_new_tokens))
+        self.template.check_fits(self.tokenizer, self._limit())  # the window less max_new_tokens
         self.grammar = self.sampling.grammar
         self.vocabulary = None
         if self.grammar is not None or o.logprobs is not None:

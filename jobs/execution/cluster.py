@@ -9,6 +9,8 @@ from typing import Iterator
 
 import ray
 
+from pipelines.errors import one_line
+
 from ..errors import Interrupted, UsageError
 from .cluster_auth import refresh_ray_config, token_available, use_token_auth
 from .signals import StopSignals, received
@@ -58,8 +60,7 @@ def connect(address: str | None) -> None:
         hint = "" if token_available() else (
             " (clusters started with `ray start` use token authentication: set RAY_AUTH_TOKEN to the head "
             "node's token, or copy its ~/.ray/auth_token here)")
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UsageError(f"cannot join the Ray cluster at {address}: {first}{hint}") from None
+        raise UsageError(f"cannot join the Ray cluster at {address}: {one_line(exc, first=True)}{hint}") from None
 
 
 def _host_port(address: str | None) -> tuple[str, str] | None:
@@ -86,7 +87,7 @@ def _reachable(address: str, timeout: float = 5.0) -> None:
 
         bootstrap = canonicalize_bootstrap_address(address)
     except Exception as exc:
-        raise UsageError(f"cannot join the Ray cluster at {address}: {first_line(exc)}") from None
+        raise UsageError(f"cannot join the Ray cluster at {address}: {one_line(exc, first=True)}") from None
     if not bootstrap:
         raise UsageError(f"cannot join the Ray cluster at {address}: no running cluster found on this machine")
     host, _, port = bootstrap.rpartition(":")
@@ -96,8 +97,3 @@ def _reachable(address: str, timeout: float = 5.0) -> None:
     except (OSError, ValueError) as exc:
         raise UsageError(f"cannot join the Ray cluster at {address}: nothing answers at {bootstrap} "
                          f"({getattr(exc, 'strerror', None) or exc})") from None
-
-
-def first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__

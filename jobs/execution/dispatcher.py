@@ -189,7 +189,6 @@ class Dispatcher:
         self.target = target  # the actors the run keeps (fewer once the cluster had no room for some)
         self.needs = f" (each needs {needs})" if needs else ""  # what one actor asks of the cluster, for messages
         self.start_failures = 0  # actors that died before they could take work
-        self.ever_requested = False  # no actor yet: the first to_request() asks for the whole pool
         self.clock, self.backup_tasks = clock, backup_tasks
         self.running: dict[tuple, set[Hashable]] = collections.defaultdict(set)  # unit identity -> its actors
         self.done: set[tuple] = set()  # units whose result was recorded: a twin attempt's result is discarded
@@ -240,22 +239,16 @@ class Dispatcher:
 
     def to_request(self) -> int:
         """Actors to request now: the pool kept at its size while there is work for more (a dead actor is
-        replaced). Raises ClusterFailed when there is work, no actor, and none may be asked for (every one was
-        given up as unplaced)."""
+        replaced). A pool with no actor left is give_up_unplaced's to end."""
         if self.stopped:
             return 0
-        wanted = max(0, min(self.target - len(self.actors), self.wants_actors()))
-        if not wanted and self.ever_requested and not self.actors and not self.finished:
-            raise ClusterFailed(f"no actor could be placed on the cluster for {self.placement_timeout:.0f} s"
-                                f"{self.needs}; what is committed is kept: rerun the same command to resume")
-        return wanted
+        return max(0, min(self.target - len(self.actors), self.wants_actors()))
 
     def stop(self, reason: str) -> None:
         self.stopped = self.stopped or reason
 
     # -- actors -------------------------------------------------------------------------------------------------
     def requested(self, actor: Hashable) -> None:
-        self.ever_requested = True
         now = self.clock()
         self.actors[actor] = ActorRecord(ActorState.REQUESTED, now, now)
 

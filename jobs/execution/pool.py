@@ -1,8 +1,9 @@
 """The Ray side of a run: actors, `ray.wait`, pings, and deaths turned into results for the dispatcher.
 
-Nothing here decides: the dispatcher says which task an idle actor gets, which actors are stalled or unplaced,
-how many to request, what a result, a load or a death means and when the job cannot go on; the pool submits,
-waits (never without a deadline), kills and reports. It also watches the
+The dispatcher decides which work an idle actor gets, which actors are stalled or unplaced, how many to
+request, and what a result, a load or a death means; the pool submits, waits (never without a deadline), kills
+and reports. What only Ray can tell, the pool judges itself: the cluster gone (its GCS, or every node that could
+host an actor). It also watches the
 cluster itself: the GCS by a TCP connection to its address every second (Ray would otherwise end this
 process with only its own log line after 60 s without it), and, when an actor dies with its node, whether any
 node that can host an actor is left.
@@ -139,7 +140,6 @@ class Pool:
         self.loaded_once = threading.Event()
         self.gcs = GcsWatch(gcs_address())
         self.abandoned = False  # the cluster is gone: no more Ray calls
-        self.deaths = 0
 
     # -- actors -------------------------------------------------------------------------------------------------
     def request(self, count: int) -> None:
@@ -272,7 +272,6 @@ class Pool:
 
     def _died(self, actor: Actor, exc: BaseException) -> list:
         reason = describe_death(exc)
-        self.deaths += 1
         self._forget(actor)
         decisions = self.dispatcher.died(actor, reason)  # raises JobFailed past the start-up failure limit
         if not self.dispatcher.stopped:

@@ -1,5 +1,5 @@
-"""Stopping a run: Ctrl-C and SIGTERM (how schedulers and Kubernetes stop a job) end it like each other, and
-never in the middle of it giving its output back.
+"""Stopping a run: SIGTERM (how schedulers and Kubernetes stop a job) ends it as Ctrl-C does, and never in the
+middle of it giving its output back (Ctrl-C keeps Python's own handler: a KeyboardInterrupt wherever it lands).
 
 Handlers are the process's, so what they saw is the process's too: `received` lists every stopping signal (Ray
 may turn ours into a plain KeyboardInterrupt; `signal_of` still names it).

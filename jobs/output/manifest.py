@@ -42,6 +42,7 @@ class ShardEntry(TypedDict, total=False):
     output_mtime_ns: int
     attempts: int
     error: str  # why the shard failed
+    note: str  # why a committed shard is to be done again (its output was gone at the end of a run)
     companions: dict  # openai-batch: the errors file beside the results, name -> {size}
     committing: dict  # a commit under way: the entry it will have, journaled before its files move
     adopted: bool  # committed by a run that died before recording it, recognised by the next run

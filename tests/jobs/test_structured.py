@@ -127,3 +127,16 @@ def test_a_template_past_the_window_is_refused_before_ray_and_the_corrected_comm
     fixed = run_here("score", "--model", causal_model, "--input", input, "--output", out, "--prompt-template",
                      "Ticket: {text}")
     assert fixed.returncode == 0, fixed.stdout + fixed.stderr
+
+
+def test_a_spec_built_in_python_with_a_schema_that_is_not_json_is_a_usage_error(causal_model):
+    """The Python API's JobSpec: a bad inline schema is refused with the usage problem (exit 2 from the CLI),
+    not raised as the grammar's own exception from the vocabulary check."""
+    from jobs.errors import UsageError
+    from jobs.spec import JobSpec
+    from pipelines.options import GenerateOptions
+
+    spec = JobSpec("generate", str(causal_model), "in", "out", options=GenerateOptions(json_schema="{not json"))
+    with pytest.raises(UsageError, match="json_schema: the JSON schema is not valid JSON"):
+        spec.validate()
+
