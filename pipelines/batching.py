@@ -17,6 +17,7 @@ import torch
 
 from persimmon import PersimmonConfig, PersimmonTokenizer
 
+from .errors import one_line
 from .schema import INPUT_ERROR, MAX_CHARS_PER_TOKEN, is_text_type
 
 
@@ -153,7 +154,7 @@ def encode_rows(
         try:
             ids, truncated = encode(text)
         except Exception as exc:  # a row the tokenizer cannot take is that row's error, not the batch's
-            errors[index] = f"cannot tokenize text: {type(exc).__name__}: {exc}"
+            errors[index] = f"cannot tokenize text: {one_line(exc, 300, with_type=True)}"
             continue
         if not ids:
             errors[index] = "text has no tokens"

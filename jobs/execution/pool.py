@@ -23,6 +23,7 @@ from typing import Any, Callable
 import ray
 
 from persimmon.cpu import passive_wait_env
+from pipelines.errors import one_line
 
 from ..errors import ClusterFailed
 from ..output.lease import this_machine
@@ -251,8 +252,7 @@ class Pool:
             return self._died(actor, TimeoutError("its result could not be fetched in 10 s"))
         except ray.exceptions.RayTaskError as exc:  # a bug in the worker: the unit failed, the actor lives
             if kind == Reply.WORK:
-                return self.dispatcher.record(actor, UnitResult(False, error=f"{type(exc).__name__}: "
-                                                                             f"{str(exc)[:300]}"))
+                return self.dispatcher.record(actor, UnitResult(False, error=one_line(exc, 300, with_type=True)))
             return self._died(actor, exc)
         if kind == Reply.READY:
             actor.pid, actor.machine, actor.node = value["pid"], value["machine"], value["node"]

@@ -22,6 +22,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import ray
+from pipelines.errors import one_line
 from pipelines.schema import INPUT_ERROR
 
 from ..errors import ModelChanged
@@ -51,11 +52,12 @@ class InputProblem(ValueError):
 
 def failed(exc: BaseException, context: str = "") -> UnitResult:
     # pyarrow's ArrowInvalid (not Parquet, corrupt pages) is a ValueError, like the pipelines' column errors
+    # the reason is recorded in the manifest and printed: one line, however the exception was worded
     if isinstance(exc, ModelChanged):
-        return UnitResult(False, error=str(exc), fatal=Fatal.MODEL_CHANGED)
+        return UnitResult(False, error=one_line(exc), fatal=Fatal.MODEL_CHANGED)
     if isinstance(exc, OSError) and any(m in str(exc) for m in FULL_OR_READ_ONLY):
-        return UnitResult(False, error=f"{context}{exc}", fatal=Fatal.OUTPUT_UNWRITABLE)
-    return UnitResult(False, error=f"{context}{type(exc).__name__}: {exc}", permanent=isinstance(exc, ValueError))
+        return UnitResult(False, error=context + one_line(exc), fatal=Fatal.OUTPUT_UNWRITABLE)
+    return UnitResult(False, error=context + one_line(exc, with_type=True), permanent=isinstance(exc, ValueError))
 
 
 def broken_compression(exc: OSError, shard: str) -> OSError | InputProblem:

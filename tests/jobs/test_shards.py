@@ -181,3 +181,18 @@ def test_model_checksum_covers_every_byte_and_rereads_only_changed_files(tmp_pat
     data[len(data) // 2] ^= 1  # one bit in the middle of the weights
     weights.write_bytes(bytes(data))
     assert checksum.model_checksum(model, checksum.DigestCache(cache)) != first and reads == ["model.safetensors"]
+
+
+def test_a_units_failure_reason_is_one_line_however_the_exception_was_worded():
+    """What the manifest records and the summary prints for a failed unit: one line (an exception from pyarrow
+    or a library may span lines), its type named, the permanence and fatality rules kept."""
+    from jobs.errors import ModelChanged
+    from jobs.execution.dispatcher import Fatal
+    from jobs.execution.worker import failed
+
+    bad = failed(ValueError("not a Parquet file:\n  magic bytes\tnot found\n"), "input a.parquet: ")
+    assert bad.error == "input a.parquet: ValueError: not a Parquet file:; magic bytes not found" and bad.permanent
+    full = failed(OSError(28, "No space left on device\nwhile writing"), "output: ")
+    assert full.fatal == Fatal.OUTPUT_UNWRITABLE and "\n" not in full.error
+    changed = failed(ModelChanged("the model changed on disk:\nmodel.safetensors"))
+    assert changed.fatal == Fatal.MODEL_CHANGED and changed.error == "the model changed on disk:; model.safetensors"
