@@ -28,6 +28,7 @@ from pipelines.tasks import TASKS
 from .errors import (EXIT_BUSY, EXIT_FAILED, EXIT_INCOMPLETE, EXIT_OK, EXIT_SIGNALED, EXIT_UNAVAILABLE, EXIT_USAGE,
                      BatchError, ClusterFailed, ShardState, UsageError, exit_for_signal)
 from .execution.cluster_auth import use_token_auth
+from .inputs.formats import TABULAR
 from .execution.signals import signal_of
 from .spec import JobSpec, RunnerSettings
 
@@ -288,10 +289,8 @@ def _run(spec: JobSpec, exit_at_end: bool = True) -> int:
     return result.exit_code
 
 
-class InputFormat(str, enum.Enum):
-    parquet = "parquet"
-    csv = "csv"
-    jsonl = "jsonl"
+# typer's choices for --input-format: the tabular formats, by value
+InputFormat = enum.Enum("InputFormat", {f.value: f.value for f in TABULAR}, type=str)
 
 
 InputFormatOption = Annotated[Optional[InputFormat], typer.Option(

@@ -85,8 +85,9 @@ def read_job_file(path: str | Path, check_model: bool = True) -> dict[str, Any]:
         problems.append(f"name: only letters, digits and . _ - (A-Za-z0-9._-), got {raw['name']!r}: a job name "
                         "goes into schedule recipes and job ids")
     if raw.get("input_format") is not None and raw.get("input_format") not in TABULAR:
-        problems.append(f"input_format: expected one of {list(TABULAR)}, got {raw['input_format']!r}"
-                        f"{did_you_mean(str(raw['input_format']), TABULAR)}")
+        names = [f.value for f in TABULAR]
+        problems.append(f"input_format: expected one of {names}, got {raw['input_format']!r}"
+                        f"{did_you_mean(str(raw['input_format']), names)}")
     delimiter = raw.get("csv_delimiter")
     if isinstance(delimiter, str) and (len(delimiter) != 1 or delimiter in "\"\r\n"):
         problems.append(f"csv_delimiter must be one character (not a quote or a line end), got {delimiter!r}")

@@ -37,7 +37,7 @@ from .execution.results import JobResult, result_of
 from .execution.signals import StopSignals, signal_of
 from .execution.submit import AlreadySubmitted, follow_job, submission_id, submit_job
 from .inputs.discovery import ShardInfo, inspect_shard
-from .inputs.formats import REQUESTS
+from .inputs.formats import REQUESTS, Format
 from .output.sinks import companions, request_counts
 from .output.commit import commit, remove_file, remove_temporaries
 from .output.paths import absolute, join
@@ -45,7 +45,7 @@ from .output.lease import OutputLease
 from .output.manifest import Manifest
 from .planning.plan import Plan, missing_outputs, plan_run
 from .planning.resolve import ResolvedJob, output_columns, read_manifest, resolve_job
-from .planning.units import plan_units, size_for_pool
+from .planning.units import plan_units, units_for_actors
 from .spec import JobSpec
 
 __all__ = ["AlreadySubmitted", "JobConflict", "JobResult", "OutputBusy", "follow_job", "run_job", "signal_of",
@@ -192,7 +192,7 @@ class JobRun:
     def run(self, shards: list[tuple[str, ShardInfo]]) -> JobResult:
         r = self.spec.runner
         capacity = cluster_capacity(self.spec)
-        units = size_for_pool(shards, capacity[0], r.rows_per_unit, r.batch_rows)
+        units = units_for_actors(shards, capacity[0], r.rows_per_unit, r.batch_rows)
         layout = actor_layout(self.spec, capacity, len(units))
         self.result.layout = layout.describe()
         self.manifest.data["layout"] = layout.as_dict()
@@ -336,7 +336,7 @@ class JobRun:
 
     def _discard(self, temp: str) -> None:
         """A backup's twin finished too: its file is nobody's (the end of the run would remove it anyway)."""
-        for name in companions(temp, REQUESTS if temp.endswith(".jsonl") else "parquet"):
+        for name in companions(temp, REQUESTS if temp.endswith(".jsonl") else Format.PARQUET):
             try:
                 self.out_fs.delete_file(join(self.out_base, name))
             except OSError:

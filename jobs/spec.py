@@ -74,7 +74,7 @@ class JobSpec:
         if TASKS[self.task].requests:
             self.input_format = REQUESTS
         else:
-            check_format(self.input_format)
+            self.input_format = check_format(self.input_format)
         if self.csv_delimiter is not None and (len(self.csv_delimiter) != 1 or self.csv_delimiter in "\"\r\n"):
             raise UsageError(f"csv_delimiter must be one character (not a quote or a line end), got "
                              f"{self.csv_delimiter!r}")

@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 
 from persimmon.files import TOKENIZER_FILES
 from pipelines.options import EmbedOptions, ModelOptions
-from pipelines.schema import is_text_type
+from pipelines.schema import added_columns, clashing_columns, embedding_schema, is_text_type, missing_text_column
 
 from .errors import BatchError, UsageError
 from .inputs.discovery import discover
@@ -210,13 +210,10 @@ def read_input_labels(spec: TrainHeadSpec) -> LabelCheck:
                 if spec.label_column not in names:
                     raise TrainHeadError(f"input shard {shard} has no column {spec.label_column!r}; its columns "
                                          f"are {names}")
-                if spec.text_column not in names:
-                    raise TrainHeadError(f"input shard {shard} has no text column {spec.text_column!r}; its "
-                                         f"columns are {names}")
-                clash = [c for c in ("embedding", "error") if c in names]
-                if clash:
-                    raise TrainHeadError(f"input shard {shard} has column(s) {clash}, which the features job adds; "
-                                         "rename them first")
+                problem = missing_text_column(spec.text_column, names, f"input shard {shard}") or \
+                    clashing_columns(added_columns(embedding_schema(1)).names, names, "the features job adds")
+                if problem:
+                    raise TrainHeadError(problem)
                 text_type = parquet.schema_arrow.field(spec.text_column).type
                 if not is_text_type(text_type):
                     raise TrainHeadError(f"text column {spec.text_column!r} of {shard} holds {text_type}, not text")

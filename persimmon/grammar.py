@@ -26,6 +26,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from .lines import one_line
+
 KINDS = ("json_schema", "regex", "choices", "lark")
 COMPILED_GRAMMARS = 64  # compiled grammars kept per vocabulary (least recently used dropped first) ...
 COMPILED_SOURCE_BYTES = 16 << 20  # ... and their sources' bytes at most (a big schema compiles to a big matcher)
@@ -123,10 +125,10 @@ def _compile_problem(grammar: Grammar) -> str | None:
     try:
         text = grammar.llguidance()
     except (ValueError, RecursionError) as e:
-        return f"the {grammar.describe()} does not compile: {e}"
+        return f"the {grammar.describe()} does not compile: {one_line(e)}"
     message = LLMatcher.validate_grammar(text)
     if message and not message.startswith("WARNING"):
-        return f"the {grammar.describe()} does not compile: {' '.join(message.split())}"
+        return f"the {grammar.describe()} does not compile: {one_line(message)}"
     return None
 
 
@@ -198,7 +200,7 @@ class Vocabulary:
                 try:
                     compiled = llguidance.LLMatcher(self.lltokenizer, grammar.llguidance(), log_level=0)
                 except (ValueError, RecursionError) as e:
-                    raise GrammarError(f"the {grammar.describe()} does not compile: {' '.join(str(e).split())}") from None
+                    raise GrammarError(f"the {grammar.describe()} does not compile: {one_line(e)}") from None
                 if compiled.is_error():
                     raise GrammarError(f"the {grammar.describe()} does not compile: {compiled.get_error()}")
                 self._compiled[grammar] = compiled

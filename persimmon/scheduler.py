@@ -28,6 +28,7 @@ import enum
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
+from .lines import one_line
 from .params import FinishReason, SamplingParams, StopChecker, TokenLogprob
 
 CAPACITY_STEP = 64  # slot capacity is a multiple of this (fewer regrowths, fewer compiled shapes)
@@ -116,8 +117,7 @@ class Release:
 
 def grammar_error(text: str, limit: int = 300) -> str:
     """llguidance's error as one short line: its first line (what follows is parser state and the grammar)."""
-    first = next((line.strip() for line in str(text).splitlines() if line.strip()), "")
-    return first if len(first) <= limit else first[:limit] + "..."
+    return one_line(text, limit, first=True)
 
 
 def chunk_reads(lengths: Sequence[int], chunk: int = CHUNK_ROWS) -> list[tuple[int, int, int]]:

@@ -18,7 +18,7 @@ import torch
 from persimmon import PersimmonConfig, PersimmonTokenizer
 
 from .errors import one_line
-from .schema import INPUT_ERROR, MAX_CHARS_PER_TOKEN, is_text_type
+from .schema import INPUT_ERROR, MAX_CHARS_PER_TOKEN, is_text_type, missing_text_column
 
 
 
@@ -88,8 +88,9 @@ def text_column(batch: pa.RecordBatch | pa.Table, name: str) -> tuple[list[str |
     A missing column is an error of the whole batch (ValueError); a column that is not text makes every
     row an error row; null, empty and whitespace-only texts are row errors.
     """
-    if name not in batch.schema.names:
-        raise ValueError(f"text column {name!r} not in the input; columns are {batch.schema.names}")
+    problem = missing_text_column(name, batch.schema.names)
+    if problem:
+        raise ValueError(problem)
     texts, errors = _texts(batch, name)
     if INPUT_ERROR in batch.schema.names:  # a row its reader could not read as it is
         for i, problem in enumerate(batch.column(INPUT_ERROR).to_pylist()):

@@ -126,6 +126,23 @@ def classification_schema(config, zero_shot: bool = False) -> pa.Schema:
             "multi_label_classification": MULTI_LABEL}[classification_kind(config)]
 
 
+def missing_text_column(name: str, columns, where: str = "the input") -> str | None:
+    """The one rule for the text column, wherever it is checked (a job's front, its plan, a worker's read, a
+    pipeline's batch, train-head): it is one of the input's columns. The problem in words, or None."""
+    if name in columns:
+        return None
+    return f"text column {name!r} not in {where}; its columns are {list(columns)}"
+
+
+def clashing_columns(added, columns, adder: str = "the output adds") -> str | None:
+    """The one rule for the columns a task adds: none may be one of the input's (overwriting a user's column
+    silently would lose data). The problem in words, or None."""
+    clash = [name for name in added if name in columns]
+    if clash:
+        return f"the input already has column(s) {clash} that {adder}; rename them first"
+    return None
+
+
 def added_columns(task_schema: pa.Schema) -> pa.Schema:
     """The task's columns plus `error`, in output order."""
     return pa.schema([*task_schema, ERROR])
@@ -137,9 +154,9 @@ def append_columns(batch: pa.RecordBatch | pa.Table, task_schema: pa.Schema, col
     since overwriting a user's column silently would lose data."""
     table = batch if isinstance(batch, pa.Table) else pa.Table.from_batches([batch])
     schema = added_columns(task_schema)
-    clash = [name for name in schema.names if name in table.schema.names]
-    if clash:
-        raise ValueError(f"the input already has column(s) {clash} that the output adds; rename them first")
+    problem = clashing_columns(schema.names, table.schema.names)
+    if problem:
+        raise ValueError(problem)
     for field in task_schema:
         values = columns[field.name]
         table = table.append_column(field, values if isinstance(values, pa.Array) else pa.array(values, type=field.type))

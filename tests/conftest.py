@@ -21,7 +21,9 @@ TINY = dict(
     max_position_embeddings=48,
 )
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# under scripts/test.sh's two pytest processes, each computes on one thread: two of torch's 2-thread pools
+# spinning on 2 cores slow each other more than they gain
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else min(2, os.cpu_count() or 1))
 # model checksums are cached per user; the suite (and the CLI processes it starts) keeps its own cache
 os.environ["PERSIMMON_BATCH_CACHE"] = tempfile.mkdtemp(prefix="persimmon-batch-test-cache-")
 

@@ -72,7 +72,7 @@ class UnitResult:
 
 
 @dataclass
-class MergeTask:
+class Merge:
     """Concatenate a sliced shard's finished parts into its one output file."""
 
     shard: str
@@ -88,7 +88,7 @@ class MergeTask:
         return (self.shard, "merge")
 
 
-Work = WorkUnit | MergeTask  # what an actor is given
+Work = WorkUnit | Merge  # what an actor is given
 
 
 @dataclass
@@ -134,9 +134,9 @@ class RunningMedian:
         return (-self.low[0] + self.high[0]) / 2
 
 
-def work_of(task: WorkUnit) -> float:
+def work_of(unit: WorkUnit) -> float:
     """A unit's size for rates: its text bytes where the planner knew them, else its rows."""
-    return float(task.work or task.rows or 1)
+    return float(unit.work or unit.rows or 1)
 
 
 class ActorState(enum.Enum):
@@ -152,7 +152,7 @@ class ActorRecord:
     since: float  # when it entered this state (driver clock)
     heard: float  # when it last answered (driver clock)
     busy_for: float = 0.0  # what it last said: seconds inside its current model batch (or model load)
-    task: Work | None = None
+    work: Work | None = None
     rows: int = 0  # rows of its current unit processed so far
     token: int = 0  # this assignment's number: a cancel names it, so it never stops a later unit
     backup: bool = False  # a second attempt of a unit that another actor is still running
@@ -213,14 +213,14 @@ class Dispatcher:
         self.done = {k for k in self.done if k[0] not in shards}  # identities start with the shard
         self.backed_up = {k for k in self.backed_up if k[0] not in shards}
         for actor, record in self.actors.items():  # an attempt still running from before counts no more
-            if record.state == ActorState.BUSY and record.task.shard in shards:
+            if record.state == ActorState.BUSY and record.work.shard in shards:
                 record.stale = True
-                self.running.get(record.task.ident, set()).discard(actor)
+                self.running.get(record.work.ident, set()).discard(actor)
         self.queue.extend(units)
 
     def _wanted(self, record: ActorRecord) -> bool:
         """A busy actor whose result is still wanted (not a twin whose unit was recorded, nor a stale one)."""
-        return record.state == ActorState.BUSY and not record.stale and record.task.ident not in self.done
+        return record.state == ActorState.BUSY and not record.stale and record.work.ident not in self.done
 
     @property
     def finished(self) -> bool:
@@ -274,7 +274,7 @@ class Dispatcher:
             raise JobFailed(f"the workers could not load the model: {outcome.error}")
 
     def died(self, actor: Hashable, reason: str) -> list[Commit | Failure | Cancel | Discard]:
-        """The actor died. Its task failed (lost()); one that died before it could take work counts towards
+        """The actor died. Its work failed (lost()); one that died before it could take work counts towards
         the start-up limit: max_attempts per actor of the pool, then the job fails (JobFailed)."""
         record = self.actors.get(actor)
         if record is not None and record.state in (ActorState.REQUESTED, ActorState.LOADING):
@@ -311,22 +311,22 @@ class Dispatcher:
         return [k for k, a in self.actors.items() if a.state == ActorState.IDLE]
 
     def next(self, actor: Hashable) -> Work | None:
-        """The task for an idle actor, or None (nothing left, or stopped)."""
+        """The work for an idle actor, or None (nothing left, or stopped)."""
         record = self.actors[actor]
         assert record.state == ActorState.IDLE, record.state
         if self.stopped:
             return None
         backup = False
         if self.queue:
-            task = self.queue.popleft()
-        elif self.backup_tasks and (task := self._straggler()) is not None:
+            work = self.queue.popleft()
+        elif self.backup_tasks and (work := self._straggler()) is not None:
             backup = True
         else:
             return None
         now = self.clock()
-        self.actors[actor] = ActorRecord(ActorState.BUSY, now, now, task=task, token=next(self.tokens), backup=backup)
-        self.running[task.ident].add(actor)
-        return task
+        self.actors[actor] = ActorRecord(ActorState.BUSY, now, now, work=work, token=next(self.tokens), backup=backup)
+        self.running[work.ident].add(actor)
+        return work
 
     def _straggler(self) -> Work | None:
         """The running unit a second attempt would finish soonest relative to the first (see the module's
@@ -336,24 +336,24 @@ class Dispatcher:
         rate, now = self.rates.median, self.clock()
         best, behind = None, 0.0
         for record in self.actors.values():
-            task = record.task
-            if not self._wanted(record) or not isinstance(task, WorkUnit) or task.ident in self.backed_up:
+            work = record.work
+            if not self._wanted(record) or not isinstance(work, WorkUnit) or work.ident in self.backed_up:
                 continue
-            expected, elapsed = rate * work_of(task), now - record.since
+            expected, elapsed = rate * work_of(work), now - record.since
             if elapsed < max(BACKUP_FACTOR * expected, BACKUP_MIN_SECONDS):
                 continue
-            total = max(task.rows, 1)
+            total = max(work.rows, 1)
             remaining = elapsed * (total - record.rows) / record.rows if record.rows else math.inf
             if remaining > expected and remaining - expected > behind:
-                best, behind = (task, elapsed / expected if expected else math.inf), remaining - expected
+                best, behind = (work, elapsed / expected if expected else math.inf), remaining - expected
         if best is None:
             return None
-        task, ratio = best
-        self.backed_up.add(task.ident)
+        work, ratio = best
+        self.backed_up.add(work.ident)
         self.backups["started"] += 1
-        self.notes.append(f"unit {task.key} has run {ratio:.1f}x as long as its peers' median predicts: a backup "
+        self.notes.append(f"unit {work.key} has run {ratio:.1f}x as long as its peers' median predicts: a backup "
                           "attempt started on an idle actor (the first to finish is kept)")
-        return task
+        return work
 
     def heartbeat(self, actor: Hashable, rows: int = 0, busy_for: float = 0.0, slowest: float = 0.0) -> None:
         """The actor answered: rows of its current unit so far, seconds inside its current batch (or load),
@@ -379,14 +379,14 @@ class Dispatcher:
         for actor, record in self.actors.items():
             if record.state not in (ActorState.LOADING, ActorState.BUSY):
                 continue
-            doing = f"unit {record.task.key}" if record.task else "loading the model"
+            doing = f"unit {record.work.key}" if record.work else "loading the model"
             silent = now - record.heard
             if silent > timeout:
                 found.append(Stalled(actor, f"actor stalled ({doing}): no progress for {timeout:.0f} s (it "
                                             f"stopped answering {silent:.0f} s ago)"))
             elif record.busy_for + silent > timeout:
                 found.append(Stalled(actor, f"actor stalled ({doing}): no progress for {timeout:.0f} s (inside "
-                                            f"one {'model batch' if record.task else 'load'} for "
+                                            f"one {'model batch' if record.work else 'load'} for "
                                             f"{record.busy_for + silent:.0f} s)"))
         return found
 
@@ -395,16 +395,16 @@ class Dispatcher:
 
     # -- results ------------------------------------------------------------------------------------------------
     def record(self, actor: Hashable, outcome: UnitResult) -> list[Commit | Failure | Cancel | Discard]:
-        """The actor's task ended with `outcome`; the actor is idle again. Returns what the runner must do."""
+        """The actor's work ended with `outcome`; the actor is idle again. Returns what the runner must do."""
         record = self.actors[actor]
         now = self.clock()
         self.actors[actor] = ActorRecord(ActorState.IDLE, now, now)
         return self._ended(actor, record, outcome, now)
 
     def lost(self, actor: Hashable, reason: str) -> list[Commit | Failure | Cancel | Discard]:
-        """The actor is gone (died, killed for a stall, never placed); its task, if any, failed."""
+        """The actor is gone (died, killed for a stall, never placed); its work, if any, failed."""
         record = self.actors.pop(actor, None)
-        if record is None or record.task is None:
+        if record is None or record.work is None:
             return []
         return self._ended(actor, record, UnitResult(False, error=reason), self.clock())
 
@@ -412,8 +412,8 @@ class Dispatcher:
                now: float) -> list[Commit | Failure | Cancel | Discard]:
         """One attempt ended. With a twin attempt of the same unit: the first success is the unit's result
         (the twin is cancelled, or its late result discarded); a failure while the twin runs waits for it."""
-        task = record.task
-        key = task.ident
+        work = record.work
+        key = work.ident
         if record.stale or key in self.done:  # planned again since, or the twin's result was recorded first
             return [Discard(outcome.temp)] if outcome.ok and outcome.temp else []
         twins = self.running.get(key, set())
@@ -424,50 +424,50 @@ class Dispatcher:
             self.attempts[key] += 1
             return []
         if not outcome.ok:
-            return self._outcome(task, outcome)
+            return self._outcome(work, outcome)
         self.done.add(key)
-        if isinstance(task, WorkUnit) and not self.stopped:
-            self.rates.add((now - record.since) / work_of(task))
+        if isinstance(work, WorkUnit) and not self.stopped:
+            self.rates.add((now - record.since) / work_of(work))
         if record.backup:
             self.backups["won"] += 1
         cancels = [Cancel(twin, self.actors[twin].token, key) for twin in twins if twin in self.actors]
-        return self._outcome(task, outcome) + cancels
+        return self._outcome(work, outcome) + cancels
 
-    def _outcome(self, task: Work, outcome: UnitResult) -> list[Commit | Failure]:
-        key = task.ident
+    def _outcome(self, work: Work, outcome: UnitResult) -> list[Commit | Failure]:
+        key = work.ident
         if not outcome.ok:
             self.attempts[key] += 1
             if outcome.fatal:
                 self.fatal = outcome
                 self.stop(outcome.error or "fatal")
                 return []
-            if task.shard in self.failed_shards:
+            if work.shard in self.failed_shards:
                 return []
             if not outcome.permanent and self.attempts[key] < self.max_attempts:
-                self.queue.append(task)
+                self.queue.append(work)
                 return []
-            self.failed_shards.add(task.shard)
-            self.parts.pop(task.shard, None)
-            self.queue = collections.deque(t for t in self.queue if t.shard != task.shard)
-            return [Failure(task.shard, outcome.error or "failed", self.attempts[key])]
+            self.failed_shards.add(work.shard)
+            self.parts.pop(work.shard, None)
+            self.queue = collections.deque(t for t in self.queue if t.shard != work.shard)
+            return [Failure(work.shard, outcome.error or "failed", self.attempts[key])]
         if self.stopped:
             return []  # the output is not ours to commit to any more (or the job is ending)
-        if isinstance(task, MergeTask):
-            return [Commit(task.shard, outcome.temp, task.stats, task.stats.get("input_identity"),
-                           self._attempts_of(task.shard) + 1)]
-        if task.parts == 1:
-            return [Commit(task.shard, outcome.temp, outcome.stats, task.identity, self.attempts[key] + 1)]
-        if task.shard in self.failed_shards:
+        if isinstance(work, Merge):
+            return [Commit(work.shard, outcome.temp, work.stats, work.stats.get("input_identity"),
+                           self._attempts_of(work.shard) + 1)]
+        if work.parts == 1:
+            return [Commit(work.shard, outcome.temp, outcome.stats, work.identity, self.attempts[key] + 1)]
+        if work.shard in self.failed_shards:
             return []
-        finished = self.parts[task.shard]
-        finished[task.part] = outcome
-        if len(finished) == task.parts:  # all slices in: one actor concatenates them, in order
-            slices = [finished[i] for i in range(task.parts)]
-            del self.parts[task.shard]
+        finished = self.parts[work.shard]
+        finished[work.part] = outcome
+        if len(finished) == work.parts:  # all slices in: one actor concatenates them, in order
+            slices = [finished[i] for i in range(work.parts)]
+            del self.parts[work.shard]
             merged = {k: sum(s.stats.get(k, 0) for s in slices) for k in (*UNIT_COUNTS, "seconds")}
-            merged.update(node=",".join(sorted({str(s.stats.get("node", "")) for s in slices})), parts=task.parts,
-                          input_identity=task.identity, threads=max(s.stats.get("threads") or 0 for s in slices))
-            self.queue.appendleft(MergeTask(task.shard, [s.temp for s in slices], merged))
+            merged.update(node=",".join(sorted({str(s.stats.get("node", "")) for s in slices})), parts=work.parts,
+                          input_identity=work.identity, threads=max(s.stats.get("threads") or 0 for s in slices))
+            self.queue.appendleft(Merge(work.shard, [s.temp for s in slices], merged))
         return []
 
     def _attempts_of(self, shard: str) -> int:

@@ -27,7 +27,7 @@ from pipelines.errors import one_line
 
 from ..errors import ClusterFailed
 from ..output.lease import this_machine
-from .dispatcher import Cancel, Commit, Discard, Dispatcher, Failure, MergeTask, UnitResult
+from .dispatcher import Cancel, Commit, Discard, Dispatcher, Failure, Merge, UnitResult
 from .worker import CONCURRENCY_GROUPS, UnitWorker
 
 class Reply(enum.Enum):
@@ -36,7 +36,7 @@ class Reply(enum.Enum):
     READY = "ready"  # the actor exists: its pid, machine and node
     LOAD = "load"  # its model load ended (a UnitResult)
     PING = "ping"  # its heartbeat: rows of its unit so far, seconds in its current batch
-    WORK = "work"  # its task ended (a UnitResult)
+    WORK = "work"  # its work ended (a UnitResult)
 
 
 GCS_GRACE = 10.0  # seconds of refused connections before the GCS counts as dead
@@ -81,7 +81,7 @@ def describe_death(exc: BaseException) -> str:
         line = line.strip()
         if line and not line.startswith(("class_name", "actor_id", "pid:", "namespace", "ip:")) and \
                 "died unexpectedly before finishing" not in line:
-            return f"actor died: {line[:200]}"
+            return f"actor died: {one_line(line, 200)}"
     return f"actor died: {type(exc).__name__}"
 
 
@@ -222,13 +222,13 @@ class Pool:
 
     def _assign(self) -> None:
         for actor in self.dispatcher.idle():
-            task = self.dispatcher.next(actor)
-            if task is None:
+            work = self.dispatcher.next(actor)
+            if work is None:
                 break
-            if isinstance(task, MergeTask):
-                ref = actor.handle.merge.remote(task.shard, task.temps)
+            if isinstance(work, Merge):
+                ref = actor.handle.merge.remote(work.shard, work.temps)
             else:
-                ref = actor.handle.process.remote(task, self.dispatcher.actors[actor].token)
+                ref = actor.handle.process.remote(work, self.dispatcher.actors[actor].token)
             self.refs[ref] = (Reply.WORK, actor)
 
     def _ping(self) -> None:

@@ -23,7 +23,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import ray
 from pipelines.errors import one_line
-from pipelines.schema import INPUT_ERROR
+from pipelines.schema import INPUT_ERROR, missing_text_column
 
 from ..errors import ModelChanged
 from ..inputs.checksum import check_pin
@@ -211,7 +211,7 @@ class UnitWorker:
         error column now), a CSV's text column (read as bytes) as strings."""
         if INPUT_ERROR in out.column_names:
             out = out.drop_columns([INPUT_ERROR])
-        return formats.text_as_string(out, self.spec.text_column) if fmt == "csv" else out
+        return formats.text_as_string(out, self.spec.text_column) if fmt == formats.Format.CSV else out
 
     def _open(self, unit: WorkUnit):
         """The shard as it was planned: a file that changed since is not read (its identity would lie)."""
@@ -219,7 +219,7 @@ class UnitWorker:
         info = self.in_fs.get_file_info(path)
         if unit.identity and (info.size, info.mtime_ns) != (unit.identity.get("size"), unit.identity.get("mtime_ns")):
             raise InputProblem(f"{unit.shard} changed while the job ran; rerun to process its new content")
-        if formats.shard_format(unit.shard, self.spec.input_format) == "parquet":
+        if formats.shard_format(unit.shard, self.spec.input_format) == formats.Format.PARQUET:
             return self.in_fs.open_input_file(path)
         return formats.open_source(self.in_fs, path, limit=unit.identity.get("size"))  # not past its planned size
 
@@ -229,7 +229,7 @@ class UnitWorker:
         if fmt == formats.REQUESTS:
             opened = formats.read_requests(source, batch_rows)
             return dataclasses.replace(opened, batches=compressed_data(opened.batches, unit.shard))
-        if fmt != "parquet":
+        if fmt != formats.Format.PARQUET:
             try:
                 opened = formats.read_tabular(source, fmt, self.spec.text_column, batch_rows,
                                               self.spec.csv_delimiter or ",")
@@ -247,9 +247,9 @@ class UnitWorker:
             if unit.row_groups is not None:
                 batches = rows_of(batches, unit.skip, unit.rows)
             opened = formats.Opened(parquet.schema_arrow, batches, dict(parquet.schema_arrow.metadata or {}))
-        columns = opened.schema.names
-        if self.spec.text_column not in columns:
-            raise InputProblem(f"shard {unit.shard} has no column {self.spec.text_column!r}; its columns are {columns}")
+        problem = missing_text_column(self.spec.text_column, opened.schema.names, unit.shard)
+        if problem:  # the plan saw the column; the file was replaced since
+            raise InputProblem(problem)
         return opened
 
     def _run(self, unit: WorkUnit, temp: str, fmt: str) -> int:

@@ -29,6 +29,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from ..errors import UsageError
+from .formats import Format
 from ..output.paths import existing_chain, folder_key, inside, join, resolve
 
 GLOB_CHARS = "*?["
@@ -340,7 +341,7 @@ class ShardInfo:
     columns: list[str]
     error: str | None = None  # not readable as its format
     group_bytes: list[int] = field(default_factory=list)  # the text column's uncompressed bytes per row group
-    format: str = "parquet"
+    format: Format = Format.PARQUET
     estimated_rows: int = 0  # CSV / JSON Lines / request files: from the first block (no footer says)
 
     @property
@@ -349,7 +350,7 @@ class ShardInfo:
 
 
 def inspect_shard(fs: pafs.FileSystem, base: str, shard: str, info: pafs.FileInfo | None = None,
-                  text_column: str | None = None, fmt: str = "parquet", delimiter: str | None = None) -> ShardInfo:
+                  text_column: str | None = None, fmt: Format = Format.PARQUET, delimiter: str | None = None) -> ShardInfo:
     """Read a shard's footer: its identity (size, modification time, rows, a digest of the row-group
     layout), row-group sizes, the text column's bytes per row group (the planner's measure of work; all
     columns' where there is no such column) and column names. A shard that is not of its format gets
@@ -358,7 +359,7 @@ def inspect_shard(fs: pafs.FileSystem, base: str, shard: str, info: pafs.FileInf
     path = join(base, shard)
     info = info or fs.get_file_info(path)
     identity: dict[str, Any] = {"size": info.size, "mtime_ns": info.mtime_ns}
-    if fmt != "parquet":
+    if fmt != Format.PARQUET:
         from pipelines.errors import one_line
 
         from .formats import NAMES, HeaderProblem, compression_problem, inspect_text_file

@@ -23,6 +23,7 @@ before the files are moved into place (manifest.py), not by the files' contents.
 
 from __future__ import annotations
 
+import enum
 import io
 import json
 from dataclasses import dataclass
@@ -36,11 +37,31 @@ from pipelines.schema import INPUT_ERROR, MAX_LINE_BYTES
 
 from ..errors import UsageError
 
-TABULAR = ("parquet", "csv", "jsonl")
-REQUESTS = "openai"  # OpenAI batch request lines (openai-batch)
-SUFFIXES = {".parquet": "parquet", ".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl"}
+
+
+class Format(str, enum.Enum):
+    """An input file's format. A string (its value) wherever it is stored, shown, compared or hashed, so a spec,
+    a manifest or a job file that says "csv" means Format.CSV."""
+
+    PARQUET = "parquet"
+    CSV = "csv"
+    JSONL = "jsonl"
+    REQUESTS = "openai"  # OpenAI batch request lines (openai-batch)
+
+    __hash__ = str.__hash__  # an Enum hashes its name; as a key it must be its value
+
+    def __str__(self) -> str:
+        return self.value
+
+    def __format__(self, spec: str) -> str:
+        return format(self.value, spec)
+
+
+TABULAR = (Format.PARQUET, Format.CSV, Format.JSONL)  # what --input-format may name
+REQUESTS = Format.REQUESTS
+SUFFIXES = {".parquet": Format.PARQUET, ".csv": Format.CSV, ".jsonl": Format.JSONL, ".ndjson": Format.JSONL}
 ERRORS_SUFFIX = ".errors.jsonl"
-NAMES = {"parquet": "Parquet", "csv": "CSV", "jsonl": "JSON Lines", REQUESTS: "OpenAI batch request"}
+NAMES = {Format.PARQUET: "Parquet", Format.CSV: "CSV", Format.JSONL: "JSON Lines", REQUESTS: "OpenAI batch request"}
 READ_BLOCK = 1 << 20  # bytes per block of the readers
 CSV_BLOCK = 64 << 20  # bytes per block of the CSV reader: a CSV row must fit in one
 MAX_ROW_BYTES = 16 << 20  # a longer JSON line is its row's error
@@ -74,12 +95,12 @@ def plain_name(name: str) -> str:
     return name[: -len(suffix_of(name))] if compression_of(name) else name
 
 
-def shard_format(shard: str, forced: str | None = None) -> str:
+def shard_format(shard: str, forced: str | None = None) -> Format:
     """The format of a shard: the job's (--input-format, or openai-batch's request files), else by suffix (of the
     name without a compression suffix)."""
     if forced:
-        return forced
-    return SUFFIXES.get(suffix_of(plain_name(shard)), "parquet")
+        return Format(forced)
+    return SUFFIXES.get(suffix_of(plain_name(shard)), Format.PARQUET)
 
 
 def takes(name: str, forced: str | None) -> bool:
@@ -91,10 +112,11 @@ def takes(name: str, forced: str | None) -> bool:
     return forced is not None or suffix_of(plain) in SUFFIXES
 
 
-def check_format(name: str | None) -> str | None:
+def check_format(name: str | None) -> Format | None:
+    """The tabular format a job names (None: by suffix); UsageError for another name."""
     if name is not None and name not in TABULAR:
-        raise UsageError(f"--input-format must be one of {list(TABULAR)}, got {name!r}")
-    return name
+        raise UsageError(f"--input-format must be one of {[f.value for f in TABULAR]}, got {name!r}")
+    return None if name is None else Format(name)
 
 
 @dataclass
@@ -219,7 +241,7 @@ class _CsvRows:
                              row.expected_columns, row.text))
 
     def batches(self) -> Iterator[pa.RecordBatch]:
-        for batch in _blocks(self.reader, "csv"):
+        for batch in _blocks(self.reader, Format.CSV):
             yield self._placed(batch)
         if self.skipped:  # left out after the last kept row
             yield self._placed(pa.RecordBatch.from_pylist([], schema=self.schema))
@@ -280,7 +302,7 @@ def text_as_string(table: pa.Table, text_column: str | None) -> pa.Table:
 
 def read_tabular(source, fmt: str, text_column: str | None, batch_rows: int, delimiter: str = ",") -> Opened:
     """A CSV or JSON Lines shard as record batches; ValueError (pyarrow's ArrowInvalid) when it is not one."""
-    if fmt == "csv":
+    if fmt == Format.CSV:
         head = source.read(READ_BLOCK)
         if not head.strip():  # empty or blank: no rows, and an (empty) output like any other file's
             return Opened(pa.schema([(text_column, pa.string())] if text_column else []), iter(()), {})
@@ -455,7 +477,7 @@ def _json_row(number: int, line: bytes, schema: pa.Schema, text_column: str | No
     return row, error
 
 
-def _blocks(reader, fmt: str) -> Iterator[pa.RecordBatch]:
+def _blocks(reader, fmt: Format) -> Iterator[pa.RecordBatch]:
     while True:
         try:
             batch = reader.read_next_batch()
@@ -527,7 +549,7 @@ def inspect_text_file(fs: pafs.FileSystem, path: str, fmt: str, text_column: str
         scale = size / len(head) if head and not compression_of(path) else 1.0
         if fmt == REQUESTS:
             return [], round(lines * scale)
-        if fmt == "jsonl":
+        if fmt == Format.JSONL:
             while b"\n" not in head and len(head) <= MAX_ROW_BYTES:  # a first line longer than a block
                 more = f.read(READ_BLOCK)
                 if not more:
@@ -563,4 +585,4 @@ def inspect_csv_whole_block(fs: pafs.FileSystem, path: str, text_column: str | N
         return open_csv(f, text_column, delimiter).schema.names
 
 
-__all__ = ["REQUESTS", "TABULAR", "shard_format", "takes"]
+__all__ = ["Format", "REQUESTS", "TABULAR", "shard_format", "takes"]

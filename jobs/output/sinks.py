@@ -8,21 +8,21 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.fs as pafs
 
-from ..inputs.formats import ERRORS_SUFFIX, REQUESTS, SUFFIXES, plain_name, suffix_of
+from ..inputs.formats import ERRORS_SUFFIX, REQUESTS, SUFFIXES, Format, plain_name, suffix_of
 
 
-def output_name(shard: str, fmt: str = "parquet") -> str:
+def output_name(shard: str, fmt: Format = Format.PARQUET) -> str:
     """The output file of a shard, relative to the output folder."""
-    if fmt != "parquet":
+    if fmt != Format.PARQUET:
         shard = plain_name(shard)
     if fmt == REQUESTS:
         return shard if shard.endswith(".jsonl") else shard + ".jsonl"
-    if fmt != "parquet" and SUFFIXES.get(suffix_of(shard)) == fmt:
+    if fmt != Format.PARQUET and SUFFIXES.get(suffix_of(shard)) == fmt:
         shard = shard[: -len(suffix_of(shard))]
     return shard if shard.endswith(".parquet") else shard + ".parquet"
 
 
-def companions(name: str, fmt: str) -> list[str]:
+def companions(name: str, fmt: Format) -> list[str]:
     """Every file one committed output is made of: the output itself first, then (openai-batch) its errors."""
     if fmt == REQUESTS:
         stem = name[: -len(".jsonl")] if name.endswith(".jsonl") else name
@@ -80,7 +80,7 @@ def sink_for(fmt: str, fs: pafs.FileSystem, path: str):
     return RequestSink(fs, path) if fmt == REQUESTS else ParquetSink(fs, path)
 
 
-def temporary_suffix(fmt: str) -> str:
+def temporary_suffix(fmt: Format) -> str:
     return ".jsonl" if fmt == REQUESTS else ".parquet"
 
 

@@ -21,9 +21,11 @@ from typing import Any
 
 import pyarrow.fs as pafs
 
+from pipelines.schema import clashing_columns, missing_text_column
+
 from ..errors import ShardState, UsageError
 from ..inputs.discovery import Discovery, ShardInfo, inspect_shard
-from ..inputs.formats import REQUESTS
+from ..inputs.formats import REQUESTS, Format
 from ..output.commit import META_FINGERPRINT, META_IDENTITY, committed_metadata, on_disk
 from ..output.manifest import Manifest
 from ..output.ownership import foreign_entries, refuse_foreign
@@ -73,12 +75,7 @@ def check_ownership(spec_output: str, fs: pafs.FileSystem, out_base: str, listin
 def _column_problem(text_column: str, shard: str, info: ShardInfo, added: list[str]) -> str | None:
     if info.format == REQUESTS:
         return None  # request lines, not a table: each line's problems are that line's error
-    if text_column not in info.columns:
-        return f"shard {shard} has no column {text_column!r}; its columns are {info.columns}"
-    clash = [name for name in added if name in info.columns]
-    if clash:
-        return f"the input already has column(s) {clash} that the output adds; rename them first"
-    return None
+    return missing_text_column(text_column, info.columns, shard) or clashing_columns(added, info.columns)
 
 
 def plan_run(spec, discovery: Discovery, manifest: Manifest, listing: list[pafs.FileInfo],
@@ -110,7 +107,7 @@ def plan_run(spec, discovery: Discovery, manifest: Manifest, listing: list[pafs.
             manifest.shards[shard] = {**entry["committing"], "state": ShardState.DONE.value, "adopted": True}
             plan.adopted.append(shard)
             continue
-        if present is not None and info.format == "parquet":
+        if present is not None and info.format == Format.PARQUET:
             meta, rows = recognised.get(final) or committed_metadata(manifest.fs, manifest.out_base, final)
             if meta.get(META_FINGERPRINT, b"").decode() == fingerprint and \
                     json.loads(meta.get(META_IDENTITY, b"null")) == info.identity:
@@ -208,7 +205,7 @@ def _committed_pair(entry: dict[str, Any], outputs: dict[str, pafs.FileInfo], id
 def check_text_column(spec, discovery: Discovery, sample: int = 8) -> None:
     """Refuse a job whose text column is in none of the first `sample` readable shards (a mistyped column
     name) before anything is written. A single shard without it fails on its own, in the manifest."""
-    first: tuple[str, list[str]] | None = None
+    first: str | None = None
     checked = 0
     unreadable: list[str] = []
     for shard in discovery.shards:
@@ -222,14 +219,15 @@ def check_text_column(spec, discovery: Discovery, sample: int = 8) -> None:
             continue
         if fmt == REQUESTS:
             return
-        if spec.text_column in info.columns:
+        problem = missing_text_column(spec.text_column, info.columns, shard)
+        if problem is None:
             return
-        first = first or (shard, info.columns)
+        first = first or problem
         checked += 1
         if checked == sample:
             break
     if first is not None:
-        raise UsageError(f"text column {spec.text_column!r} not in {first[0]}; its columns are {first[1]}")
+        raise UsageError(first)
     if unreadable:  # not one readable shard among the first: the format or the path is wrong
         more = f" (and {len(unreadable) - 1} more)" if len(unreadable) > 1 else ""
         raise UsageError(f"input {unreadable[0]}{more}; nothing was written")

@@ -109,7 +109,7 @@ def _spread(cuts: list[int], min_rows: int) -> list[int]:
     return cuts
 
 
-def size_for_pool(shards: list[tuple[str, ShardInfo]], actors: int, rows_per_unit: int,
+def units_for_actors(shards: list[tuple[str, ShardInfo]], actors: int, rows_per_unit: int,
                   min_rows: int) -> list[WorkUnit]:
     """The units of a run on `actors` actors, longest first (so the last to start are the short ones and the
     tail is short). With one actor each shard is one unit (split only over rows_per_unit rows). With more,

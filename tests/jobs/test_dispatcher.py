@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from jobs.errors import ClusterFailed, JobFailed
-from jobs.execution.dispatcher import (STALL_FLOOR, Commit, Dispatcher, Failure, Fatal, MergeTask, UnitResult)
+from jobs.execution.dispatcher import (STALL_FLOOR, Commit, Dispatcher, Failure, Fatal, Merge, UnitResult)
 from jobs.planning.units import WorkUnit
 
 
@@ -78,7 +78,7 @@ def test_slices_are_merged_in_order_once_all_parts_are_in():
     assert d.record(1, ok(50, "p1")) == []  # the second part first: nothing to merge yet
     assert d.record(0, ok(100, "p0")) == []
     merge = d.next(0)
-    assert isinstance(merge, MergeTask) and merge.temps == ["p0", "p1"] and merge.stats["rows"] == 150
+    assert isinstance(merge, Merge) and merge.temps == ["p0", "p1"] and merge.stats["rows"] == 150
     [commit] = d.record(0, UnitResult(True, "merged", {"rows": 150}))
     assert commit.shard == "big" and commit.temp == "merged" and commit.identity == {"size": 1}
     assert d.finished
@@ -270,7 +270,7 @@ def test_twenty_thousand_units_through_64_actors_commit_once_each():
         for actor in d.idle():
             d.next(actor)
         for actor in range(64):
-            if d.actors[actor].task is not None:
+            if d.actors[actor].work is not None:
                 done += len(d.record(actor, ok()))
     assert done == units and not d.queue
 

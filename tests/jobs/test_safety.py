@@ -193,7 +193,7 @@ def test_permanent_shard_errors_are_not_retried(ray_local, demo, tiny_classifier
     result = run_here(*classify(model, input, out))
     assert result.returncode == 1, result.stderr
     shards = manifest_of(out)["shards"]
-    reasons = {"a-corrupt.parquet": "not a Parquet file", "b-no-text.parquet": "has no column 'text'",
+    reasons = {"a-corrupt.parquet": "not a Parquet file", "b-no-text.parquet": "text column 'text' not in b-no-text.parquet",
                "c-clash.parquet": "already has column(s) ['label']"}
     for name, reason in reasons.items():
         assert shards[name]["state"] == "failed" and reason in shards[name]["error"], shards[name]

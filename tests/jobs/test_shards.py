@@ -14,7 +14,7 @@ from jobs.inputs import checksum
 from jobs.inputs.discovery import discover, inspect_shard, output_overlap
 from jobs.output.paths import resolve
 from jobs.execution.worker import rows_of
-from jobs.planning.units import plan_units, size_for_pool
+from jobs.planning.units import plan_units, units_for_actors
 
 
 def shard(path: Path, rows: int = 3, row_group_size: int | None = None) -> None:
@@ -143,23 +143,23 @@ def test_units_sized_to_the_pool(tmp_path):
 
     # many similar shards: one unit each, whatever the pool
     similar = infos([(f"s{i:02d}.parquet", [30] * 40) for i in range(24)])
-    assert [u.parts for u in size_for_pool(similar, 2, 200_000, 8)] == [1] * 24
+    assert [u.parts for u in units_for_actors(similar, 2, 200_000, 8)] == [1] * 24
     # three large files on eight actors: about three units per actor, none idle from the start
     large = infos([(f"l{i}.parquet", [30] * 1500) for i in range(3)], row_group_size=500)
-    units = size_for_pool(large, 8, 200_000, 16)
+    units = units_for_actors(large, 8, 200_000, 16)
     assert len(units) == 24 and {u.parts for u in units} == {8}
     assert sorted((u.shard, u.part) for u in units) == sorted((f"l{i}.parquet", p) for i in range(3) for p in range(8))
     # one actor: whole shards
-    assert len(size_for_pool(large, 1, 200_000, 16)) == 3
+    assert len(units_for_actors(large, 1, 200_000, 16)) == 3
     # very unequal: the big one is split, the small ones stay whole, longest first
     unequal = infos([("big.parquet", [30] * 3000)] + [(f"small{i}.parquet", [30] * 100) for i in range(7)])
-    units = size_for_pool(unequal, 2, 200_000, 16)
+    units = units_for_actors(unequal, 2, 200_000, 16)
     big = [u for u in units if u.shard == "big.parquet"]
     assert len(big) >= 4 and all(u.parts == 1 for u in units if u.shard != "big.parquet")
     assert [u.work for u in units] == sorted((u.work for u in units), reverse=True)
     # text, not rows: as many rows of ten times the text are split more
     wordy = infos([("short.parquet", [10] * 1000), ("long.parquet", [100] * 1000)])
-    parts = {u.shard: u.parts for u in size_for_pool(wordy, 4, 200_000, 16)}
+    parts = {u.shard: u.parts for u in units_for_actors(wordy, 4, 200_000, 16)}
     assert parts["long.parquet"] > 3 * parts["short.parquet"]
 
 

@@ -114,7 +114,7 @@ def test_multi_label_on_a_classifier_base(ray_local, tmp_path, demo_root):
     ("list without --multi-label", "for a list of labels per row use --multi-label"),
     ("no label column", "has no column 'topic'"),
     ("output is the base", "must be outside the base model"),
-    ("an embedding column", "has column(s) ['embedding'], which the features job adds"),
+    ("an embedding column", "the input already has column(s) ['embedding'] that the features job adds"),
     ("numbers as text", "text column 'text' of part-0.parquet holds int64, not text"),
 ])
 def test_bad_labels_are_refused_before_any_work(tmp_path, causal_model, case, message):

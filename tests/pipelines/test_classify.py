@@ -143,7 +143,7 @@ def test_zero_shot_template_must_fit(tmp_path, sentencepiece_model):
 def test_column_problems(tmp_path, sentencepiece_model):
     checkpoint(tmp_path, sentencepiece_model, num_labels=3, id2label=LABELS)
     pipe = ClassificationPipeline(tmp_path, dtype="float32", text_column="body")
-    with pytest.raises(ValueError, match="text column 'body' not in the input; columns are \\['text'\\]"):
+    with pytest.raises(ValueError, match="text column 'body' not in the input; its columns are \\['text'\\]"):
         pipe(pa.table({"text": ["x"]}))
     out = pipe(pa.table({"body": [1, 2, None]}))  # not text: every row says so, none is lost
     assert out.column("error").to_pylist() == ["text column 'body' holds int64, not strings"] * 3
