@@ -101,17 +101,14 @@ SLOW_MODULES = {"test_adversary", "test_readme", "test_safety", "test_submit", "
 SLOW_FIXTURES = {"ray_local"}
 
 
-def pytest_collection_modifyitems(config, items):
-    for item in items:
-        module = item.module.__name__.rsplit(".", 1)[-1] if item.module else ""
-        if module in SLOW_MODULES or SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
-            item.add_marker(pytest.mark.slow)
-
-
 # The longest files first: under scripts/test.sh's two pytest processes (a whole file per process, in this
 # order), a long file handed out last would run on alone at the end.
 FIRST = ("tests/test_readme.py", "tests/jobs/test_adversary.py")
 
 
 def pytest_collection_modifyitems(config, items):
+    for item in items:
+        module = item.module.__name__.rsplit(".", 1)[-1] if item.module else ""
+        if module in SLOW_MODULES or SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
     items.sort(key=lambda item: item.nodeid.split("::")[0] not in FIRST)  # stable: the rest keep their order
