@@ -129,11 +129,12 @@ def _report(exc: BaseException) -> int:
     result = getattr(exc, "result", None)
     if result is not None:
         typer.echo(result.summary())
-    if isinstance(exc, KeyboardInterrupt) and not isinstance(exc, BatchError):
+    stopped = isinstance(exc, Interrupted) or (isinstance(exc, KeyboardInterrupt) and not isinstance(exc, BatchError))
+    if stopped and not (result is not None and result.interrupted):  # else the summary's last line says it
         typer.echo("interrupted: rerun the same command to resume", err=True)
+    if isinstance(exc, KeyboardInterrupt) and not isinstance(exc, BatchError):
         return exit_for_signal(signal_of(exc))
     if isinstance(exc, Interrupted):
-        typer.echo("interrupted: rerun the same command to resume", err=True)
         return exc.exit_code
     if isinstance(exc, BatchError):
         message = str(exc) if "\n  " in str(exc) else one_line(exc)  # a job file's problems: one per line

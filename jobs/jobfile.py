@@ -23,8 +23,8 @@ from pipelines.options import ClassifyOptions, did_you_mean
 from pipelines.tasks import TASK_OPTIONS
 
 from .errors import UsageError
-from .inputs.formats import TABULAR
-from .spec import TASK_NAMES, JobSpec, RunnerSettings
+from .inputs.formats import format_problem
+from .spec import JobSpec, RunnerSettings, delimiter_problem, model_folder_problems, task_problem
 
 TOP = {"name": str, "task": str, "model": str, "input": str, "output": str, "text_column": str, "date": str,
        "options": dict, "runner": dict, "input_format": str, "csv_delimiter": str}
@@ -84,16 +84,10 @@ def read_job_file(path: str | Path, check_model: bool = True) -> dict[str, Any]:
     if isinstance(raw.get("name"), str) and not NAME.fullmatch(raw["name"]):
         problems.append(f"name: only letters, digits and . _ - (A-Za-z0-9._-), got {raw['name']!r}: a job name "
                         "goes into schedule recipes and job ids")
-    if raw.get("input_format") is not None and raw.get("input_format") not in TABULAR:
-        names = [f.value for f in TABULAR]
-        problems.append(f"input_format: expected one of {names}, got {raw['input_format']!r}"
-                        f"{did_you_mean(str(raw['input_format']), names)}")
-    delimiter = raw.get("csv_delimiter")
-    if isinstance(delimiter, str) and (len(delimiter) != 1 or delimiter in "\"\r\n"):
-        problems.append(f"csv_delimiter must be one character (not a quote or a line end), got {delimiter!r}")
-    task = raw.get("task")
-    if isinstance(task, str) and task not in TASK_NAMES:
-        problems.append(f"task: expected one of {list(TASK_NAMES)}, got {task!r}{did_you_mean(task, TASK_NAMES)}")
+    task, delimiter = raw.get("task"), raw.get("csv_delimiter")
+    problems += [p for p in (format_problem(raw.get("input_format")),
+                             delimiter_problem(delimiter) if isinstance(delimiter, str) else None,
+                             task_problem(task) if isinstance(task, str) else None) if p]
     kind = TASK_OPTIONS.get(task, ClassifyOptions)
     options = raw.get("options", {}) if isinstance(raw.get("options", {}), dict) else {}
     options = file_options(options, path.parent)
@@ -116,12 +110,7 @@ def read_job_file(path: str | Path, check_model: bool = True) -> dict[str, Any]:
         folder = Path(local_path(model, path.parent))
         shown = model if os.path.isabs(model) and ".." not in Path(model).parts else \
             f"{model} (= {os.path.normpath(folder)}, relative to the job file)"  # where it was looked for
-        if not folder.is_dir():
-            problems.append(f"model: directory {shown} does not exist")
-        elif not (folder / "config.json").is_file():
-            problems.append(f"model: {shown} has no config.json")
-        elif not any((folder / n).is_file() for n in ("tokenizer.model", "adept_vocab.model")):
-            problems.append(f"model: {shown} has no tokenizer.model")
+        problems += model_folder_problems(folder, shown)
     if problems:
         raise JobFileError(str(path), problems)
     return raw

@@ -8,6 +8,7 @@ Tasks: those of the registry (pipelines/tasks.py): classify, generate, embed, sc
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -16,13 +17,40 @@ from pathlib import Path
 from typing import Any
 
 from pipelines.errors import one_line
-from pipelines.options import CONSTRAINTS, ModelOptions, Options, option
+from pipelines.options import CONSTRAINTS, ModelOptions, Options, did_you_mean, option
 from pipelines.tasks import TASK_OPTIONS
 from pipelines.tasks import TASKS
 
 from .errors import UsageError
 
 TASK_NAMES = tuple(TASKS)
+TOKENIZER_NAMES = ("tokenizer.model", "adept_vocab.model")
+
+
+# The rules a job's fields follow, each in one place: a JobSpec raises the first problem, a job file lists all.
+
+def task_problem(task: object) -> str | None:
+    if task in TASKS:
+        return None
+    return f"task: expected one of {list(TASK_NAMES)}, got {task!r}{did_you_mean(str(task), TASK_NAMES)}"
+
+
+def delimiter_problem(delimiter: object) -> str | None:
+    if delimiter is None or (isinstance(delimiter, str) and len(delimiter) == 1 and delimiter not in "\"\r\n"):
+        return None
+    return f"csv_delimiter must be one character (not a quote or a line end), got {delimiter!r}"
+
+
+def model_folder_problems(folder: Path, shown: str) -> list[str]:
+    """A local model folder's files: a config and a tokenizer (`shown`: how the folder is named to the user)."""
+    if not folder.is_dir():
+        return [f"model: directory {shown} does not exist"]
+    problems = []
+    if not (folder / "config.json").is_file():
+        problems.append(f"model: {shown} has no config.json")
+    if not any((folder / name).is_file() for name in TOKENIZER_NAMES):
+        problems.append(f"model: {shown} has no tokenizer.model")
+    return problems
 
 
 @dataclass
@@ -48,6 +76,27 @@ class RunnerSettings(Options):
                                              "GPU node to join) before the run gives up on it.", min=1.0)
 
 
+def _tokenizer_identity(model: Path) -> tuple[str, tuple[int, ...]]:
+    """The model folder and its tokenizer file's identity (device, inode, size, modification time)."""
+    for name in TOKENIZER_NAMES:
+        try:
+            st = (model / name).stat()
+        except OSError:
+            continue
+        return str(model), (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    return str(model), ()
+
+
+@functools.lru_cache(maxsize=4)
+def _vocabulary(model: str, identity: tuple[int, ...], vocab_size: int):
+    """The model's vocabulary for the constraint probe, built once per tokenizer file in a process (a backfill
+    resolves a job per date; building one reads every piece: about 1 s for Persimmon-8B's 262k)."""
+    from persimmon.grammar import vocabulary_for
+    from persimmon.tokenizer import PersimmonTokenizer
+
+    return vocabulary_for(PersimmonTokenizer.from_pretrained(model), vocab_size)
+
+
 @dataclass
 class JobSpec:
     task: str
@@ -67,17 +116,18 @@ class JobSpec:
     def __post_init__(self) -> None:
         self.model, self.input, self.output = (p if "://" in p else os.path.expanduser(p)
                                                for p in (str(self.model), str(self.input), str(self.output)))
-        if self.task not in TASKS:
-            raise ValueError(f"task must be one of {TASK_NAMES}, got {self.task!r}")
+        problem = task_problem(self.task)
+        if problem:
+            raise UsageError(problem)
         from .inputs.formats import REQUESTS, check_format
 
         if TASKS[self.task].requests:
             self.input_format = REQUESTS
         else:
             self.input_format = check_format(self.input_format)
-        if self.csv_delimiter is not None and (len(self.csv_delimiter) != 1 or self.csv_delimiter in "\"\r\n"):
-            raise UsageError(f"csv_delimiter must be one character (not a quote or a line end), got "
-                             f"{self.csv_delimiter!r}")
+        problem = delimiter_problem(self.csv_delimiter)
+        if problem:
+            raise UsageError(problem)
         kind = TASK_OPTIONS[self.task]
         if self.options is None:
             self.options = kind()
@@ -94,19 +144,9 @@ class JobSpec:
     def validate(self) -> None:
         """Raise ValueError listing every problem found, before anything starts."""
         problems = self.options.problems() + self.runner.problems()
-        model = Path(self.model)
         if "://" not in self.model:
-            if not model.is_dir():
-                problems.append(f"model directory {self.model} does not exist")
-            else:
-                has_config = (model / "config.json").is_file()
-                has_tokenizer = any((model / n).is_file() for n in ("tokenizer.model", "adept_vocab.model"))
-                if not has_config:
-                    problems.append(f"model directory {self.model} has no config.json")
-                if not has_tokenizer:
-                    problems.append(f"model directory {self.model} has no tokenizer.model")
-                if has_config and has_tokenizer:
-                    problems += self._model_problems(model)
+            found = model_folder_problems(Path(self.model), self.model)
+            problems += found or self._model_problems(Path(self.model))
         if problems:
             raise UsageError("; ".join(problems))
 
@@ -165,8 +205,7 @@ class JobSpec:
         constraint = getattr(self.options, "constraint", None)
         if constraint is None:
             return []
-        from persimmon.grammar import GrammarError, vocabulary_for
-        from persimmon.tokenizer import PersimmonTokenizer
+        from persimmon.grammar import GrammarError
 
         try:
             grammar = constraint()
@@ -175,7 +214,7 @@ class JobSpec:
         if grammar is None:
             return []
         try:
-            vocabulary_for(PersimmonTokenizer.from_pretrained(model), config.vocab_size).probe(grammar)
+            _vocabulary(*_tokenizer_identity(model), config.vocab_size).probe(grammar)
         except GrammarError as exc:
             name = next(n for n in CONSTRAINTS if getattr(self.options, n, None))
             return [f"{name}: {one_line(exc, 500)}"]
@@ -195,9 +234,10 @@ class JobSpec:
                 if options.get("max_length") is not None and options["max_length"] >= room:
                     options["max_length"] = None
             if self.task == "classify" and not self.wants_lm:
+                from persimmon.config import ProblemType
                 from pipelines.schema import classification_kind
 
-                if classification_kind(config) != "multi_label_classification":
+                if classification_kind(config) != ProblemType.MULTI_LABEL:
                     options.pop("threshold", None)
         what = {"task": self.task, "model": model_checksum, "text_column": self.text_column, "options": options}
         for key in ("input_format", "only_where", "csv_delimiter"):  # only where given: earlier jobs' fingerprints stay as they were

@@ -24,6 +24,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from persimmon.config import ProblemType
 from persimmon.files import TOKENIZER_FILES
 from pipelines.options import EmbedOptions, ModelOptions
 from pipelines.schema import added_columns, clashing_columns, embedding_schema, is_text_type, missing_text_column
@@ -403,7 +404,7 @@ def _train(spec: TrainHeadSpec, out: Path, checked: LabelCheck, run_embed, echo)
 
     train_metrics, _ = evaluate(kept)
     held_metrics, baseline = evaluate(held) if held else (None, None)
-    problem = "multi_label_classification" if spec.multi_label else "single_label_classification"
+    problem = ProblemType.MULTI_LABEL if spec.multi_label else ProblemType.SINGLE_LABEL
 
     part_counts = {n: {"train": 0, "holdout": 0} for n in names}
     for part, key in ((kept, "train"), (held, "holdout")):

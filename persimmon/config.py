@@ -15,12 +15,24 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from .kinds import Kind
+
 CONFIG_NAME = "config.json"
 
 # dtype names -> their canonical names; torch itself is imported only where a torch.dtype is needed, so that
 # reading a config (the job driver, the CLI) does not load torch
 _DTYPES = {"float32": "float32", "float": "float32", "bfloat16": "bfloat16", "float16": "float16", "half": "float16"}
-PROBLEM_TYPES = ("regression", "single_label_classification", "multi_label_classification")
+
+
+class ProblemType(Kind):
+    """A sequence classifier's problem type (transformers' `problem_type`, its value in config.json)."""
+
+    REGRESSION = "regression"
+    SINGLE_LABEL = "single_label_classification"
+    MULTI_LABEL = "multi_label_classification"
+
+
+PROBLEM_TYPES = tuple(p.value for p in ProblemType)
 ROPE_TYPES = ("linear", "dynamic")
 
 # transformers bookkeeping keys that carry no model meaning; read, never written back
@@ -197,6 +209,8 @@ class PersimmonConfig:
                 raise ValueError(f"config field rope_scaling has unknown keys {sorted(unknown)} for type {kind!r}")
         if self.problem_type is not None and self.problem_type not in PROBLEM_TYPES:
             raise ValueError(f"config field problem_type must be one of {PROBLEM_TYPES} or null, got {self.problem_type!r}")
+        if self.problem_type is not None:
+            self.problem_type = ProblemType(self.problem_type)
         if sorted(self.id2label) != list(range(self.num_labels)):
             raise ValueError(f"config field id2label must have the keys 0..{self.num_labels - 1}, got {sorted(self.id2label)}")
         for name in ("pad_token_id", "bos_token_id", "eos_token_id"):

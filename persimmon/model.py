@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .cache import KVCache
-from .config import PersimmonConfig
+from .config import PersimmonConfig, ProblemType
 from .rope import apply_rotary, rope_cos_sin
 
 
@@ -446,15 +446,15 @@ def sequence_classification_loss(logits: torch.Tensor, labels: torch.Tensor, con
     problem = config.problem_type
     if problem is None:
         if num_labels == 1:
-            problem = "regression"
+            problem = ProblemType.REGRESSION
         elif labels.dtype in (torch.long, torch.int):
-            problem = "single_label_classification"
+            problem = ProblemType.SINGLE_LABEL
         else:
-            problem = "multi_label_classification"
-    if problem == "regression":
+            problem = ProblemType.MULTI_LABEL
+    if problem == ProblemType.REGRESSION:
         if num_labels == 1:
             return F.mse_loss(logits.squeeze().float(), labels.squeeze().float())
         return F.mse_loss(logits.float(), labels.float())
-    if problem == "single_label_classification":
+    if problem == ProblemType.SINGLE_LABEL:
         return F.cross_entropy(logits.view(-1, num_labels).float(), labels.view(-1))
     return F.binary_cross_entropy_with_logits(logits.float(), labels.to(torch.float32))

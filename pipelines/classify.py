@@ -16,6 +16,7 @@ import pyarrow as pa
 import torch
 
 from persimmon import PersimmonForCausalLM, PersimmonForSequenceClassification
+from persimmon.config import ProblemType
 from persimmon.engine import prefill_prefix, prefill_rows, shares_prefix
 
 from .batching import (EncodedRow, ModelPipeline, checked_options, drop_nonfinite, encode_rows, pad_batch,
@@ -87,10 +88,10 @@ class ClassificationPipeline(ModelPipeline):
                 continue
             if self.candidate_labels is not None:
                 self._fill_probs(columns, group, scores)
-            elif self.kind == "regression":
+            elif self.kind == ProblemType.REGRESSION:
                 for row, value in zip(group, scores[:, 0].tolist()):
                     columns["score"][row.index] = value
-            elif self.kind == "multi_label_classification":
+            elif self.kind == ProblemType.MULTI_LABEL:
                 probs = torch.sigmoid(scores)
                 names = self.model.config.id2label
                 for row, p in zip(group, probs.tolist()):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pyarrow as pa
 
+from persimmon.config import ProblemType
+
 
 def list_of(kind: pa.DataType, size: int = -1) -> pa.DataType:
     """A list type whose item is named "element", as Parquet names it: a table a pipeline returns then has the
@@ -113,17 +115,19 @@ def embedding_schema(hidden_size: int) -> pa.Schema:
     return pa.schema([("embedding", list_of(pa.float32(), hidden_size))])
 
 
-def classification_kind(config) -> str:
-    """"regression", "single_label_classification" or "multi_label_classification", from a classifier's config."""
-    return config.problem_type or ("regression" if config.num_labels == 1 else "single_label_classification")
+def classification_kind(config) -> ProblemType:
+    """A classifier's problem type, from its config (where it says none: one label is regression)."""
+    if config.problem_type:
+        return ProblemType(config.problem_type)
+    return ProblemType.REGRESSION if config.num_labels == 1 else ProblemType.SINGLE_LABEL
 
 
 def classification_schema(config, zero_shot: bool = False) -> pa.Schema:
     """The columns classify adds (before `error`) for a model with this config, or for zero-shot."""
     if zero_shot:
         return ZERO_SHOT
-    return {"regression": REGRESSION, "single_label_classification": SINGLE_LABEL,
-            "multi_label_classification": MULTI_LABEL}[classification_kind(config)]
+    return {ProblemType.REGRESSION: REGRESSION, ProblemType.SINGLE_LABEL: SINGLE_LABEL,
+            ProblemType.MULTI_LABEL: MULTI_LABEL}[classification_kind(config)]
 
 
 def missing_text_column(name: str, columns, where: str = "the input") -> str | None:

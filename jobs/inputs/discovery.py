@@ -313,17 +313,26 @@ def output_overlap(discovery: Discovery, out_fs: pafs.FileSystem, out_base: str)
         return None
     if out_fs.type_name == "local":
         chain = existing_chain(out_base)
+        itself = os.path.abspath(out_base)
         if discovery.kind == "directory":
             for folder, key in chain:
                 if key in discovery.folders:
-                    return (f"output {out_base} overlaps the input: it is inside the input {discovery.base} (as "
-                            f"{folder}, the input's folder {discovery.folders[key]}): its files would join the input")
-        elif chain and chain[0][0] == os.path.abspath(out_base) and chain[0][1] in discovery.folders:
-            return (f"output {out_base} overlaps the input: it is the input's folder {discovery.folders[chain[0][1]]}"
-                    ", where its files would replace or join the input")
+                    seen = discovery.folders[key]  # the input's folder, as discovery reached it
+                    if folder == seen:
+                        where = "it is the input folder" if folder == itself else f"it is inside the input folder {seen}"
+                    elif folder == itself:
+                        where = f"it is the input's folder {seen} by another path"
+                    else:
+                        where = f"it is inside the input: {folder} is the input's folder {seen} by another path"
+                    return f"output {out_base} overlaps the input: {where}: its files would join the input"
+        elif chain and chain[0][0] == itself and chain[0][1] in discovery.folders:
+            return (f"output {out_base} overlaps the input: it is the folder the input's files are in, where its "
+                    "files would replace or join them")
     elif inside(out_base, discovery.base) and (discovery.kind == "directory"
                                                or out_base.rstrip("/") == discovery.base.rstrip("/")):
-        return f"output {out_base} overlaps the input {discovery.base}: its files would replace or join the input"
+        where = "it is the input folder" if out_base.rstrip("/") == discovery.base.rstrip("/") else \
+            f"it is inside the input folder {discovery.base}"
+        return f"output {out_base} overlaps the input: {where}: its files would replace or join the input"
     targets = {join(out_base, name) for s in discovery.shards
                for name in companions(discovery.output(s), discovery.format_of(s))}
     clash = sorted(targets & {info.path for info in discovery.files.values()})

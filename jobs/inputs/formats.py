@@ -23,7 +23,6 @@ before the files are moved into place (manifest.py), not by the files' contents.
 
 from __future__ import annotations
 
-import enum
 import io
 import json
 from dataclasses import dataclass
@@ -32,6 +31,7 @@ from typing import Iterator
 import pyarrow as pa
 import pyarrow.fs as pafs
 
+from persimmon.kinds import Kind
 from pipelines.errors import one_line
 from pipelines.schema import INPUT_ERROR, MAX_LINE_BYTES
 
@@ -39,22 +39,13 @@ from ..errors import UsageError
 
 
 
-class Format(str, enum.Enum):
-    """An input file's format. A string (its value) wherever it is stored, shown, compared or hashed, so a spec,
-    a manifest or a job file that says "csv" means Format.CSV."""
+class Format(Kind):
+    """An input file's format (its value wherever it is stored: a job file's "csv" is Format.CSV)."""
 
     PARQUET = "parquet"
     CSV = "csv"
     JSONL = "jsonl"
     REQUESTS = "openai"  # OpenAI batch request lines (openai-batch)
-
-    __hash__ = str.__hash__  # an Enum hashes its name; as a key it must be its value
-
-    def __str__(self) -> str:
-        return self.value
-
-    def __format__(self, spec: str) -> str:
-        return format(self.value, spec)
 
 
 TABULAR = (Format.PARQUET, Format.CSV, Format.JSONL)  # what --input-format may name
@@ -112,10 +103,21 @@ def takes(name: str, forced: str | None) -> bool:
     return forced is not None or suffix_of(plain) in SUFFIXES
 
 
+def format_problem(name: object) -> str | None:
+    """The one rule for the format a job names (None: by each file's suffix): a tabular format's name."""
+    if name is None or name in TABULAR:
+        return None
+    from pipelines.options import did_you_mean
+
+    names = [f.value for f in TABULAR]
+    return f"input_format: expected one of {names}, got {name!r}{did_you_mean(str(name), names)}"
+
+
 def check_format(name: str | None) -> Format | None:
     """The tabular format a job names (None: by suffix); UsageError for another name."""
-    if name is not None and name not in TABULAR:
-        raise UsageError(f"--input-format must be one of {[f.value for f in TABULAR]}, got {name!r}")
+    problem = format_problem(name)
+    if problem:
+        raise UsageError(problem)
     return None if name is None else Format(name)
 
 

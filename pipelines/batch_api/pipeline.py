@@ -23,7 +23,7 @@ from ..batching import (NONFINITE, EncodedRow, ModelPipeline, checked_options, e
                         plan_batches)
 from ..embed import pooled
 from ..options import BatchAPIOptions
-from .requests import Line, RequestParser
+from .requests import Endpoint, ErrorCode, Line, RequestParser
 from .responses import Responses
 
 OUTPUT = pa.schema([("line", pa.int64()), ("custom_id", pa.string()), ("ok", pa.bool_()), ("record", pa.string())])
@@ -88,7 +88,7 @@ class OpenAIBatchPipeline(ModelPipeline):
         raws = batch.column("request").to_pylist()
         lines = [self._parse(number, raw) for number, raw in zip(numbers, raws)]
         entry = _Batch(lines, 0)
-        embeddings = [line for line in lines if line.record is None and line.kind == "embedding"]
+        embeddings = [line for line in lines if line.record is None and line.kind == Endpoint.EMBEDDING]
         if embeddings:
             self._embed(embeddings)
         immediate = 0
@@ -126,7 +126,7 @@ class OpenAIBatchPipeline(ModelPipeline):
     def _nonfinite(self, line: Line) -> None:
         """The line's model output was not finite (pipelines.batching.finite): its error, counted."""
         self.stats.nonfinite += 1
-        self.responses.error(line, "model_error", NONFINITE)
+        self.responses.error(line, ErrorCode.MODEL_ERROR, NONFINITE)
 
     def _finish(self, line: Line) -> None:
         if any(c.finish_reason == FinishReason.NONFINITE for c in line.completions.values()):

@@ -16,7 +16,7 @@ from persimmon import __version__
 from persimmon.params import FinishReason
 
 from ..errors import one_line
-from .requests import Line, dumps, is_unicode
+from .requests import Endpoint, ErrorCode, Line, dumps, is_unicode
 
 
 def _digest(*parts: Any) -> str:
@@ -41,7 +41,7 @@ class Responses:
         digest = _digest(line.custom_id, line.number, dumps(line.body))
         return f"batch_req_{digest}", f"req_{digest}", digest
 
-    def error(self, line: Line, code: str, message: str) -> None:
+    def error(self, line: Line, code: ErrorCode, message: str) -> None:
         line.ok = False
         batch_id = f"batch_req_{_digest(line.custom_id, line.number, message)}"
         line.record = _record({"id": batch_id, "custom_id": line.custom_id, "response": None,
@@ -58,7 +58,7 @@ class Responses:
         """A generation line's record from its finished completions (finite ones: the pipeline checks)."""
         failed = self.structured_failure(line)
         if failed is not None:
-            self.error(line, "structured_output_failed", failed)
+            self.error(line, ErrorCode.STRUCTURED_OUTPUT_FAILED, failed)
             return
         _, _, digest = self.ids(line)
         choices, written = [], 0
@@ -66,15 +66,15 @@ class Responses:
             c = line.completions[(p, choice)]
             written += len(c.tokens)
             reason = "length" if c.finish_reason == FinishReason.LENGTH else "stop"
-            if line.kind == "chat":
+            if line.kind == Endpoint.CHAT:
                 choices.append({"index": index, "finish_reason": reason, "logprobs": self.chat_logprobs(c),
                                 "message": {"role": "assistant", "content": (c.text or "").lstrip(), "refusal": None}})
             else:
                 choices.append({"index": index, "finish_reason": reason, "text": c.text or "",
                                 "logprobs": self.completion_logprobs(c, len(line.texts[p]))})
         read = sum(len(ids) for ids in line.prompts)
-        body = {"id": f"{'chatcmpl' if line.kind == 'chat' else 'cmpl'}-{digest}",
-                "object": "chat.completion" if line.kind == "chat" else "text_completion",
+        body = {"id": f"{'chatcmpl' if line.kind == Endpoint.CHAT else 'cmpl'}-{digest}",
+                "object": "chat.completion" if line.kind == Endpoint.CHAT else "text_completion",
                 "created": int(time.time()), "model": self.model(line), "choices": choices,
                 "usage": {"prompt_tokens": read, "completion_tokens": written, "total_tokens": read + written},
                 "system_fingerprint": f"persimmon-batch-{__version__}"}

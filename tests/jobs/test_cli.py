@@ -156,6 +156,7 @@ def test_ctrl_c_stops_cleanly_and_rerun_resumes(demo):
     stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 130, stderr
     assert "interrupted: rerun the same command to resume" in stdout
+    assert (stdout + stderr).count("interrupted: rerun") == 1, (stdout, stderr)  # said once, in the summary
     assert not (out / SUCCESS).exists()
     status = runner.invoke(app, ["status", str(out)])
     assert "incomplete: rerun the job to finish it" in status.output and status.exit_code == 3

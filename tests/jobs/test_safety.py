@@ -5,6 +5,7 @@ SIGTERM. Each test performs the user's action through the real CLI on real Ray a
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import signal
 import socket
@@ -137,12 +138,12 @@ def test_same_job_from_the_cli_and_a_job_file_is_one_job(ray_local, demo, tiny_c
 
 
 REFUSED = {  # case: (input, output, message), paths relative to the test's folder
-    "same": ("input", "input", "overlaps the input"),
-    "inside": ("input", "input/scored", "overlaps the input"),
-    "file-parent": ("input/part-00000.parquet", "input", "overlaps the input"),
-    "glob-base": ("input/*.parquet", "input", "overlaps the input"),
-    "output-symlink-to-input": ("input", "alias", "overlaps the input"),
-    "input-symlink-output-inside": ("alias", "input/scored", "overlaps the input"),
+    "same": ("input", "input", "overlaps the input: it is the input folder:"),
+    "inside": ("input", "input/scored", "overlaps the input: it is inside the input folder"),
+    "file-parent": ("input/part-00000.parquet", "input", "it is the folder the input's files are in"),
+    "glob-base": ("input/*.parquet", "input", "it is the folder the input's files are in"),
+    "output-symlink-to-input": ("input", "alias", "overlaps the input: it is the input folder:"),
+    "input-symlink-output-inside": ("alias", "input/scored", "overlaps the input: it is inside the input folder"),
     "two-shards-one-output": ("input/*", "out", "would both write output"),
     "output-is-file": ("input/part-00001.parquet", "input/part-00000.parquet", "is a file, not a directory"),
     "unwritable": ("input", "/sys/persimmon-batch-out", "is a system folder"),
@@ -161,6 +162,9 @@ def test_an_output_that_would_overwrite_the_input_or_cannot_be_written_is_refuse
     assert result.exit_code == 2, result.output
     assert result.output.startswith("error: ") and len(result.output.strip().splitlines()) == 1, result.output
     assert message in result.output
+    if "overlaps" in message:  # the output named once (as resolved), not again as the input or its folder
+        shown = result.output.split()[2]
+        assert len(re.findall(re.escape(shown) + r"(?![/\w])", result.output)) == 1, result.output
     assert {p.name: p.read_bytes() for p in input.iterdir()} == before
 
 
@@ -243,6 +247,7 @@ def test_sigterm_stops_like_ctrl_c_and_a_rerun_resumes(demo):
     stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 143, stderr
     assert "interrupted: rerun the same command to resume" in stdout
+    assert (stdout + stderr).count("interrupted: rerun") == 1, (stdout, stderr)  # said once, in the summary
     assert not (out / SUCCESS).exists() and not (out / TEMPORARY).exists()
     # as after Ctrl-C (test_cli reruns to the end from there): the lease given back, the manifest saying
     # what is left

@@ -140,3 +140,38 @@ def test_a_spec_built_in_python_with_a_schema_that_is_not_json_is_a_usage_error(
     with pytest.raises(UsageError, match="json_schema: the JSON schema is not valid JSON"):
         spec.validate()
 
+
+
+def test_a_backfill_builds_the_constraints_vocabulary_once_per_tokenizer_file(causal_model, tmp_path, monkeypatch):
+    """Each date of a backfill validates its own job, probing the constraint against the model's vocabulary:
+    the vocabulary is built once per tokenizer file in a process (a changed file is read again)."""
+    import os
+    import shutil
+
+    from jobs import spec as spec_module
+    from jobs.spec import JobSpec
+    from persimmon import grammar
+    from pipelines.options import GenerateOptions
+
+    built = []
+    real = grammar.Vocabulary.__init__
+
+    def counting(self, *args, **kwargs):
+        built.append(1)
+        real(self, *args, **kwargs)
+
+    monkeypatch.setattr(grammar.Vocabulary, "__init__", counting)
+    spec_module._vocabulary.cache_clear()
+    model = tmp_path / "model"
+    shutil.copytree(causal_model, model)
+    schema = tmp_path / "ticket.schema.json"
+    schema.write_text(json.dumps({"type": "object", "properties": {"topic": {"type": "string"}}}))
+    for day in range(3):
+        options = GenerateOptions(json_schema=str(schema), max_new_tokens=8)
+        JobSpec("generate", str(model), str(tmp_path / "in"), str(tmp_path / f"out-{day}"), options=options).validate()
+    assert len(built) == 1
+    tokenizer = model / "tokenizer.model"
+    os.utime(tokenizer, ns=(tokenizer.stat().st_atime_ns, tokenizer.stat().st_mtime_ns + 10**9))
+    JobSpec("generate", str(model), str(tmp_path / "in"), str(tmp_path / "out-again"),
+            options=GenerateOptions(json_schema=str(schema), max_new_tokens=8)).validate()
+    assert len(built) == 2
