@@ -260,6 +260,33 @@ class SlotScheduler:
         return Release(row, slot, move, length)
 
 
+def length_groups(sizes: Sequence[int], budget: int, max_waste: float = 0.1, min_tokens: int = 0,
+                  max_rows: int | None = None, keys: Sequence[Any] | None = None) -> list[tuple[int, int]]:
+    """The project's one length grouper: rows of `sizes` (tokens each, already in length order, ascending or
+    descending) cut into contiguous groups [a, b) that are padded to their longest row. A row joins the group
+    while the padded size (rows x longest) stays within `budget` and within (1 + max_waste) x the real tokens,
+    the group has fewer than `max_rows` rows, and its `keys` (a shared prefix's start, say) are equal; the
+    waste rule applies only once the group holds `min_tokens` (matmul efficiency depends on the tokens in a
+    batch, not its rows, so short rows lose nothing in groups of their own). A row longer than the budget
+    gets a group of its own."""
+    groups: list[tuple[int, int]] = []
+    start = longest = real = 0
+    for i, size in enumerate(sizes):
+        if i > start:
+            rows, top = i - start, max(longest, size)
+            padded = (rows + 1) * top
+            wasteful = padded > (1 + max_waste) * (real + size) and rows * top >= min_tokens
+            if padded <= budget and not wasteful and (max_rows is None or rows < max_rows) and \
+                    (keys is None or keys[i] == keys[start]):
+                longest, real = top, real + size
+                continue
+            groups.append((start, i))
+        start, longest, real = i, size, size
+    if len(sizes):
+        groups.append((start, len(sizes)))
+    return groups
+
+
 def placement(lengths: Sequence[int], starts: Sequence[int], max_waste: float = 0.1,
               max_tokens: int = 16384) -> tuple[list[int], list[tuple[int, int]]]:
     """Where admitted rows go and how they are prefilled. lengths: each row's tokens; starts: the tokens of it
@@ -269,18 +296,5 @@ def placement(lengths: Sequence[int], starts: Sequence[int], max_waste: float = 
     longest suffix) stays within (1 + max_waste) x its real tokens and within max_tokens (a single longer row
     still gets a group)."""
     order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], starts[i]))
-    groups: list[tuple[int, int]] = []
-    a = 0
-    while a < len(order):
-        longest = lengths[order[a]] - starts[order[a]]
-        real, b = longest, a + 1
-        while b < len(order) and starts[order[b]] == starts[order[a]]:
-            suffix = lengths[order[b]] - starts[order[b]]
-            padded = (b - a + 1) * longest
-            if padded > (1 + max_waste) * (real + suffix) or padded > max_tokens:
-                break
-            real += suffix
-            b += 1
-        groups.append((a, b))
-        a = b
-    return order, groups
+    suffixes = [lengths[i] - starts[i] for i in order]
+    return order, length_groups(suffixes, max_tokens, max_waste, keys=[starts[i] for i in order])

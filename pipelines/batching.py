@@ -16,6 +16,7 @@ import pyarrow as pa
 import torch
 
 from persimmon import PersimmonConfig, PersimmonTokenizer
+from persimmon.scheduler import length_groups
 
 from .errors import one_line
 from .schema import INPUT_ERROR, MAX_CHARS_PER_TOKEN, is_text_type, missing_text_column
@@ -177,21 +178,8 @@ def plan_batches(rows: list[EncodedRow], batch_tokens: int, extra_per_row: int =
     if batch_tokens < 1:
         raise ValueError(f"batch_tokens must be positive, got {batch_tokens}")
     ordered = sorted(rows, key=lambda r: len(r.ids))
-    batches: list[list[EncodedRow]] = []
-    real = 0
-    for row in ordered:
-        size = len(row.ids) + extra_per_row
-        if batches:
-            current = batches[-1]
-            padded = (len(current) + 1) * size  # sorted ascending: this row is the longest so far
-            wasteful = padded > (1 + max_waste) * (real + size) and len(current) * size >= min_tokens
-            if padded <= batch_tokens and not wasteful and (max_rows is None or len(current) < max_rows):
-                current.append(row)
-                real += size
-                continue
-        batches.append([row])
-        real = size
-    return batches
+    sizes = [len(row.ids) + extra_per_row for row in ordered]
+    return [ordered[a:b] for a, b in length_groups(sizes, batch_tokens, max_waste, min_tokens, max_rows)]
 
 
 # The one non-finite rule: a row any of whose model outputs (scores, logits, log-probabilities, embedding) is NaN

@@ -321,3 +321,57 @@ def test_bf16_units_are_read_from_the_cpu_flags_not_timed(monkeypatch):
         cpu.bf16_matmul_is_native.cache_clear()
         assert cpu.bf16_matmul_is_native() is native
     cpu.bf16_matmul_is_native.cache_clear()
+
+
+def _old_batches(sizes, budget, max_waste, min_tokens, max_rows):
+    """How the pipelines cut ascending lengths into batches before the one grouper (0.10.0's plan_batches)."""
+    batches, real = [], 0
+    for i, size in enumerate(sizes):
+        if batches:
+            current = batches[-1]
+            padded = (len(current) + 1) * size
+            wasteful = padded > (1 + max_waste) * (real + size) and len(current) * size >= min_tokens
+            if padded <= budget and not wasteful and (max_rows is None or len(current) < max_rows):
+                current.append(i)
+                real += size
+                continue
+        batches.append([i])
+        real = size
+    return [(b[0], b[-1] + 1) for b in batches]
+
+
+def _old_prefill_groups(suffixes, keys, max_waste, max_tokens):
+    """How the engine cut descending lengths into prefill groups before the one grouper (0.10.0's placement)."""
+    groups, a = [], 0
+    while a < len(suffixes):
+        longest = suffixes[a]
+        real, b = longest, a + 1
+        while b < len(suffixes) and keys[b] == keys[a]:
+            padded = (b - a + 1) * longest
+            if padded > (1 + max_waste) * (real + suffixes[b]) or padded > max_tokens:
+                break
+            real += suffixes[b]
+            b += 1
+        groups.append((a, b))
+        a = b
+    return groups
+
+
+def test_one_length_grouper_cuts_as_both_former_groupers_did():
+    """The pipelines' batches (ascending, a row budget, a token floor for the waste rule) and the engine's
+    prefill groups (descending, a shared prefix's start as the key) come from length_groups, cut as before."""
+    from persimmon.scheduler import length_groups
+
+    rng = random.Random(7)
+    for _ in range(400):
+        n = rng.randint(0, 60)
+        lengths = [rng.choice([rng.randint(1, 40), rng.randint(1, 600)]) for _ in range(n)]
+        budget, waste = rng.choice([64, 512, 2048, 16384]), rng.choice([0.0, 0.1, 0.5])
+        ascending = sorted(lengths)
+        min_tokens, max_rows = rng.choice([0, 512]), rng.choice([None, 1, 4, 32])
+        assert length_groups(ascending, budget, waste, min_tokens, max_rows) == \
+            _old_batches(ascending, budget, waste, min_tokens, max_rows)
+        keys = sorted((rng.choice([0, 0, 0, 8]) for _ in range(n)))
+        descending = sorted(lengths, reverse=True)
+        assert length_groups(descending, budget, waste, keys=keys) == _old_prefill_groups(descending, keys, waste, budget)
+    assert length_groups([], 100) == []
