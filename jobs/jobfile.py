@@ -88,7 +88,7 @@ def read_job_file(path: str | Path, check_model: bool = True) -> dict[str, Any]:
     problems += [p for p in (format_problem(raw.get("input_format")),
                              delimiter_problem(delimiter) if isinstance(delimiter, str) else None,
                              task_problem(task) if isinstance(task, str) else None) if p]
-    kind = TASK_OPTIONS.get(task, ClassifyOptions)
+    kind = TASK_OPTIONS.get(task, ClassifyOptions) if isinstance(task, str) else ClassifyOptions
     options = raw.get("options", {}) if isinstance(raw.get("options", {}), dict) else {}
     options = file_options(options, path.parent)
     problems += kind.from_mapping(options, "options.", f"unknown option for task {task!r}")[1]

@@ -77,20 +77,22 @@ class RunnerSettings(Options):
 
 
 def _tokenizer_identity(model: Path) -> tuple[str, tuple[int, ...]]:
-    """The model folder and its tokenizer file's identity (device, inode, size, modification time)."""
-    for name in TOKENIZER_NAMES:
+    """The model folder and the identity (device, inode, size, modification time) of what its vocabulary is
+    built from: the tokenizer file and config.json (its special token ids)."""
+    identity: tuple[int, ...] = ()
+    for name in (*TOKENIZER_NAMES, "config.json"):
         try:
             st = (model / name).stat()
         except OSError:
             continue
-        return str(model), (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
-    return str(model), ()
+        identity += (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    return str(model), identity
 
 
 @functools.lru_cache(maxsize=4)
 def _vocabulary(model: str, identity: tuple[int, ...], vocab_size: int):
-    """The model's vocabulary for the constraint probe, built once per tokenizer file in a process (a backfill
-    resolves a job per date; building one reads every piece: about 1 s for Persimmon-8B's 262k)."""
+    """The model's vocabulary for the constraint probe, built once per tokenizer and config file in a process
+    (a backfill resolves a job per date; building one reads every piece: about 1 s for Persimmon-8B's 262k)."""
     from persimmon.grammar import vocabulary_for
     from persimmon.tokenizer import PersimmonTokenizer
 

@@ -321,7 +321,7 @@ def output_overlap(discovery: Discovery, out_fs: pafs.FileSystem, out_base: str)
                     if folder == seen:
                         where = "it is the input folder" if folder == itself else f"it is inside the input folder {seen}"
                     elif folder == itself:
-                        where = f"it is the input's folder {seen} by another path"
+                        where = f"it is inside the input (the same folder as {seen}, by another path)"
                     else:
                         where = f"it is inside the input: {folder} is the input's folder {seen} by another path"
                     return f"output {out_base} overlaps the input: {where}: its files would join the input"

@@ -38,6 +38,7 @@ BAD = [
     ("missing name", None, "name: missing"),
     ("task value", None, "task: expected one of ['classify', 'generate', 'embed', 'score', 'openai-batch'], got 'summarize'"),
     ("task typo", None, "got 'clasify' (did you mean 'classify'?)"),
+    ("task not a string", None, "task: expected a string"),
     ("csv delimiter", 'csv_delimiter = ";;"', "csv_delimiter must be one character"),
     ("option type", '[options]\nmax_length = "2k"', 'options.max_length: expected an integer, got \'2k\''),
     ("unknown option", '[options]\nmax_new_tokens = 5', "options.max_new_tokens: unknown option for task 'classify'"),
@@ -60,6 +61,8 @@ def test_bad_job_files_name_the_key(demo_root, tmp_path, case, extra, message):
         body = body.replace('task = "classify"', 'task = "summarize"')
     elif case == "task typo":
         body = body.replace('task = "classify"', 'task = "clasify"')
+    elif case == "task not a string":
+        body = body.replace('task = "classify"', 'task = ["classify"]')
     elif case == "missing name":
         body = body.replace('name = "nightly"\n', "")
     elif case == "placeholder":

@@ -144,7 +144,8 @@ def test_a_spec_built_in_python_with_a_schema_that_is_not_json_is_a_usage_error(
 
 def test_a_backfill_builds_the_constraints_vocabulary_once_per_tokenizer_file(causal_model, tmp_path, monkeypatch):
     """Each date of a backfill validates its own job, probing the constraint against the model's vocabulary:
-    the vocabulary is built once per tokenizer file in a process (a changed file is read again)."""
+    the vocabulary is built once per tokenizer and config file in a process (a changed file is read again:
+    the config holds the special token ids)."""
     import os
     import shutil
 
@@ -175,3 +176,8 @@ def test_a_backfill_builds_the_constraints_vocabulary_once_per_tokenizer_file(ca
     JobSpec("generate", str(model), str(tmp_path / "in"), str(tmp_path / "out-again"),
             options=GenerateOptions(json_schema=str(schema), max_new_tokens=8)).validate()
     assert len(built) == 2
+    config = model / "config.json"
+    config.write_text(config.read_text() + "\n")  # its special ids could have changed
+    JobSpec("generate", str(model), str(tmp_path / "in"), str(tmp_path / "out-config"),
+            options=GenerateOptions(json_schema=str(schema), max_new_tokens=8)).validate()
+    assert len(built) == 3
