@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from persimmon.files import VOCAB_FILES
 from pipelines.errors import one_line
 from pipelines.options import CONSTRAINTS, ModelOptions, Options, did_you_mean, option
 from pipelines.tasks import TASK_OPTIONS
@@ -24,7 +25,6 @@ from pipelines.tasks import TASKS
 from .errors import UsageError
 
 TASK_NAMES = tuple(TASKS)
-TOKENIZER_NAMES = ("tokenizer.model", "adept_vocab.model")
 
 
 # The rules a job's fields follow, each in one place: a JobSpec raises the first problem, a job file lists all.
@@ -48,7 +48,7 @@ def model_folder_problems(folder: Path, shown: str) -> list[str]:
     problems = []
     if not (folder / "config.json").is_file():
         problems.append(f"model: {shown} has no config.json")
-    if not any((folder / name).is_file() for name in TOKENIZER_NAMES):
+    if not any((folder / name).is_file() for name in VOCAB_FILES):
         problems.append(f"model: {shown} has no tokenizer.model")
     return problems
 
@@ -80,7 +80,7 @@ def _tokenizer_identity(model: Path) -> tuple[str, tuple[int, ...]]:
     """The model folder and the identity (device, inode, size, modification time) of what its vocabulary is
     built from: the tokenizer file and config.json (its special token ids)."""
     identity: tuple[int, ...] = ()
-    for name in (*TOKENIZER_NAMES, "config.json"):
+    for name in (*VOCAB_FILES, "config.json"):
         try:
             st = (model / name).stat()
         except OSError:

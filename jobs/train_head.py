@@ -201,6 +201,7 @@ def check_labels(labels: list[list[str] | None], column: str) -> LabelCheck:
 def read_input_labels(spec: TrainHeadSpec) -> LabelCheck:
     """Read and check the label column of every input shard (only that column is read)."""
     discovery = discover(spec.input)
+    adds = added_columns(embedding_schema(1)).names  # what the features job adds (names only)
     labels: list[list[str] | None] = []
     for shard in discovery.shards:
         path = join(discovery.base, shard)
@@ -212,7 +213,7 @@ def read_input_labels(spec: TrainHeadSpec) -> LabelCheck:
                     raise TrainHeadError(f"input shard {shard} has no column {spec.label_column!r}; its columns "
                                          f"are {names}")
                 problem = missing_text_column(spec.text_column, names, f"input shard {shard}") or \
-                    clashing_columns(added_columns(embedding_schema(1)).names, names, "the features job adds")
+                    clashing_columns(adds, names, "the features job adds")
                 if problem:
                     raise TrainHeadError(problem)
                 text_type = parquet.schema_arrow.field(spec.text_column).type

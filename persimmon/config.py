@@ -207,9 +207,10 @@ class PersimmonConfig:
             unknown = set(self.rope_scaling) - {"type", "factor"}
             if unknown:
                 raise ValueError(f"config field rope_scaling has unknown keys {sorted(unknown)} for type {kind!r}")
-        if self.problem_type is not None and self.problem_type not in PROBLEM_TYPES:
-            raise ValueError(f"config field problem_type must be one of {PROBLEM_TYPES} or null, got {self.problem_type!r}")
         if self.problem_type is not None:
+            if self.problem_type not in PROBLEM_TYPES:
+                raise ValueError(f"config field problem_type must be one of {PROBLEM_TYPES} or null, got "
+                                 f"{self.problem_type!r}")
             self.problem_type = ProblemType(self.problem_type)
         if sorted(self.id2label) != list(range(self.num_labels)):
             raise ValueError(f"config field id2label must have the keys 0..{self.num_labels - 1}, got {sorted(self.id2label)}")

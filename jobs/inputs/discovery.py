@@ -318,8 +318,10 @@ def output_overlap(discovery: Discovery, out_fs: pafs.FileSystem, out_base: str)
             for folder, key in chain:
                 if key in discovery.folders:
                     seen = discovery.folders[key]  # the input's folder, as discovery reached it
-                    if folder == seen:
-                        where = "it is the input folder" if folder == itself else f"it is inside the input folder {seen}"
+                    if folder == seen and folder == itself:
+                        where = "it is the input folder"
+                    elif folder == seen:
+                        where = f"it is inside the input folder {seen}"
                     elif folder == itself:
                         where = f"it is inside the input (the same folder as {seen}, by another path)"
                     else:
@@ -359,7 +361,8 @@ class ShardInfo:
 
 
 def inspect_shard(fs: pafs.FileSystem, base: str, shard: str, info: pafs.FileInfo | None = None,
-                  text_column: str | None = None, fmt: Format = Format.PARQUET, delimiter: str | None = None) -> ShardInfo:
+                  text_column: str | None = None, fmt: Format = Format.PARQUET,
+                  delimiter: str | None = None) -> ShardInfo:
     """Read a shard's footer: its identity (size, modification time, rows, a digest of the row-group
     layout), row-group sizes, the text column's bytes per row group (the planner's measure of work; all
     columns' where there is no such column) and column names. A shard that is not of its format gets

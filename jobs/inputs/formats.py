@@ -38,7 +38,6 @@ from pipelines.schema import INPUT_ERROR, MAX_LINE_BYTES
 from ..errors import UsageError
 
 
-
 class Format(Kind):
     """An input file's format (its value wherever it is stored: a job file's "csv" is Format.CSV)."""
 
