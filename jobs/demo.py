@@ -44,19 +44,22 @@ def build_tokenizer(model_dir: Path, texts: list[str], vocab_size: int) -> tuple
     return pieces.get_piece_size(), pieces.piece_to_id("|ENDOFTEXT|")
 
 
-def _config(vocab: tuple[int, int], **extra) -> PersimmonConfig:
+def _config(vocab: tuple[int, int], shape: dict | None = None, **extra) -> PersimmonConfig:
     size, end = vocab
-    return PersimmonConfig(vocab_size=size, bos_token_id=end, eos_token_id=end, **SHAPE, **extra)
+    return PersimmonConfig(vocab_size=size, bos_token_id=end, eos_token_id=end, **{**SHAPE, **(shape or {})},
+                           **extra)
 
 
-def build_demo(root: str | Path, shards: int = 4, rows_per_shard: int = 250, vocab_size: int = 2000) -> Path:
-    """A random-weight classifier (DIR/model) and unlabeled Parquet shards (DIR/input): the tests' fixture."""
+def build_demo(root: str | Path, shards: int = 4, rows_per_shard: int = 250, vocab_size: int = 2000,
+               shape: dict | None = None) -> Path:
+    """A random-weight classifier (DIR/model) and unlabeled Parquet shards (DIR/input): the tests' fixture.
+    `shape` overrides the model's sizes (SHAPE)."""
     root = Path(root)
     model_dir, input_dir = root / "model", root / "input"
     texts = list(paragraphs())
     vocab = build_tokenizer(model_dir, texts, vocab_size)
     torch.manual_seed(0)
-    PersimmonForSequenceClassification(_config(vocab, id2label=LABELS)).save_pretrained(model_dir)
+    PersimmonForSequenceClassification(_config(vocab, shape, id2label=LABELS)).save_pretrained(model_dir)
     input_dir.mkdir(parents=True, exist_ok=True)
     for s in range(shards):
         rows = texts[s * rows_per_shard : (s + 1) * rows_per_shard]

@@ -76,7 +76,8 @@ def test_the_readme_python_blocks_run(models, release, tmp_path):  # noqa: F811 
     preamble = ("import torch\ninput_ids = torch.tensor([[1, 5, 9, 12]])\nattention_mask = torch.ones_like(input_ids)\n"
                 "questions = ['What does the license permit?', 'Who wrote it?']\n")
     # the CPUs a 2-core laptop has: the example must run there as written
-    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING", log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING", log_to_driver=False,
+             _system_config={"worker_niceness": 0})  # as the CLI starts Ray (jobs.execution.cluster)
     try:
         ns = run_page("README.md", tmp_path, names, preamble)
     finally:

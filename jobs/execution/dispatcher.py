@@ -11,9 +11,13 @@ Actors move through: requested -> loading (placed, loading the model) -> idle <-
   succeed (a bad shard: `permanent`) fails at once; one whose failure means the job cannot go on (the model
   changed on disk: `fatal`) stops the job.
 - Slices of a shard are merged, in order, once every part is in; the merge is a unit of its own.
-- Liveness, on the driver's clock: an actor that has not answered for the stall timeout, or that reports
+- Liveness, on the driver's clock: an actor with no sign of life for the stall timeout, or that reports
   being inside one model batch for longer, is stalled: the pool kills it, its unit counts an attempt and is
-  redone on a fresh actor. The timeout is given, or adaptive: max(600 s, 20x the slowest batch seen).
+  redone on a fresh actor. The timeout is given, or adaptive: max(600 s, 20x the slowest batch seen). A sign
+  of life is an answered ping, or (for an actor on the driver's machine) its process's CPU time moving: a
+  process loading torch and the model on a crowded machine may not answer for a while, a stopped one never
+  uses CPU. A model load is one long step with no progress to report: it gets at least 600 s (LOAD_FLOOR)
+  whatever a short stall timeout says, since killing a slow load only starts another.
 - Placement: an actor requested more than `placement_timeout` ago and not placed is given up, and the run
   goes on with one actor fewer (the cluster has no room for it: asking again would wait as long); with no
   actor left, the job cannot go on (ClusterFailed).
@@ -50,6 +54,7 @@ from ..planning.units import WorkUnit
 UNIT_COUNTS = ("rows", "errors", "truncated", "real_tokens", "padded_tokens", "generated_tokens", "nonfinite")
 STALL_FLOOR = 600.0  # seconds: the adaptive stall timeout never goes below this
 STALL_BATCHES = 20  # ... nor below this many times the slowest model batch seen
+LOAD_FLOOR = 600.0  # seconds: a model load that shows signs of life is stalled only after this long
 BACKUP_FACTOR = 1.5  # a unit is behind once it has run this many times what the median rate predicts
 BACKUP_MIN_SECONDS = 5.0  # ... and at least this long: shorter units are not worth a second attempt
 
@@ -150,7 +155,8 @@ class ActorState(enum.Enum):
 class ActorRecord:
     state: ActorState
     since: float  # when it entered this state (driver clock)
-    heard: float  # when it last answered (driver clock)
+    heard: float  # when it last answered a ping (driver clock)
+    alive_at: float  # its last sign of life: an answer, or its process's CPU time moving
     busy_for: float = 0.0  # what it last said: seconds inside its current model batch (or model load)
     work: Work | None = None
     rows: int = 0  # rows of its current unit processed so far
@@ -250,16 +256,16 @@ class Dispatcher:
     # -- actors -------------------------------------------------------------------------------------------------
     def requested(self, actor: Hashable) -> None:
         now = self.clock()
-        self.actors[actor] = ActorRecord(ActorState.REQUESTED, now, now)
+        self.actors[actor] = ActorRecord(ActorState.REQUESTED, now, now, now)
 
     def placed(self, actor: Hashable) -> None:
         """The actor exists on a node and starts loading the model."""
         now = self.clock()
-        self.actors[actor] = ActorRecord(ActorState.LOADING, now, now)
+        self.actors[actor] = ActorRecord(ActorState.LOADING, now, now, now)
 
     def loaded(self, actor: Hashable) -> None:
         now = self.clock()
-        self.actors[actor] = ActorRecord(ActorState.IDLE, now, now)
+        self.actors[actor] = ActorRecord(ActorState.IDLE, now, now, now)
 
     def load_ended(self, actor: Hashable, outcome: UnitResult) -> None:
         """The actor's model load ended. Loaded: idle. The model changed on disk: the job stops (fatal). Any
@@ -324,7 +330,8 @@ class Dispatcher:
         else:
             return None
         now = self.clock()
-        self.actors[actor] = ActorRecord(ActorState.BUSY, now, now, work=work, token=next(self.tokens), backup=backup)
+        self.actors[actor] = ActorRecord(ActorState.BUSY, now, now, now, work=work, token=next(self.tokens),
+                                         backup=backup)
         self.running[work.ident].add(actor)
         return work
 
@@ -361,11 +368,17 @@ class Dispatcher:
         record = self.actors.get(actor)
         if record is None:
             return
-        record.heard = self.clock()
+        record.heard = record.alive_at = self.clock()
         record.busy_for = max(0.0, busy_for)
         if record.state == ActorState.BUSY:
             record.rows = max(record.rows, rows)
         self.slowest_batch = max(self.slowest_batch, slowest)
+
+    def alive(self, actor: Hashable) -> None:
+        """The actor's process used CPU since the pool last looked (a sign of life, not of progress)."""
+        record = self.actors.get(actor)
+        if record is not None:
+            record.alive_at = self.clock()
 
     @property
     def timeout(self) -> float:
@@ -380,14 +393,16 @@ class Dispatcher:
             if record.state not in (ActorState.LOADING, ActorState.BUSY):
                 continue
             doing = f"unit {record.work.key}" if record.work else "loading the model"
-            silent = now - record.heard
-            if silent > timeout:
+            lifeless, silent = now - record.alive_at, now - record.heard
+            inside = record.busy_for + silent  # in its current batch (or load), as of its last answer
+            bound = timeout if record.state == ActorState.BUSY else max(timeout, LOAD_FLOOR)
+            if lifeless > timeout:
                 found.append(Stalled(actor, f"actor stalled ({doing}): no progress for {timeout:.0f} s (it "
                                             f"stopped answering {silent:.0f} s ago)"))
-            elif record.busy_for + silent > timeout:
-                found.append(Stalled(actor, f"actor stalled ({doing}): no progress for {timeout:.0f} s (inside "
+            elif inside > bound:
+                found.append(Stalled(actor, f"actor stalled ({doing}): no progress for {bound:.0f} s (inside "
                                             f"one {'model batch' if record.work else 'load'} for "
-                                            f"{record.busy_for + silent:.0f} s)"))
+                                            f"{inside:.0f} s)"))
         return found
 
     def rows_in_flight(self) -> int:
@@ -398,7 +413,7 @@ class Dispatcher:
         """The actor's work ended with `outcome`; the actor is idle again. Returns what the runner must do."""
         record = self.actors[actor]
         now = self.clock()
-        self.actors[actor] = ActorRecord(ActorState.IDLE, now, now)
+        self.actors[actor] = ActorRecord(ActorState.IDLE, now, now, now)
         return self._ended(actor, record, outcome, now)
 
     def lost(self, actor: Hashable, reason: str) -> list[Commit | Failure | Cancel | Discard]:

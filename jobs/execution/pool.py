@@ -114,6 +114,16 @@ class GcsWatch:
         self._stop.set()
 
 
+def cpu_used(pid: int) -> tuple[int, int] | None:
+    """(the process's start time, its user + system CPU ticks) from /proc, or None where there is no such
+    process or no /proc. The start time tells a reused pid from the actor's own process."""
+    try:
+        fields = open(f"/proc/{pid}/stat", "rb").read().rsplit(b")", 1)[1].split()
+        return int(fields[19]), int(fields[11]) + int(fields[12])  # starttime, utime + stime (stat(5))
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 def gcs_address() -> str | None:
     try:
         return ray.get_runtime_context().gcs_address
@@ -136,11 +146,13 @@ class Pool:
         self.resources = resources
         self.refs: dict[Any, tuple[Reply, Actor]] = {}  # object ref -> (what it answers, whose)
         self.pinged: dict[Actor, float] = {}  # actor -> when its outstanding ping was sent
+        self.cpu_seen: dict[Actor, tuple[int, int]] = {}  # actor on this machine -> its process's cpu_used()
         self.actors: dict[int, Actor] = {}
         self.numbers = 0
         self.loaded_once = threading.Event()
         self.gcs = GcsWatch(gcs_address())
         self.abandoned = False  # the cluster is gone: no more Ray calls
+        self.niced_told = False  # a niced actor was reported (once a run)
 
     # -- actors -------------------------------------------------------------------------------------------------
     def request(self, count: int) -> None:
@@ -154,6 +166,7 @@ class Pool:
     def _forget(self, actor: Actor) -> None:
         self.actors.pop(actor.number, None)
         self.pinged.pop(actor, None)
+        self.cpu_seen.pop(actor, None)
         for ref in [r for r, (_, a) in self.refs.items() if a == actor]:
             del self.refs[ref]
 
@@ -237,6 +250,12 @@ class Pool:
         for actor in list(self.actors.values()):
             if actor.pid is None or now - self.pinged.get(actor, 0.0) < interval:
                 continue
+            if actor.machine == this_machine():  # a process using CPU is alive, answering or not
+                used, seen = cpu_used(actor.pid), self.cpu_seen.get(actor)
+                if used is not None and (seen is None or used[0] == seen[0]):  # the same process
+                    if seen is not None and used[1] > seen[1]:
+                        self.dispatcher.alive(actor)
+                    self.cpu_seen[actor] = used
             if any(kind == Reply.PING and a == actor for kind, a in self.refs.values()):
                 continue  # one outstanding ping per actor: an unanswered one is the signal
             self.pinged[actor] = now
@@ -257,6 +276,11 @@ class Pool:
         if kind == Reply.READY:
             actor.pid, actor.machine, actor.node = value["pid"], value["machine"], value["node"]
             self.dispatcher.placed(actor)
+            if value["niceness"] > 0 and not self.niced_told:
+                self.niced_told = True
+                self.on_note(f"note: the actors run at niceness {value['niceness']} (Ray's default for its workers): "
+                             "beside other work on a node they get little of its CPU; nodes started with "
+                             "RAY_worker_niceness=0 give them a fair share")
             self.refs[actor.handle.load.remote()] = (Reply.LOAD, actor)
         elif kind == Reply.LOAD:
             self.dispatcher.load_ended(actor, value)  # raises JobFailed when no actor could load the model

@@ -138,7 +138,7 @@ class UnitWorker:
     @ray.method(concurrency_group="control")
     def ready(self) -> dict[str, Any]:
         """Placed: where this actor runs (the pool kills a stalled one by pid when it is on the driver's machine)."""
-        return {"pid": os.getpid(), "machine": this_machine(), "node": self.node}
+        return {"pid": os.getpid(), "machine": this_machine(), "node": self.node, "niceness": os.nice(0)}
 
     @ray.method(concurrency_group="control")
     def ping(self) -> dict[str, float]:

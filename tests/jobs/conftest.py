@@ -21,9 +21,14 @@ from jobs.demo import build_demo
 from jobs.output.manifest import MANIFEST
 
 
+# the demo's model, narrower and shallower (its output differs, its code paths do not): most job tests run it
+# through the real CLI, and at the demo's own size (256 x 4) computing its rows took most of their time
+TEST_SHAPE = dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4)
+
+
 @pytest.fixture(scope="session")
 def demo_root(tmp_path_factory):
-    return build_demo(tmp_path_factory.mktemp("demo"), shards=4, rows_per_shard=60, vocab_size=800)
+    return build_demo(tmp_path_factory.mktemp("demo"), shards=4, rows_per_shard=60, vocab_size=800, shape=TEST_SHAPE)
 
 
 @pytest.fixture(scope="session")
@@ -57,7 +62,8 @@ def ray_local():
     from jobs.execution.cluster_auth import refresh_ray_config
 
     refresh_ray_config()  # an in-process CLI run before may have set RAY_AUTH_MODE
-    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING", log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING", log_to_driver=False,
+             _system_config={"worker_niceness": 0})  # as the CLI starts Ray (jobs.execution.cluster)
     yield ray
     ray.shutdown()
 

@@ -124,6 +124,8 @@ def test_two_node_cluster_runs_across_both_nodes(demo, tmp_path):
                                "--output", str(out), "--address", cluster.address, "--actors", "2"],
                               capture_output=True, text=True, timeout=300, env=client_env)
         assert proc.returncode == 0, proc.stderr
+        # `ray start` nodes run their workers at Ray's niceness 15: the run says what that costs, once
+        assert (proc.stdout + proc.stderr).count("note: the actors run at niceness 15") == 1, proc.stdout
         cluster.stop()
         assert not cluster.alive()
         assert bystander.alive(), "stopping this test's cluster left the other cluster alone"

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from jobs.errors import ClusterFailed, JobFailed
-from jobs.execution.dispatcher import (STALL_FLOOR, Commit, Dispatcher, Failure, Fatal, Merge, UnitResult)
+from jobs.execution.dispatcher import (LOAD_FLOOR, STALL_FLOOR, Commit, Dispatcher, Failure, Fatal, Merge, UnitResult)
 from jobs.planning.units import WorkUnit
 
 
@@ -151,6 +151,50 @@ def test_a_stalled_load_is_caught_too():
     clock.now += 31
     [stalled] = d.stalled()
     assert "loading the model" in stalled.reason
+
+
+def test_a_load_that_uses_cpu_without_answering_outlives_a_short_stall_timeout_and_a_stopped_one_does_not():
+    """On a crowded machine an actor importing torch and loading the model may not answer a ping for seconds;
+    its process's CPU time moving (the pool's alive()) is its sign of life. A stopped process shows none."""
+    clock = Clock()
+    d = Dispatcher([WorkUnit("a")], stall_timeout=3, clock=clock)
+    d.requested(0)
+    d.placed(0)
+    for _ in range(120):  # two minutes of loading, never answering, using CPU
+        clock.now += 1
+        d.alive(0)
+        assert d.stalled() == []
+    clock.now += 3.5  # SIGSTOPped: no CPU, no answer
+    [stalled] = d.stalled()
+    assert "loading the model" in stalled.reason and "stopped answering 124 s ago" in stalled.reason
+
+
+def test_a_load_gets_the_load_floor_however_short_the_stall_timeout_but_a_batch_does_not():
+    clock = Clock()
+    d = Dispatcher([WorkUnit("a")], stall_timeout=3, clock=clock)
+    d.requested(0)
+    d.placed(0)
+    started = clock.now
+    while clock.now - started < LOAD_FLOOR - 2:  # a slow load that answers: inside one load for minutes
+        clock.now += 2
+        d.heartbeat(0, busy_for=clock.now - started)
+        assert d.stalled() == []
+    clock.now += 3
+    [stalled] = d.stalled()
+    assert "inside one load" in stalled.reason and f"no progress for {LOAD_FLOOR:.0f} s" in stalled.reason
+    d.lost(0, stalled.reason)
+    d.requested(1)
+    d.placed(1)
+    d.loaded(1)
+    d.next(1)
+    for _ in range(2):  # a batch that uses CPU but neither answers nor ends: the stall timeout holds
+        clock.now += 1
+        d.alive(1)
+    assert d.stalled() == []
+    clock.now += 1.5
+    d.alive(1)
+    [stalled] = d.stalled()
+    assert "inside one model batch" in stalled.reason and "no progress for 3 s" in stalled.reason
 
 
 def test_actors_not_placed_in_time_are_given_up():

@@ -129,7 +129,7 @@ def partition(root: Path, demo_root: Path, day: str) -> None:
 
 
 @pytest.mark.slow  # starts Ray (or the CLI in a subprocess)
-def test_runs_per_date_and_backfill(demo_root, tmp_path):
+def test_runs_per_date_and_backfill(ray_local, demo_root, tmp_path):
     for day in ("2026-11-21", "2026-11-22", "2026-11-23"):
         partition(tmp_path, demo_root, day)
     job = write_job(tmp_path, good(demo_root / "model", tmp_path))

@@ -18,7 +18,7 @@ import pytest
 
 from jobs.errors import ForeignOutput
 from jobs.runner import JobConflict, run_job
-from tests.jobs.conftest import add_shards, descendants, process_title
+from tests.jobs.conftest import TEST_SHAPE, add_shards, descendants, process_title
 from jobs.output.manifest import MANIFEST, SUCCESS, Manifest, ShardEntry, check_shape
 from jobs.output.commit import TEMPORARY
 from jobs.output.paths import resolve
@@ -207,7 +207,7 @@ def test_embed_job_matches_pipeline_once_and_reruns_nothing(ray_local, demo, cau
     result = run_job(spec_for(causal_model, input, out, "embed"))
     assert result.ok and result.done == 4 and result.rows == 240
     table = assert_exactly_once(out, input)
-    assert table.schema.field("embedding").type == pa.list_(pa.float32(), 256)
+    assert table.schema.field("embedding").type == pa.list_(pa.float32(), TEST_SHAPE["hidden_size"])
     reference = EmbeddingPipeline(causal_model, dtype="float32")(
         pa.concat_tables([pq.read_table(p) for p in sorted(input.glob("*.parquet"))])).sort_by("id")
     np.testing.assert_allclose(np.array(table.column("embedding").to_pylist()),
