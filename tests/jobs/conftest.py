@@ -32,6 +32,22 @@ def demo_root(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def full_size_model(demo_root, tmp_path_factory) -> Path:
+    """The demo's classifier at the demo's own size (256 x 4): for a test that needs a unit to take a while."""
+    import torch
+
+    from jobs.demo import SHAPE
+    from persimmon import PersimmonConfig, PersimmonForSequenceClassification
+
+    path = tmp_path_factory.mktemp("full-size")
+    config = PersimmonConfig.from_pretrained(demo_root / "model")
+    torch.manual_seed(0)
+    PersimmonForSequenceClassification(PersimmonConfig(**{**config.__dict__, **SHAPE})).save_pretrained(path)
+    shutil.copy(demo_root / "model" / "tokenizer.model", path)
+    return path
+
+
+@pytest.fixture(scope="session")
 def causal_model(demo_root, tmp_path_factory) -> Path:
     """A causal LM with the demo's tokenizer and shapes (random weights), for generate and zero-shot jobs."""
     import torch

@@ -99,7 +99,7 @@ def test_1_a_stopped_actor_is_replaced_and_its_unit_redone(demo):
 @pytest.mark.parametrize("victim", ["raylet", "gcs_server"])
 def test_2_a_dead_node_or_gcs_ends_the_run_with_a_summary(demo, victim):
     model, input, out = demo
-    add_shards(input, 16)
+    add_shards(input, 64)  # still running when its node or GCS dies (the run ends then: the rest costs nothing)
     # Ray's own detection of a dead node, made quick (its default is about 15 s): what follows is ours
     quick = {"RAY_health_check_period_ms": "500", "RAY_health_check_failure_threshold": "2",
              "RAY_health_check_initial_delay_ms": "500"}
@@ -200,7 +200,7 @@ def test_4_a_committed_file_deleted_mid_run_is_redone(ray_local, demo):
 @pytest.mark.parametrize("how", ["removed", "moved"])
 def test_4_the_output_folder_removed_or_moved_mid_run_is_not_a_success(demo, how):
     model, input, out = demo
-    add_shards(input, 10)
+    add_shards(input, 24)  # still running when its folder goes (it stops then: the rest costs nothing)
     proc = cli(*classify(model, input, out, "--batch-rows", "8", "--actors", "1"))  # default lease TTL: 120 s
     wait_for_commits(out, proc, at_least=2)
     if how == "removed":  # out of the job's way first: the job keeps writing while rmtree walks the folder
@@ -223,7 +223,7 @@ def test_5_a_model_changed_mid_run_is_refused_by_the_replacement_actor(ray_local
     model, input, out = demo
     mine = tmp_path / "model"
     shutil.copytree(model, mine)
-    add_shards(input, 10)
+    add_shards(input, 24)  # still running when the actor is replaced (the job stops then)
     proc = cli(*classify(mine, input, out, "--batch-rows", "8", "--actors", "1"))
     wait_for_commits(out, proc)
     weights = load_file(mine / "model.safetensors")

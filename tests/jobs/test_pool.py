@@ -91,8 +91,9 @@ class Throttle(threading.Thread):
             pass
 
 
-def test_a_straggler_is_backed_up_on_an_idle_actor_and_committed_once(demo, tmp_path):
-    model, input, out = demo
+def test_a_straggler_is_backed_up_on_an_idle_actor_and_committed_once(demo, full_size_model, tmp_path):
+    _, input, out = demo
+    model = full_size_model  # its units take long enough to be throttled while they run
     path = one_file(input, tmp_path / "one", rows_per_group=120)
     # two units of 120 rows (a unit is never under --batch-rows rows), one per actor
     proc = cli(*classify(model, path.parent, out, "--actors", "2", "--batch-rows", "120", "--backup-tasks"))

@@ -207,18 +207,13 @@ def test_permanent_shard_errors_are_not_retried(ray_local, demo, tiny_classifier
     assert ids_of(out) == ids_of(input, "part-*.parquet") and not (out / SUCCESS).exists()
 
 
-def test_corrupt_weights_give_error_rows_and_any_weight_change_is_a_new_model(ray_local, demo, tmp_path):
+def test_corrupt_weights_give_error_rows_and_any_weight_change_is_a_new_model(ray_local, demo, full_size_model,
+                                                                            tmp_path):
     from safetensors.torch import load_file, save_file
 
-    from jobs.demo import SHAPE
-    from persimmon import PersimmonConfig, PersimmonForSequenceClassification
-
-    model, input, out = demo
+    _, input, out = demo
     broken = tmp_path / "broken"
-    shutil.copytree(model, broken)
-    # the demo's own shape: a weight file over 4 MiB (the suite's demo model is smaller), for the part below
-    config = PersimmonConfig.from_pretrained(model)
-    PersimmonForSequenceClassification(PersimmonConfig(**{**config.__dict__, **SHAPE})).save_pretrained(broken)
+    shutil.copytree(full_size_model, broken)  # a weight file over 4 MiB, for the part below
     weights = load_file(broken / "model.safetensors")
     weights["model.layers.0.mlp.dense_h_to_4h.weight"][0, 0] = float("nan")
     save_file(weights, broken / "model.safetensors", metadata={"format": "pt"})
