@@ -30,7 +30,7 @@ from .errors import (EXIT_BUSY, EXIT_FAILED, EXIT_INCOMPLETE, EXIT_OK, EXIT_SIGN
 from .execution.cluster_auth import use_token_auth
 from .inputs.formats import TABULAR
 from .execution.signals import signal_of
-from .spec import JobSpec, RunnerSettings
+from .spec import DRIFT_THRESHOLD, JobSpec, RunnerSettings
 
 DEBUG = {"on": bool(os.environ.get("PERSIMMON_BATCH_DEBUG"))}
 
@@ -379,7 +379,7 @@ def run(
     overwrite: Overwrite = False,
 ) -> None:
     """Run a job file for a date (or each date of --from/--to); dates already done are no-ops."""
-    from .jobfile import job_spec, run_dates
+    from .jobfile import job_spec, previous_output, run_dates
 
     raw = _read(job)
     try:
@@ -390,6 +390,7 @@ def run(
     for day in dates:
         typer.echo(f"== {raw['name']} for {day}")
         spec = job_spec(raw, day, overwrite, folder=job.parent)
+        spec.compare_with = previous_output(raw, day, folder=job.parent)  # its results are compared with these
         if address is not None:
             spec.runner.address = address
         try:  # a date that is refused (no input yet, output busy) does not stop the other dates
@@ -515,11 +516,45 @@ def status(output: Annotated[str, typer.Argument(help="A job's output directory.
     holder = OutputLease(fs, base, output).holder_now()
     if holder:
         typer.echo(f"running now: {holder}")
+    drift = manifest.data.get("drift")
+    if isinstance(drift, dict):
+        from .report.drift import recorded_warning
+
+        warning = recorded_warning(drift)
+        if warning:
+            typer.echo(warning, err=True)
     if counts["done"] == total and not missing:
         typer.echo("complete")
         return
     typer.echo("incomplete: rerun the job to finish it")
     raise typer.Exit(EXIT_FAILED if counts["failed"] else EXIT_INCOMPLETE)
+
+
+@command()
+def report(
+    output: Annotated[str, typer.Argument(help="A job's output directory (local or s3://).")],
+    compare: Annotated[Optional[str], typer.Option(
+        help="Another output of the job (last night's, say): both runs side by side, and the drift table "
+             "(default: for a job file's date, the date its run was compared with).")] = None,
+    page: Annotated[Path, typer.Option("--output", help="Where to write the page.")] = Path("report.html"),
+    drift_threshold: Annotated[float, typer.Option(
+        min=0.0, help="The population stability index past which a result counts as drifted.")] = DRIFT_THRESHOLD,
+) -> None:
+    """One self-contained HTML page of what a job did: what ran, rows and errors by shard, throughput per actor,
+    the results (labels, scores, lengths, finish reasons), error kinds with examples, token lengths; with
+    --compare, the drift from another run. Exit status: 0 written (drift or not), 2 no job's output there."""
+    from .report import recorded_baseline, write_report
+
+    compare = compare or recorded_baseline(output)  # a job file's date: the date it was compared with
+    written, drift = write_report(output, page, compare, drift_threshold)
+    typer.echo(f"report: {written}")
+    if drift is not None:
+        for measure in drift.measures:
+            typer.echo(f"drift: {measure.name}: {measure.base} -> {measure.new}, PSI {measure.psi:.3f}"
+                       + (" (past the threshold)" if measure.flagged else ""))
+        warning = drift.warning(compare)
+        if warning:
+            typer.echo(warning, err=True)
 
 
 @command()

@@ -12,6 +12,8 @@ import datetime as dt
 import os
 import re
 from pathlib import Path
+
+import pyarrow.fs as pafs
 from typing import Any
 
 try:
@@ -24,13 +26,14 @@ from pipelines.tasks import TASK_OPTIONS
 
 from .errors import UsageError
 from .inputs.formats import format_problem
-from .spec import JobSpec, RunnerSettings, delimiter_problem, model_folder_problems, task_problem
+from .spec import DRIFT_THRESHOLD, JobSpec, RunnerSettings, delimiter_problem, model_folder_problems, task_problem
 
 TOP = {"name": str, "task": str, "model": str, "input": str, "output": str, "text_column": str, "date": str,
-       "options": dict, "runner": dict, "input_format": str, "csv_delimiter": str}
+       "options": dict, "runner": dict, "input_format": str, "csv_delimiter": str, "drift_threshold": (int, float)}
 REQUIRED = ("name", "task", "model", "input", "output")
 PLACEHOLDERS = re.compile(r"\{([^{}]*)\}")
 KNOWN_PLACEHOLDERS = {"date", "ds", "ds_nodash"}
+DRIFT_LOOKBACK = 31  # days back a run looks for the previous finished date to compare its results with
 NAME = re.compile(r"[A-Za-z0-9._-]+")  # job names land in cron lines, unit names and submission ids
 
 
@@ -43,8 +46,8 @@ class JobFileError(UsageError):
 
 
 def _check_type(key: str, value: Any, kind, problems: list[str]) -> bool:
-    if not isinstance(value, kind):
-        names = {str: "a string", dict: "a table"}
+    if not isinstance(value, kind) or (kind == (int, float) and isinstance(value, bool)):
+        names = {str: "a string", dict: "a table", (int, float): "a number"}
         problems.append(f"{key}: expected {names[kind]}, got {value!r}")
         return False
     return True
@@ -100,6 +103,9 @@ def read_job_file(path: str | Path, check_model: bool = True) -> dict[str, Any]:
             unknown = set(PLACEHOLDERS.findall(value)) - KNOWN_PLACEHOLDERS
             if unknown:
                 problems.append(f"{key}: unknown placeholder(s) {sorted(unknown)}; known: {sorted(KNOWN_PLACEHOLDERS)}")
+    threshold = raw.get("drift_threshold")
+    if isinstance(threshold, (int, float)) and not isinstance(threshold, bool) and not threshold >= 0:
+        problems.append(f"drift_threshold: expected a number >= 0 (a population stability index), got {threshold!r}")
     if isinstance(raw.get("date"), str):
         try:
             parse_date(raw["date"])
@@ -152,7 +158,27 @@ def job_spec(raw: dict[str, Any], date: dt.date, overwrite: bool = False, folder
         options=file_options(raw.get("options", {}), folder), runner=RunnerSettings.from_mapping(raw.get("runner", {}))[0],
         name=raw["name"], overwrite=overwrite,
         date=date.isoformat(), input_format=raw.get("input_format"), csv_delimiter=raw.get("csv_delimiter"),
+        drift_threshold=float(raw.get("drift_threshold", DRIFT_THRESHOLD)),
     )
+
+
+def previous_output(raw: dict[str, Any], date: dt.date, folder: Path | None = None) -> str | None:
+    """The output of the latest date before `date` (within DRIFT_LOOKBACK days) that finished (`_SUCCESS`):
+    what a run of `date` is compared with. None when the output has no date in its path."""
+    if not PLACEHOLDERS.search(raw["output"]):
+        return None
+    from .output.manifest import SUCCESS
+    from .output.paths import join, resolve
+
+    for back in range(1, DRIFT_LOOKBACK + 1):
+        candidate = local_path(render(raw["output"], date - dt.timedelta(days=back)), folder)
+        try:
+            fs, base = resolve(candidate)
+            if fs.get_file_info(join(base, SUCCESS)).type == pafs.FileType.File:
+                return candidate
+        except (OSError, ValueError):
+            continue
+    return None
 
 
 def run_dates(raw: dict[str, Any], date: str | None = None, start: str | None = None,

@@ -169,6 +169,9 @@ def _finish(manifest: Manifest, result: JobResult, spec: JobSpec, lease: OutputL
     if spec.input_format == REQUESTS:  # OpenAI's batch object counts requests, over the whole job
         manifest.data["summary"]["request_counts"] = request_counts(totals)
     manifest.data["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    complete = result.done == result.shards and not result.failed and not result.interrupted and not result.lost
+    if spec.compare_with and complete:
+        _drift(manifest, result, spec)
     try:
         lease.confirm(force=True)
         manifest.save()
@@ -177,6 +180,21 @@ def _finish(manifest: Manifest, result: JobResult, spec: JobSpec, lease: OutputL
             manifest.mark_success()
     except OSError as exc:
         raise write_error(exc, spec.output) from None
+
+
+def _drift(manifest: Manifest, result: JobResult, spec: JobSpec) -> None:
+    """A complete run of a job file's date: its results against the previous date's, recorded in the manifest
+    (`drift`), and one WARNING line when a measure passes the job's threshold. A comparison that cannot be made
+    is a note; the run's own outcome does not depend on it."""
+    from .report import collect, compare
+
+    try:
+        drift = compare(collect(spec.compare_with), collect(spec.output, manifest), spec.drift_threshold)
+    except Exception as exc:  # the previous output unreadable, say: this run is still complete
+        result.notes.append(f"drift from {spec.compare_with} not measured: {one_line(exc, with_type=True)}")
+        return
+    manifest.data["drift"] = {"compared_with": spec.compare_with, **drift.as_dict()}
+    result.drift = drift.warning(spec.compare_with)
 
 
 class JobRun:
@@ -308,7 +326,8 @@ class JobRun:
         self.lease.confirm()  # raises LeaseLost: another run owns the output now, commit nothing more
         final = self.discovery.output(decision.shard)
         fmt = self.discovery.format_of(decision.shard)
-        entry = {"output": final, "attempts": decision.attempts, **decision.stats}
+        entry = {"output": final, "attempts": decision.attempts, **decision.stats,
+                 "committed_at": round(time.time(), 3)}  # the driver's clock: the report's timeline
         entry.pop("input_identity", None)
         if decision.identity is not None:
             entry["input_identity"] = decision.identity

@@ -99,6 +99,11 @@ def _vocabulary(model: str, identity: tuple[int, ...], vocab_size: int):
     return vocabulary_for(PersimmonTokenizer.from_pretrained(model), vocab_size)
 
 
+# the population stability index past which a result counts as drifted from the run compared with: under 0.1
+# is stable, 0.1-0.2 a shift worth a look, past 0.2 a real one (jobs/report/drift.py)
+DRIFT_THRESHOLD = 0.2
+
+
 @dataclass
 class JobSpec:
     task: str
@@ -114,6 +119,9 @@ class JobSpec:
     input_format: str | None = None  # parquet | csv | jsonl (None: by each file's suffix); openai-batch: its own
     only_where: str | None = None  # rows whose value in this column is null skip the model (train-head's labels)
     csv_delimiter: str | None = None  # CSV inputs' field delimiter (None: a comma)
+    # a job file's run: the output of its previous date, whose results a complete run is compared with (drift)
+    compare_with: str | None = None
+    drift_threshold: float = DRIFT_THRESHOLD
 
     def __post_init__(self) -> None:
         self.model, self.input, self.output = (p if "://" in p else os.path.expanduser(p)

@@ -16,7 +16,7 @@ echo "== building the demo: a random-weight base model, a tokenizer and Parquet 
 # a rerun of the demo starts over: its outputs and those of the README's quick start go (a retrained head
 # may differ in its last bits, and a job's output refuses another model's results)
 rm -rf "$dir/classifier" "$dir/output" "$dir/completions" "$dir/daily" "$dir/vectors" "$dir/fields" \
-  "$dir/scores" "$dir/batch-results"
+  "$dir/scores" "$dir/batch-results" "$dir/report.html"
 echo "== train-head: features of the labeled rows (an embed job on Ray), then a linear head on them"
 "$pb" train-head --model "$dir/base" --input "$dir/labeled" --label-column source --output "$dir/classifier" \
   --features "$dir/features"
@@ -55,3 +55,6 @@ for row in table.to_pylist():
     print(f"{row['id']:>4}  {row['finish_reason']:<7} {row['completion_tokens']:>6}  "
           f"{row['text'][-30:]!r} -> {row['completion']!r}")
 PY
+echo
+echo "== report: one HTML page of what the classify job did (open it in a browser; it needs no network)"
+"$pb" report "$dir/output" --output "$dir/report.html"

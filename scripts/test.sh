@@ -8,6 +8,19 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/setup_env.sh
+# the report tests open pages in a real headless Chromium, the distribution's package: installed here where
+# the machine allows it (root and apt-get); elsewhere those tests are skipped and say why
+if ! command -v chromium-headless-shell >/dev/null 2>&1 && ! command -v chromium >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "setup: installing chromium-headless-shell (Debian's package) for the report tests"
+    get_chromium() { timeout 600 apt-get install -y -q chromium-headless-shell >/dev/null 2>&1; }
+    get_chromium || { timeout 300 apt-get update -q >/dev/null 2>&1 && get_chromium; } ||
+      echo "setup: could not install chromium-headless-shell: the report's browser tests will be skipped"
+  else
+    echo "setup: no Chromium here and no way to install it (needs root and apt-get): the report's browser" \
+      "tests will be skipped"
+  fi
+fi
 cpus="$(nproc 2>/dev/null || getconf _NPROCESSORS_ONLN 2>/dev/null || echo 1)"
 workers="${PYTEST_WORKERS:-$(( cpus > 1 ? 2 : 1 ))}"
 parallel=()

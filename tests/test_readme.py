@@ -67,6 +67,8 @@ def test_readme_demo_and_quick_start_run_as_written(tmp_path):
     accuracy, baseline = map(float, re.search(r"true source: ([\d.]+) \(majority class '\w+': ([\d.]+)\)", out).groups())
     assert accuracy > baseline + 0.2, out[-2000:]
     assert "stopping at the first full stop" in out and "finish" in out
+    report = (repo / "demo-data" / "report.html").read_text()
+    assert f"report: {repo / 'demo-data' / 'report.html'}" in out and 'id="labels"' in report
     completions = pq.read_table(repo / "demo-data" / "completions")
     assert set(completions.column("finish_reason").to_pylist()) <= {"eos", "stop", "length"}
     assert "Token authentication" not in demo.stderr

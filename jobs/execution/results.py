@@ -34,6 +34,7 @@ class JobResult:
     lost: str | None = None  # why this run lost the output to another one
     failures: dict[str, str] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)  # what the run found (changed / removed shards, takeovers)
+    drift: str | None = None  # the WARNING line of results drifted from the job's previous date
     layout: str = ""  # the actors started and what each holds (Layout.describe)
     backups: dict[str, int] = field(default_factory=dict)  # backup attempts started, and won (finished first)
     kept: list[str] = field(default_factory=list)  # outputs kept whose input is gone (every run says so)
@@ -94,6 +95,8 @@ class JobResult:
             found.append(f"WARNING: the output still holds {len(self.kept)} file(s) whose input is gone ({shown}): "
                          "whatever reads the whole folder (pandas, duckdb, Spark) still reads their rows; rerun "
                          "with --overwrite to remove them")
+        if self.drift:
+            found.append(self.drift)
         return found
 
 

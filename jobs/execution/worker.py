@@ -35,6 +35,7 @@ from ..output.lease import this_machine
 from ..planning.units import WorkUnit
 from ..spec import JobSpec
 from .dispatcher import UNIT_COUNTS, Fatal, UnitResult
+from .metrics import ActorMetrics, job_label
 
 CONCURRENCY_GROUPS = {"work": 1, "control": 1}
 # what a write to a full, read-only or over-quota output says (pyarrow's errors carry the text, not errno)
@@ -129,6 +130,7 @@ class UnitWorker:
         self.device, self.threads = device, threads
         self.pipeline = None
         self.node = current_node()
+        self.metrics = ActorMetrics(job_label(spec.name, spec.output))  # live counters, through Ray's metrics
         # what a ping reports (written by the work thread, read by the control thread)
         self._rows = 0
         self._progress_at = time.monotonic()
@@ -176,6 +178,7 @@ class UnitWorker:
     def _on_rows(self, rows: int) -> None:
         self._on_progress()
         self._rows += rows
+        self.metrics.rows(rows)
 
     def _on_progress(self) -> None:
         """The pipeline moved (a model batch, an engine step): the time since the last move is what the driver
@@ -198,10 +201,12 @@ class UnitWorker:
         except Exception as exc:  # a bad shard is a result to report, not a crash of the actor
             for name in sinks.companions(temp, fmt):
                 self._discard(name)
+            self.metrics.unit(False, time.perf_counter() - start)
             return failed(exc)
         after = self.pipeline.stats.as_dict()
         delta = {k: after[k] - before[k] for k in UNIT_COUNTS if k != "rows"}  # rows: counted by _run
         peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+        self.metrics.unit(True, time.perf_counter() - start, delta)
         return UnitResult(True, temp, {"rows": rows, "seconds": time.perf_counter() - start, "node": self.node,
                                        "host": socket.gethostname(), "pid": os.getpid(), "threads": self.threads,
                                        "peak_rss_mb": round(peak_mb, 1), **delta})

@@ -55,6 +55,7 @@ class ShardEntry(TypedDict, total=False):
     padded_tokens: int
     generated_tokens: int
     seconds: float
+    committed_at: float  # when the driver committed it (epoch seconds, the driver's clock)
     parts: int  # a shard cut into units: how many
     threads: int
     node: str
@@ -64,7 +65,7 @@ class ShardEntry(TypedDict, total=False):
 
 
 ENTRY_FIELDS: dict[str, type] = {k: v for k, v in typing.get_type_hints(ShardEntry).items() if k != "state"}
-JOB_FIELDS = {"fingerprint": str, "runs": list, "spec": dict, "model": dict, "lease": str}
+JOB_FIELDS = {"fingerprint": str, "runs": list, "spec": dict, "model": dict, "lease": str, "drift": dict}
 
 
 def _now() -> str:
