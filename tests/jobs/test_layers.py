@@ -41,6 +41,13 @@ def test_batch_request_parsing_and_rendering_need_no_torch():
     assert result.returncode == 0, result.stderr
 
 
+def test_the_report_needs_neither_ray_nor_torch():
+    """A report is read from the output's files: it opens where neither is installed (a laptop, a CI job)."""
+    result = imports_without({"ray", "torch"}, ["jobs.report", "jobs.report.figures", "jobs.report.drift",
+                                                "jobs.report.page"])
+    assert result.returncode == 0, result.stderr
+
+
 def test_the_block_is_real():
     result = imports_without({"ray"}, ["jobs.execution.pool"])
     assert result.returncode != 0 and "ray is not available here" in result.stderr

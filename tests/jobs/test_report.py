@@ -221,3 +221,25 @@ def test_a_job_files_date_is_compared_with_the_previous_date_and_a_drift_is_one_
     assert status.returncode == 0 and [l for l in status.stderr.splitlines() if l.startswith("WARNING")] == [warning]
     made = run_here("report", out, "--output", tmp_path / "r.html")  # compared with 11-22 without being told
     assert made.returncode == 0 and "drift: score:" in made.stdout and warning.split(":")[0] in made.stderr
+
+
+@pytest.mark.slow  # starts Ray
+def test_generate_score_and_embed_reports_show_their_own_results(ray_metrics, demo, causal_model, chromium, tmp_path):
+    _, input, _ = demo
+    runs = {"generate": ["--max-new-tokens", "6", "--prompt-template", "{text}"], "score": [], "embed": []}
+    figures = {"generate": ("completion_tokens", "finish-reasons", "token-lengths"),
+               "score": ("perplexity", "logprob", "token-lengths"), "embed": ("embedding-norm", "token-lengths")}
+    for task, extra in runs.items():
+        out = tmp_path / task
+        done = run_here(task, "--model", causal_model, "--input", input / "part-00000.parquet", "--output", out, *extra)
+        assert done.returncode == 0, done.stderr
+        page = tmp_path / f"{task}.html"
+        assert run_here("report", out, "--output", page).returncode == 0
+        loaded = browser.load(chromium, page)
+        assert loaded.errors == [], loaded.log[-3000:]
+        for div in figures[task]:
+            assert 'class="main-svg"' in browser.figure(loaded.dom, div), (task, div)
+    reasons = collections.Counter(pq.read_table(tmp_path / "generate").column("finish_reason").to_pylist())
+    drawn = browser.figure(browser.load(chromium, tmp_path / "generate.html").dom, "finish-reasons")
+    for reason, count in reasons.items():
+        assert f">{reason}<" in drawn and f">{count}<" in drawn
