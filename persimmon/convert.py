@@ -23,7 +23,7 @@ from .config import PersimmonConfig, resolve_dtype
 from .model import PersimmonForCausalLM
 
 CHECKPOINT_NAME = "model_optim_rng.pt"
-VOCAB_NAMES = ("adept_vocab.model", "tokenizer.model")
+RELEASE_VOCAB = ("adept_vocab.model", "tokenizer.model")  # what a release tar names its vocabulary, in order
 END_OF_TEXT = "|ENDOFTEXT|"
 
 # release key substring -> HF key substring, applied in this order
@@ -70,7 +70,7 @@ def find_release_checkpoint(release_dir: Path) -> Path:
 
 def find_vocab(release_dir: Path) -> Path | None:
     root = release_dir if release_dir.is_dir() else release_dir.parent
-    for name in VOCAB_NAMES:
+    for name in RELEASE_VOCAB:
         found = sorted(root.rglob(name))
         if found:
             return found[0]

@@ -16,7 +16,7 @@ from pathlib import Path
 import sentencepiece as spm
 import torch
 
-VOCAB_NAMES = ("tokenizer.model", "adept_vocab.model")
+from .files import VOCAB_FILES
 END_OF_TEXT = "|ENDOFTEXT|"
 
 
@@ -58,10 +58,10 @@ class PersimmonTokenizer:
         if path.is_file():
             file, folder = path, path.parent
         else:
-            file = next((path / n for n in VOCAB_NAMES if (path / n).is_file()), None)
+            file = next((path / n for n in VOCAB_FILES if (path / n).is_file()), None)
             folder = path
             if file is None:
-                raise FileNotFoundError(f"no tokenizer in {path}: expected one of {list(VOCAB_NAMES)}")
+                raise FileNotFoundError(f"no tokenizer in {path}: expected one of {list(VOCAB_FILES)}")
         ids = {}
         config = folder / "config.json"
         if config.is_file():
