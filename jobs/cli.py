@@ -545,8 +545,11 @@ def report(
     --compare, the drift from another run. Exit status: 0 written (drift or not), 2 no job's output there."""
     from .report import recorded_baseline, write_report
 
-    compare = compare or recorded_baseline(output)  # a job file's date: the date it was compared with
-    written, drift = write_report(output, page, compare, drift_threshold)
+    recorded = recorded_baseline(output) if compare is None else None  # a job file's date: the date it was
+    written, drift, note = write_report(output, page, compare or recorded, drift_threshold,  # compared with
+                                        recorded=recorded is not None)
+    if note:
+        typer.echo(note, err=True)
     typer.echo(f"report: {written}")
     if drift is not None:
         for measure in drift.measures:

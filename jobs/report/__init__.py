@@ -25,25 +25,44 @@ def recorded_baseline(output: str) -> str | None:
 
 
 def write_report(output: str, destination: str | Path, other: str | None = None,
-                 threshold: float = DEFAULT_THRESHOLD) -> tuple[Path, Drift | None]:
-    """Write the page for `output` (compared with the output `other`) to `destination`, whole or not at all."""
+                 threshold: float = DEFAULT_THRESHOLD, recorded: bool = False) -> tuple[Path, Drift | None, str]:
+    """Write the page for `output` (compared with the output `other`) to `destination`, whole or not at all.
+    Returns the page's path, the drift (None without `other`) and a note. `recorded`: `other` is the date a job
+    file's run was compared with, not the user's choice: when it is gone (a retention policy removed it), the
+    page is made without the comparison, and the note says so."""
+    from ..errors import BatchError, UsageError
     from .page import render
 
-    figures = collect(output)
-    base = collect(other) if other else None
-    drift = compare(base, figures, threshold) if base is not None else None
-    page = render(figures, base, drift)
     destination = Path(destination).expanduser().absolute()
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    fd, temp = tempfile.mkstemp(dir=destination.parent, prefix=f".{destination.name}.")
+    if destination.is_dir():
+        raise UsageError(f"--output {destination} is a folder: name the page's file "
+                         f"(e.g. {destination / 'report.html'})")
+    figures = collect(output)
+    base, note = None, ""
+    if other:
+        try:
+            base = collect(other)
+        except BatchError as exc:
+            if not recorded:
+                raise
+            note = f"note: {other}, the run this date was compared with, cannot be read ({exc}): no drift table"
+    drift = compare(base, figures, threshold) if base is not None else None
+    try:  # the destination is checked before the page is drawn
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        fd, temp = tempfile.mkstemp(dir=destination.parent, prefix=f".{destination.name}.")
+    except OSError as exc:
+        raise UsageError(f"cannot write the report to {destination}: {exc.strerror or exc}") from None
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(page)
+            handle.write(render(figures, base, drift))
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(temp, 0o666 & ~umask)  # as any file the user writes (mkstemp's are private)
         os.replace(temp, destination)
+    except OSError as exc:
+        Path(temp).unlink(missing_ok=True)
+        raise UsageError(f"cannot write the report to {destination}: {exc.strerror or exc}") from None
     except BaseException:
         Path(temp).unlink(missing_ok=True)
         raise
-    return destination, drift
+    return destination, drift, note

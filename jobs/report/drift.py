@@ -6,6 +6,8 @@ empty bin counts as rare rather than infinite. Bins: the labels themselves; for 
 classifier's confidence, a score, perplexity, completion length), the base run's deciles, so each bin held a
 tenth of last night's rows; for errors, two bins (a row has an error or not). The usual reading: under 0.1
 stable, 0.1-0.2 a shift worth a look, over 0.2 a real one (the default threshold, jobs.spec.DRIFT_THRESHOLD).
+A measure has drifted when its PSI is over the threshold: at 0, any change is flagged, two identical runs never.
+Each measure shows the category whose share moved most (a label, a finish reason), or the medians.
 """
 
 from __future__ import annotations
@@ -64,7 +66,8 @@ class Drift:
         return {"threshold": self.threshold,
                 "measures": [{"name": m.name, "base": m.base, "new": m.new, "psi": round(m.psi, 4),
                               "flagged": m.flagged} for m in self.measures],
-                "label_shares": [{"label": k, "base": round(b, 4), "new": round(n, 4)} for k, b, n in self.label_shares]}
+                "label_shares": [{"label": k, "base": round(b, 4), "new": round(n, 4)}
+                                 for k, b, n in self.label_shares]}
 
     def warning(self, base_name: str) -> str | None:
         """The one line `run` and `status` print when a measure passes the threshold."""
@@ -94,29 +97,30 @@ def compare(base: RunFigures, new: RunFigures, threshold: float = DEFAULT_THRESH
         keys = sorted(set(base.labels) | set(new.labels), key=lambda k: (-base.labels.get(k, 0), k))
         b, n = shares(base.labels, keys), shares(new.labels, keys)
         label_shares = [(k, float(x), float(y)) for k, x, y in zip(keys, b, n)]
-        top = keys[0]
+        moved = int(np.argmax(np.abs(n - b)))  # the label whose share changed most
         value = psi(b, n)
-        measures.append(Measure("label shares", f"{top} {b[0]:.1%}", f"{top} {n[0]:.1%}", value,
-                                value >= threshold))
+        measures.append(Measure("label shares", f"{keys[moved]} {b[moved]:.1%}", f"{keys[moved]} {n[moved]:.1%}",
+                                value, value > threshold))
     for name in sorted(set(base.values) & set(new.values)):
         if len(base.values[name]) == 0 or len(new.values[name]) == 0:
             continue
         b, n = binned(base.values[name], new.values[name])
         value = psi(b, n)
         measures.append(Measure(name, f"median {np.median(base.values[name]):.4g}",
-                                f"median {np.median(new.values[name]):.4g}", value, value >= threshold))
+                                f"median {np.median(new.values[name]):.4g}", value, value > threshold))
     if base.finish_reasons or new.finish_reasons:
         keys = sorted(set(base.finish_reasons) | set(new.finish_reasons),
                       key=lambda k: (-base.finish_reasons.get(k, 0), k))
         b, n = shares(base.finish_reasons, keys), shares(new.finish_reasons, keys)
+        moved = int(np.argmax(np.abs(n - b)))
         value = psi(b, n)
-        measures.append(Measure("finish reasons", f"{keys[0]} {b[0]:.1%}", f"{keys[0]} {n[0]:.1%}", value,
-                                value >= threshold))
+        measures.append(Measure("finish reasons", f"{keys[moved]} {b[moved]:.1%}", f"{keys[moved]} {n[moved]:.1%}",
+                                value, value > threshold))
     if base.rows and new.rows:
         b = np.asarray([base.error_rate, 1 - base.error_rate])
         n = np.asarray([new.error_rate, 1 - new.error_rate])
         value = psi(b, n)
         measures.append(Measure("error rate", f"{base.error_rate:.2%}", f"{new.error_rate:.2%}", value,
-                                value >= threshold))
+                                value > threshold))
     return Drift(threshold, [m if math.isfinite(m.psi) else dataclasses.replace(m, psi=0.0) for m in measures],
                  label_shares)

@@ -178,8 +178,8 @@ def _drift_table(drift: Drift) -> str:
     out = (f'<table id="drift"><tr><th>measure</th><th>compared run</th><th>this run</th><th>PSI</th>'
            f"<th>at threshold {drift.threshold:g}</th></tr>{rows}</table>")
     if shares:
-        out += ("<table id=\"label-shares\"><tr><th>label</th><th>compared run</th><th>this run</th><th>change</th></tr>"
-                f"{shares}</table>")
+        out += ('<table id="label-shares"><tr><th>label</th><th>compared run</th><th>this run</th><th>change</th>'
+                f"</tr>{shares}</table>")
     return out + ('<p class="note">PSI: the population stability index over the labels, over the compared run\'s '
                   "deciles for numbers, over error / no error for the error rate.</p>")
 
@@ -215,7 +215,8 @@ def render(figures: RunFigures, other: RunFigures | None = None, drift: Drift | 
                                              if waste else ""),
                          runs, lambda r: r.token_lengths, "token-lengths", "tokens") \
         if any(len(run.token_lengths) for _, run in runs) else ""
-    sections.append("<h2>Token lengths</h2>" + lengths + f'<p class="note">{html.escape(figures.token_lengths_note)}</p>')
+    note = html.escape(figures.token_lengths_note)
+    sections.append(f'<h2>Token lengths</h2>{lengths}<p class="note">{note}</p>')
     title = f"persimmon-batch report: {figures.meta.get('task')} → {figures.output}"
     made = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'

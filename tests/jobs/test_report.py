@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import collections
 import json
+import os
 import re
 import time
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -49,6 +51,9 @@ def test_drift_flags_a_label_shift_a_score_shift_and_an_error_jump_but_not_sampl
     assert line.startswith("WARNING: results drifted from yesterday") and "\n" not in line
     assert [round(b, 2) for _, b, _ in drift.label_shares] == [0.5, 0.3, 0.2]
     assert compare(base, shifted, threshold=50.0).flagged == []  # the threshold is the job's to set
+    label = next(m for m in drift.measures if m.name == "label shares")
+    assert (label.base, label.new) == ("legal 50.0%", "legal 20.0%")  # a label whose share moved most
+    assert compare(base, base, threshold=0.0).flagged == []  # at 0 any change is drift; no change never is
 
 
 def test_an_error_kind_is_its_message_without_the_rows_specifics():
@@ -221,6 +226,36 @@ def test_a_job_files_date_is_compared_with_the_previous_date_and_a_drift_is_one_
     assert status.returncode == 0 and [l for l in status.stderr.splitlines() if l.startswith("WARNING")] == [warning]
     made = run_here("report", out, "--output", tmp_path / "r.html")  # compared with 11-22 without being told
     assert made.returncode == 0 and "drift: score:" in made.stdout and warning.split(":")[0] in made.stderr
+    # 11-22 removed since (a retention policy): the page is still made, without the comparison, and says why
+    (tmp_path / "out" / "dt=2026-11-22").rename(tmp_path / "archived")
+    made = run_here("report", out, "--output", tmp_path / "r2.html")
+    assert made.returncode == 0 and (tmp_path / "r2.html").exists(), made.stderr
+    [note] = made.stderr.splitlines()
+    assert note.startswith("note: ") and "dt=2026-11-22" in note and "no drift table" in note
+    assert 'id="drift"' not in (tmp_path / "r2.html").read_text()
+    named = run_here("report", out, "--compare", tmp_path / "out" / "dt=2026-11-22", "--output", tmp_path / "r3.html")
+    assert named.returncode == 2 and "no manifest in" in named.stderr  # named by the user: an error
+
+
+@pytest.mark.slow  # starts Ray
+def test_a_page_that_cannot_be_written_is_one_error_line_before_anything_is_drawn(ray_metrics, demo, tmp_path):
+    model, input, out = demo
+    assert run_here(*classify(model, input / "part-00000.parquet", out)).returncode == 0
+    (tmp_path / "ro").mkdir()
+    (tmp_path / "ro").chmod(0o500)
+    cases = {tmp_path: "is a folder: name the page's file", tmp_path / "ro" / "r.html": "cannot write the report to",
+             Path("/proc/r.html"): "cannot write the report to"}
+    try:
+        for page, message in cases.items():
+            if page.parent.name == "ro" and os.access(page.parent, os.W_OK):
+                continue  # root writes anywhere: the read-only folder is no case there
+            done = run_here("report", out, "--output", page)
+            lines = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+            assert done.returncode == 2 and len(lines) == 1 and message in lines[0], (page, done.stderr)
+            assert "Traceback" not in done.stderr and "unexpected" not in done.stderr
+        assert not list(tmp_path.glob(".*.html.*")) and not list((tmp_path / "ro").iterdir())
+    finally:
+        (tmp_path / "ro").chmod(0o700)
 
 
 @pytest.mark.slow  # starts Ray
