@@ -555,7 +555,7 @@ def report(
         for measure in drift.measures:
             typer.echo(f"drift: {measure.name}: {measure.base} -> {measure.new}, PSI {measure.psi:.3f}"
                        + (" (past the threshold)" if measure.flagged else ""))
-        warning = drift.warning(compare)
+        warning = drift.warning(compare or recorded)
         if warning:
             typer.echo(warning, err=True)
 

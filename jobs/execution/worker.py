@@ -206,8 +206,9 @@ class UnitWorker:
         after = self.pipeline.stats.as_dict()
         delta = {k: after[k] - before[k] for k in UNIT_COUNTS if k != "rows"}  # rows: counted by _run
         peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
-        self.metrics.unit(True, time.perf_counter() - start, delta)
-        return UnitResult(True, temp, {"rows": rows, "seconds": time.perf_counter() - start, "node": self.node,
+        seconds = time.perf_counter() - start
+        self.metrics.unit(True, seconds, delta)
+        return UnitResult(True, temp, {"rows": rows, "seconds": seconds, "node": self.node,
                                        "host": socket.gethostname(), "pid": os.getpid(), "threads": self.threads,
                                        "peak_rss_mb": round(peak_mb, 1), **delta})
 

@@ -107,8 +107,7 @@ def collect(output: str, manifest: Manifest | None = None) -> RunFigures:
             int(entry.get("real_tokens") or 0), int(entry.get("padded_tokens") or 0), str(entry.get("error") or "")))
     files = [join(base, e["output"]) for e in manifest.shards.values()
              if e.get("state") == ShardState.DONE.value and str(e.get("output", "")).endswith(".parquet")]
-    _read_results(figures, fs, files, str(spec.get("text_column") or "text"))
-    _token_lengths(figures, fs, files, str(spec.get("text_column") or "text"), model.get("path"))
+    _read_results(figures, fs, files, str(spec.get("text_column") or "text"), model.get("path"))
     return figures
 
 
@@ -116,19 +115,30 @@ RESULT_COLUMNS = ("label", "labels", "score", "perplexity", "logprob", "completi
                   "tokens", "finish_reason", "error", "embedding")
 
 
-def _read_results(figures: RunFigures, fs, files: list[str], text_column: str) -> None:
+def _read_results(figures: RunFigures, fs, files: list[str], text_column: str, model: str | None) -> None:
+    """One pass over the committed files: the result columns of each, and its text only where it is needed
+    (error examples, or the token-length sample of an output without token counts)."""
     values: dict[str, list[np.ndarray]] = collections.defaultdict(list)
+    lengths: dict[str, list[np.ndarray]] = collections.defaultdict(list)  # prompt_tokens / tokens, as written
+    sample: list[str] = []  # texts to tokenize when the output has no token counts
     for path in files:
         with fs.open_input_file(path) as handle:
             parquet = pq.ParquetFile(handle)
             names = parquet.schema_arrow.names
             table = parquet.read(columns=[c for c in RESULT_COLUMNS if c in names])
-            text = parquet.read(columns=[text_column]).column(0) if text_column in names else None
+            errors = table.column("error").to_pylist() if "error" in table.column_names else []
+            counted = any(c in names for c in LENGTH_COLUMNS)
+            wanted = any(e is not None for e in errors) or (not counted and len(sample) < TOKEN_SAMPLE)
+            texts = parquet.read(columns=[text_column]).column(0).to_pylist() \
+                if wanted and text_column in names else None
         figures.rows += table.num_rows
         for name in ("score", "perplexity", "logprob", "completion_tokens"):
             if name in table.column_names:
                 column = table.column(name).to_numpy(zero_copy_only=False).astype(np.float64)
                 values[name].append(column[np.isfinite(column)])
+        for name in LENGTH_COLUMNS:
+            if name in table.column_names:
+                lengths[name].append(table.column(name).to_numpy(zero_copy_only=False).astype(np.float64))
         if "label" in table.column_names:
             figures.labels.update(x for x in table.column("label").to_pylist() if x is not None)
         if "labels" in table.column_names:
@@ -138,34 +148,32 @@ def _read_results(figures: RunFigures, fs, files: list[str], text_column: str) -
         if "embedding" in table.column_names:
             norms = [float(np.linalg.norm(v)) for v in table.column("embedding").to_pylist() if v is not None]
             values["embedding norm"].append(np.asarray(norms, dtype=np.float64))
-        if "error" in table.column_names:
-            errors = table.column("error").to_pylist()
-            texts = text.to_pylist() if text is not None else [None] * len(errors)
-            for i, message in enumerate(errors):
-                if message is None:
-                    continue
-                kind = error_kind(message)
-                figures.error_kinds[kind] += 1
-                shown = figures.error_examples.setdefault(kind, [])
-                if len(shown) < EXAMPLES:
-                    snippet = "" if texts[i] is None else repr(str(texts[i])[:80])
-                    shown.append(f"{Path(path).name} row {i}: {message}" + (f" (text {snippet})" if snippet else ""))
+        if texts is not None and not counted and len(sample) < TOKEN_SAMPLE:
+            sample += [t for t in texts if t][:TOKEN_SAMPLE - len(sample)]
+        for i, message in enumerate(errors):
+            if message is None:
+                continue
+            kind = error_kind(message)
+            figures.error_kinds[kind] += 1
+            shown = figures.error_examples.setdefault(kind, [])
+            if len(shown) < EXAMPLES:
+                snippet = "" if texts is None or texts[i] is None else repr(str(texts[i])[:80])
+                shown.append(f"{Path(path).name} row {i}: {message}" + (f" (text {snippet})" if snippet else ""))
     figures.values = {k: np.concatenate(v) for k, v in values.items() if v}
+    _token_lengths(figures, lengths, sample, model)
 
 
-def _token_lengths(figures: RunFigures, fs, files: list[str], text_column: str, model: str | None) -> None:
+LENGTH_COLUMNS = ("prompt_tokens", "tokens")  # an output's own token counts per row, in order of preference
+
+
+def _token_lengths(figures: RunFigures, lengths: dict[str, list[np.ndarray]], sample: list[str],
+                   model: str | None) -> None:
     """Tokens per row: the output's own counts where it has them (prompt_tokens, tokens), else the text of a
     sample of rows tokenized with the model's tokenizer (when it is still where the job read it)."""
-    for column in ("prompt_tokens", "tokens"):
-        found = []
-        for path in files:
-            with fs.open_input_file(path) as handle:
-                parquet = pq.ParquetFile(handle)
-                if column in parquet.schema_arrow.names:
-                    found.append(parquet.read(columns=[column]).column(0).to_numpy(zero_copy_only=False))
-        if found:
-            lengths = np.concatenate(found).astype(np.float64)
-            figures.token_lengths = lengths[np.isfinite(lengths)].astype(np.int64)
+    for column in LENGTH_COLUMNS:
+        if lengths.get(column):
+            found = np.concatenate(lengths[column])
+            figures.token_lengths = found[np.isfinite(found)].astype(np.int64)
             figures.token_lengths_note = f"from the output's {column} column"
             return
     vocab = next((Path(model) / n for n in VOCAB_FILES if model and (Path(model) / n).is_file()), None)
@@ -175,14 +183,5 @@ def _token_lengths(figures: RunFigures, fs, files: list[str], text_column: str, 
     import sentencepiece as spm
 
     pieces = spm.SentencePieceProcessor(model_file=str(vocab))
-    texts: list[str] = []
-    for path in files:
-        with fs.open_input_file(path) as handle:
-            parquet = pq.ParquetFile(handle)
-            if text_column in parquet.schema_arrow.names:
-                texts += [t for t in parquet.read(columns=[text_column]).column(0).to_pylist() if t]
-        if len(texts) >= TOKEN_SAMPLE:
-            break
-    texts = texts[:TOKEN_SAMPLE]
-    figures.token_lengths = np.asarray([len(ids) for ids in pieces.encode(texts)], dtype=np.int64)
-    figures.token_lengths_note = f"the text of {len(texts):,} rows tokenized with the model's tokenizer"
+    figures.token_lengths = np.asarray([len(ids) for ids in pieces.encode(sample)], dtype=np.int64)
+    figures.token_lengths_note = f"the text of {len(sample):,} rows tokenized with the model's tokenizer"

@@ -23,13 +23,15 @@ def ok(rows: int = 10, temp: str = "t") -> UnitResult:
     return UnitResult(True, temp, {"rows": rows, "errors": 0, "seconds": 1.0, "node": "n1"})
 
 
-def with_actors(units, n=1, **kwargs):
+def with_actors(units, n=1, loaded=True, **kwargs):
+    """A dispatcher with `n` actors placed and (unless `loaded` is False: still loading the model) loaded."""
     clock = Clock()
     d = Dispatcher(units, clock=clock, **kwargs)
     for a in range(n):
         d.requested(a)
         d.placed(a)
-        d.loaded(a)
+        if loaded:
+            d.loaded(a)
     return d, clock
 
 
@@ -144,10 +146,7 @@ def test_the_adaptive_timeout_follows_the_slowest_batch():
 
 
 def test_a_stalled_load_is_caught_too():
-    clock = Clock()
-    d = Dispatcher([WorkUnit("a")], stall_timeout=30, clock=clock)
-    d.requested(0)
-    d.placed(0)
+    d, clock = with_actors([WorkUnit("a")], loaded=False, stall_timeout=30)
     clock.now += 31
     [stalled] = d.stalled()
     assert "loading the model" in stalled.reason
@@ -156,10 +155,7 @@ def test_a_stalled_load_is_caught_too():
 def test_a_load_that_uses_cpu_without_answering_outlives_a_short_stall_timeout_and_a_stopped_one_does_not():
     """On a crowded machine an actor importing torch and loading the model may not answer a ping for seconds;
     its process's CPU time moving (the pool's alive()) is its sign of life. A stopped process shows none."""
-    clock = Clock()
-    d = Dispatcher([WorkUnit("a")], stall_timeout=3, clock=clock)
-    d.requested(0)
-    d.placed(0)
+    d, clock = with_actors([WorkUnit("a")], loaded=False, stall_timeout=3)
     for _ in range(120):  # two minutes of loading, never answering, using CPU
         clock.now += 1
         d.alive(0)
@@ -170,10 +166,7 @@ def test_a_load_that_uses_cpu_without_answering_outlives_a_short_stall_timeout_a
 
 
 def test_a_load_gets_the_load_floor_however_short_the_stall_timeout_but_a_batch_does_not():
-    clock = Clock()
-    d = Dispatcher([WorkUnit("a")], stall_timeout=3, clock=clock)
-    d.requested(0)
-    d.placed(0)
+    d, clock = with_actors([WorkUnit("a")], loaded=False, stall_timeout=3)
     started = clock.now
     while clock.now - started < LOAD_FLOOR - 2:  # a slow load that answers: inside one load for minutes
         clock.now += 2
