@@ -29,7 +29,8 @@ are computed on a second thread while the model runs the step (llguidance releas
 the step's logits before sampling.
 
 On a CPU the decode step's thread count is chosen by measurement (persimmon.cpu.ThreadGovernor): fewer
-threads when other work holds cores, all of them when the machine is quiet.
+threads when other work holds cores, all of them when the machine is quiet; at one thread, that thread is
+pinned to its core.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ from typing import Callable, Iterable, Iterator, Sequence
 import torch
 
 from .cache import KVCache, copy_positions
-from .cpu import ThreadGovernor
+from .cpu import CorePinning, ThreadGovernor
 from .sampling import FinishReason, SamplingParams, StopChecker, TokenLogprob, row_seed, row_uniforms, sample
 from .scheduler import (ADMIT_FRACTION, CAPACITY_STEP, INCOMPLETE, RESORT_EVERY, Completion, Layout,  # noqa: F401
                         Release, Request, Row, SlotScheduler, chunk_reads, placement)
@@ -255,7 +256,8 @@ class GenerationEngine:
         threads = torch.get_num_threads()
         if adaptive_threads is None:
             adaptive_threads = self.device.type == "cpu" and threads > 1
-        self.governor = ThreadGovernor(threads, torch.set_num_threads) if adaptive_threads else None
+        # at one thread the stepping thread is pinned to its core (persimmon.cpu.CorePinning)
+        self.governor = ThreadGovernor(threads, CorePinning(torch.set_num_threads)) if adaptive_threads else None
 
     def _check(self, params: SamplingParams) -> None:
         if params.stop and self.decode is None:
@@ -306,10 +308,15 @@ class GenerationEngine:
         if self.governor is not None:
             self.governor.apply()  # the prefill too runs at the count the decode steps measured best
         start = time.perf_counter()
-        done = self._admit()
-        middle = time.perf_counter()
-        if self.active:
-            done += self._decode()
+        try:
+            done = self._admit()
+            middle = time.perf_counter()
+            if self.active:
+                done += self._decode()
+        except BaseException:
+            if self.governor is not None:  # torch's threads (and the thread's cores) back for whatever runs next
+                self.governor.rest()
+            raise
         self.seconds["prefill"] += middle - start  # on CUDA, kernels still queued count towards the next
         self.seconds["decode"] += time.perf_counter() - middle
         if self.governor is not None and not self.busy:

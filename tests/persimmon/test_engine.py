@@ -4,6 +4,8 @@ compiled step equals the eager one and is captured once per pool."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -192,3 +194,45 @@ def test_bf16_computed_in_fp32_matches_bf16_and_caches_fp32(tmp_path):
     got = {c.key: c.tokens for c in engine.run(Request(i, r) for i, r in enumerate(rows))}
     assert engine.pool.keys[0].dtype == torch.float32
     assert got == {i: naive_generate(fitted, r, 8, SamplingParams(), [])[0] for i, r in enumerate(rows)}
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_getaffinity") or len(os.sched_getaffinity(0)) < 2,
+                    reason="needs a CPU set of 2 or more cores")
+def test_an_engine_that_fails_mid_step_leaves_its_thread_unpinned_and_torch_its_threads(model):
+    """A run that ends in an exception while the governor holds one pinned thread gives both back: the next
+    engine in the process (the actor's next unit) must not inherit a single pinned core."""
+    import threading
+
+    import torch
+
+    from persimmon.engine import GenerationEngine, Request
+
+    before = torch.get_num_threads()
+    outcome = {}
+
+    def stepping_thread():
+        tid = threading.get_native_id()
+        whole = set(os.sched_getaffinity(tid))
+        torch.set_num_threads(2)
+        engine = GenerationEngine(model, 4, adaptive_threads=True)
+        engine.governor.current = 1  # as if the governor had measured one thread best
+        engine.add(Request(0, [1, 2, 3]))
+
+        def broken(*args, **kwargs):
+            outcome["during"] = (set(os.sched_getaffinity(tid)), torch.get_num_threads())
+            raise RuntimeError("the step failed")
+
+        engine._decode = broken
+        try:
+            engine.step()
+        except RuntimeError:
+            pass
+        outcome["after"] = (set(os.sched_getaffinity(tid)), torch.get_num_threads())
+        outcome["whole"] = whole
+
+    t = threading.Thread(target=stepping_thread)
+    t.start()
+    t.join()
+    torch.set_num_threads(before)
+    assert len(outcome["during"][0]) == 1 and outcome["during"][1] == 1
+    assert outcome["after"] == (outcome["whole"], 2)

@@ -4,6 +4,7 @@ governor on a fake clock."""
 
 from __future__ import annotations
 
+import os
 import random
 
 import pytest
@@ -375,3 +376,51 @@ def test_one_length_grouper_cuts_as_both_former_groupers_did():
         descending = sorted(lengths, reverse=True)
         assert length_groups(descending, budget, waste, keys=keys) == _old_prefill_groups(descending, keys, waste, budget)
     assert length_groups([], 100) == []
+
+
+# -- pinning the stepping thread at one thread ------------------------------------------------------------------
+needs_two_cpus = pytest.mark.skipif(not hasattr(os, "sched_getaffinity") or len(os.sched_getaffinity(0)) < 2,
+                                    reason="needs a CPU set of 2 or more cores")
+
+
+def _cpus_of(tid: int) -> set[int]:
+    return set(os.sched_getaffinity(tid))
+
+
+@needs_two_cpus
+def test_one_thread_is_pinned_to_its_core_and_any_other_count_unpins_it_first():
+    import threading
+
+    from persimmon.cpu import CorePinning, current_core
+
+    counts = []
+    results = {}
+
+    def stepping_thread():  # the engine's thread; the test's own thread is left as it was
+        tid = threading.get_native_id()
+        whole = _cpus_of(tid)
+        pinning = CorePinning(counts.append)
+        pinning(1)
+        results["pinned"] = _cpus_of(tid)
+        results["core"] = current_core()
+        child = {}
+        # a thread started while pinned inherits the pin; after a count above one, threads start on every core
+        pinning(2)
+        t = threading.Thread(target=lambda: child.update(cpus=_cpus_of(threading.get_native_id())))
+        t.start()
+        t.join()
+        results["after"] = _cpus_of(tid)
+        results["child"] = child["cpus"]
+        results["whole"] = whole
+        pinning(1)
+        pinning.release()  # the engine at rest
+        results["released"] = _cpus_of(tid)
+
+    t = threading.Thread(target=stepping_thread)
+    t.start()
+    t.join()
+    assert counts == [1, 2, 1]
+    assert len(results["pinned"]) == 1 and results["pinned"] <= results["whole"]
+    assert results["core"] in results["pinned"]  # it stayed on the core it was pinned to
+    assert results["after"] == results["whole"] and results["child"] == results["whole"]
+    assert results["released"] == results["whole"]
