@@ -209,7 +209,7 @@ def _cli_parameter(f: dataclasses.Field, hint) -> inspect.Parameter:
     kind, optional = _value_type(hint)
     default = default_of(f)
     if meta.get("choices"):
-        names = [*meta["choices"], *meta.get("aliases", {})]
+        names = [*map(str, meta["choices"]), *meta.get("aliases", {})]
         kind = enum.Enum(f.name.title().replace("_", ""), {c: c for c in names}, type=str)
         default = None if default is None else kind(default)
     elif meta.get("cli") == "comma":

@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 
 from persimmon.config import ProblemType
 from persimmon.files import TOKENIZER_FILES
-from pipelines.options import EmbedOptions, ModelOptions
+from pipelines.options import EmbedOptions, ModelOptions, Pooling
 from pipelines.schema import added_columns, clashing_columns, embedding_schema, is_text_type, missing_text_column
 
 from .errors import BatchError, UsageError
@@ -102,7 +102,7 @@ class TrainHeadSpec:
 
     def embed_spec(self) -> JobSpec:
         options = EmbedOptions(dtype=self.options.dtype, max_length=self.options.max_length,
-                               batch_tokens=self.options.batch_tokens, pooling="last", normalize=False)
+                               batch_tokens=self.options.batch_tokens, pooling=Pooling.LAST, normalize=False)
         # overwrite: the features follow the base model; an earlier model's features are replaced
         # only_where: unlabeled rows keep their place but never reach the model (they are not trained on)
         return JobSpec("embed", self.base, self.input, self.features_dir(), self.text_column, options, self.runner,

@@ -1,5 +1,8 @@
 """KVCache: every layer's keys and values for incremental decoding, preallocated for the whole batch.
 
+LayerCache is what the model asks of any cache it is given: KVCache here, and the engine's SlotBatch (a decode
+step's view of its slot pool, whose rows each write at their own position).
+
 Layout per layer is (B, H, capacity, D). A forward pass writes its T new positions at [length, length + T)
 in every layer, then the model advances `length` once. Capacity is set up front (generation knows its final
 length) so decoding never reallocates; when a caller goes past it, the buffers grow geometrically.
@@ -7,12 +10,38 @@ length) so decoding never reallocates; when a caller goes past it, the buffers g
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import torch
 
 from .config import PersimmonConfig
 
 
+class LayerCache(Protocol):
+    """What a forward pass reads and calls on the cache it is given."""
+
+    chunks: list[tuple[int, int, int]] | None  # (first row, end row, positions to read): None, one read for all
+
+    @property
+    def batch_size(self) -> int: ...
+
+    @property
+    def length(self) -> int:
+        """Positions already filled before this pass (the first new token's position)."""
+        ...
+
+    def update(self, layer: int, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store this pass's keys and values (B, H, T, D) for `layer`; return every position to attend over."""
+        ...
+
+    def advance(self, num_tokens: int) -> None:
+        """After every layer has written: num_tokens more positions are filled."""
+        ...
+
+
 class KVCache:
+    """A LayerCache of its own tensors: every row's new positions written at [length, length + T)."""
+
     chunks = None  # one attention read for all rows (the engine's SlotBatch may split it by row ranges)
     borrowed = False  # True: the tensors are someone else's (a slot pool's rows); growing would detach them
 

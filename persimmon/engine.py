@@ -108,8 +108,9 @@ class SlotPool:
 
 
 class SlotBatch:
-    """The cache a decode step sees: the first `rows` slots of a pool, each row writing its one new key and
-    value at its own position and reading positions [0, read). The engine owns the positions. `chunks`, when
+    """The LayerCache a decode step sees: the first `rows` slots of a pool, each row writing its one new key
+    and value at its own position and reading positions [0, read). The engine owns the positions, so
+    `advance` has nothing to count. `chunks`, when
     given, are (first row, end row, positions to read) ranges: the attention reads each range only up to its
     own longest row (KVCache's is None: one read for all)."""
 
@@ -133,7 +134,7 @@ class SlotBatch:
         return keys[: self.rows, :, : self.read], values[: self.rows, :, : self.read]
 
     def advance(self, num_tokens: int) -> None:
-        pass  # positions are the engine's
+        """Nothing to do: each row's position is the engine's, set before the next step."""
 
 
 def prefill_rows(model, rows: Sequence[Sequence[int]], start: int = 0, prefix: KVCache | None = None,

@@ -20,18 +20,18 @@ from persimmon import PersimmonModel
 
 from .batching import (ModelPipeline, checked_options, drop_nonfinite, encode_rows, pad_batch, plan_batches,
                        text_column)
-from .options import EmbedOptions
+from .options import EmbedOptions, Pooling
 from .schema import append_columns, embedding_schema
 
 
-def pooled(hidden: torch.Tensor, mask: torch.Tensor, pooling: str) -> torch.Tensor:
+def pooled(hidden: torch.Tensor, mask: torch.Tensor, pooling: Pooling | str) -> torch.Tensor:
     """(B, H) from hidden states (B, T, H) under an attention mask (B, T) of either padding side."""
     real = mask.to(hidden.device).bool()
-    if pooling == "last":
+    if pooling == Pooling.LAST:
         positions = torch.arange(real.shape[1], device=hidden.device)
         last = (positions * real).argmax(-1)
         return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
-    if pooling == "mean":
+    if pooling == Pooling.MEAN:
         weights = real.to(torch.float32)[..., None]
         return (hidden.float() * weights).sum(1) / weights.sum(1)
     raise ValueError(f"pooling must be 'last' or 'mean', got {pooling!r}")

@@ -15,11 +15,29 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from persimmon.kinds import Kind
+
 from .errors import one_line
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 DTYPE_ALIASES = {"fp32": "float32", "float": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
-SIDES = ("left", "right")
+
+
+class Side(Kind):
+    """Which end of a too-long text truncation drops."""
+
+    LEFT = "left"
+    RIGHT = "right"
+
+
+class Pooling(Kind):
+    """How an embedding is taken from the final hidden states."""
+
+    LAST = "last"  # the last real token's (what a classifier head sees)
+    MEAN = "mean"  # the average over the real tokens
+
+
+SIDES = tuple(Side)
 CHAT_TEMPLATE = "human: {text}\n\nadept:"
 ZERO_SHOT_TEMPLATE = "human: Which of these labels fits the text best: {labels}?\n\nText: {text}\n\nadept:"
 
@@ -112,7 +130,7 @@ class Options:
                 found.append(f"{f.name}: must be a finite number, got {value}")
                 continue
             if meta.get("choices") and value not in meta["choices"]:
-                found.append(f"{f.name}: expected one of {list(meta['choices'])}, got {value!r}")
+                found.append(f"{f.name}: expected one of {[str(c) for c in meta['choices']]}, got {value!r}")
             if meta.get("min") is not None and value < meta["min"]:
                 found.append(f"{f.name}: must be at least {meta['min']}, got {value}")
             if meta.get("max") is not None and value > meta["max"]:
@@ -313,7 +331,7 @@ def read_text_file(path: str) -> str:
 class EmbedOptions(ModelOptions):
     truncation_side: str = option("right", "Which end of a too-long text to drop.", choices=SIDES)
     pooling: str = option("last", "last = the final hidden state at the last real token (what a classifier "
-                                  "head sees); mean = the average over the real tokens.", choices=("last", "mean"))
+                                  "head sees); mean = the average over the real tokens.", choices=tuple(Pooling))
     normalize: bool = option(False, "Scale each embedding to unit length (for cosine similarity).")
 
 
@@ -335,5 +353,5 @@ class BatchAPIOptions(EngineOptions):
     max_new_tokens: int = option(256, "Tokens a chat or completion line may generate when it gives no max_tokens "
                                       "(and the room left in the model's window allows).", min=1)
     pooling: str = option("last", "Embeddings: the last real token's final hidden state, or the mean.",
-                          choices=("last", "mean"))
+                          choices=tuple(Pooling))
     normalize: bool = option(True, "Embeddings: unit length, as OpenAI's are.")

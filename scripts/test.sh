@@ -25,7 +25,7 @@ cpus="$(nproc 2>/dev/null || getconf _NPROCESSORS_ONLN 2>/dev/null || echo 1)"
 workers="${PYTEST_WORKERS:-$(( cpus > 1 ? 2 : 1 ))}"
 parallel=()
 if [ "$workers" -gt 1 ]; then
-  parallel=(-n "$workers" --dist loadfile)
+  parallel=(-n "$workers" --dist loadfile --no-loadscope-reorder)
   for arg in "$@"; do
     case "$arg" in
       -n|-n[0-9]*|--numprocesses*|--pdb|--trace|-s|--capture=no|no:xdist|-pno:xdist) parallel=(); break ;;

@@ -101,9 +101,18 @@ SLOW_MODULES = {"test_adversary", "test_readme", "test_safety", "test_submit", "
 SLOW_FIXTURES = {"ray_local"}
 
 
-# The longest files first: under scripts/test.sh's two pytest processes (a whole file per process, in this
-# order), a long file handed out last would run on alone at the end.
-FIRST = ("tests/test_readme.py", "tests/jobs/test_adversary.py")
+# The longest files first: scripts/test.sh runs the files on two pytest processes, a whole file each, handed
+# out in collection order (with --no-loadscope-reorder: xdist's own order is by number of tests, which put the
+# README demo, one test of 3-4 minutes, last, to run on alone at the end). A file's weight is the sum of its
+# tests' seconds in the last run here (the pytest cache), else an estimate: a `seconds(n)` mark, else 12 s for a
+# slow test and 0.3 s for another.
+SECONDS_KEY = "persimmon/test-seconds"
+GUESS = {True: 12.0, False: 0.3}
+
+
+def _guess(item) -> float:
+    mark = item.get_closest_marker("seconds")
+    return float(mark.args[0]) if mark else GUESS[item.get_closest_marker("slow") is not None]
 
 
 def pytest_collection_modifyitems(config, items):
@@ -111,4 +120,27 @@ def pytest_collection_modifyitems(config, items):
         module = item.module.__name__.rsplit(".", 1)[-1] if item.module else ""
         if module in SLOW_MODULES or SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
-    items.sort(key=lambda item: item.nodeid.split("::")[0] not in FIRST)  # stable: the rest keep their order
+    seen = config.cache.get(SECONDS_KEY, {}) if config.cache is not None else {}
+    weight: dict[str, float] = {}
+    for item in items:
+        file = item.nodeid.split("::")[0]
+        weight[file] = weight.get(file, 0.0) + seen.get(item.nodeid, _guess(item))
+    items.sort(key=lambda item: -weight[item.nodeid.split("::")[0]])  # stable: a file's tests keep their order
+
+
+_SECONDS: dict[str, float] = {}
+
+
+def pytest_runtest_logreport(report):
+    _SECONDS[report.nodeid] = _SECONDS.get(report.nodeid, 0.0) + report.duration  # setup, call and teardown
+
+
+def pytest_sessionfinish(session):
+    """Each test's seconds into the cache for the next run's order (from the main process only: xdist's
+    workers report to it)."""
+    config = session.config
+    if config.cache is None or hasattr(config, "workerinput") or not _SECONDS:
+        return
+    seen = config.cache.get(SECONDS_KEY, {})
+    seen.update({k: round(v, 2) for k, v in _SECONDS.items()})
+    config.cache.set(SECONDS_KEY, seen)

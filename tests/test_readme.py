@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pyarrow.parquet as pq
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -49,6 +50,7 @@ def current_environment() -> None:
                    timeout=900, env={**os.environ, "VENV": str(Path(sys.executable).parents[1])})
 
 
+@pytest.mark.seconds(200)
 def test_readme_demo_and_quick_start_run_as_written(tmp_path):
     readme = (ROOT / "README.md").read_text()
     current_environment()

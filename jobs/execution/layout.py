@@ -7,10 +7,19 @@ from typing import Any
 
 import ray
 
+from persimmon.kinds import Kind
+
 from ..errors import UsageError
 from ..spec import JobSpec
 
 CPU_THREADS_PER_ACTOR = 4  # default CPU actor size when the number of actors is not given
+
+
+class Device(Kind):
+    """What a run's actors compute on (torch's device type)."""
+
+    CPU = "cpu"
+    CUDA = "cuda"
 
 
 @dataclass
@@ -18,7 +27,7 @@ class Layout:
     """How a run's actors sit on the cluster: how many were started, with what each holds."""
 
     actors: int
-    device: str  # "cuda" or "cpu"
+    device: Device
     resources: dict[str, Any]  # Ray's resource options per actor
     threads: int | None  # torch threads per CPU actor
     requested: int  # the actors the cluster or --actors allowed (more than started when there are fewer units)
@@ -26,7 +35,7 @@ class Layout:
     backup_tasks: bool = False
 
     def describe(self) -> str:
-        if self.device == "cuda":
+        if self.device == Device.CUDA:
             each = f"{self.resources['num_gpus']:g} GPU each"
         else:
             each = f"{self.threads} torch thread{'s' * (self.threads != 1)} on {self.resources['num_cpus']:.3g} CPUs each"
@@ -51,8 +60,8 @@ def cluster_capacity(spec: JobSpec) -> tuple[int, str, int]:
         if actors * r.gpus_per_actor > gpus:  # the rest would wait for GPUs forever
             raise UsageError(f"{actors} actors x {r.gpus_per_actor} GPUs each need {actors * r.gpus_per_actor:g} "
                              f"GPUs; the cluster has {gpus:g}: lower --actors or --gpus-per-actor")
-        return actors, "cuda", cpus
-    return r.actors or max(1, cpus // CPU_THREADS_PER_ACTOR), "cpu", cpus
+        return actors, Device.CUDA, cpus
+    return r.actors or max(1, cpus // CPU_THREADS_PER_ACTOR), Device.CPU, cpus
 
 
 def actor_layout(spec: JobSpec, capacity: tuple[int, str, int], units: int) -> Layout:
@@ -65,7 +74,7 @@ def actor_layout(spec: JobSpec, capacity: tuple[int, str, int], units: int) -> L
     backups = spec.runner.backup_tasks
     if backups is None:
         backups = sum(1 for n in ray.nodes() if n.get("Alive")) > 1
-    if device == "cuda":
+    if device == Device.CUDA:
         return Layout(actors, device, {"num_gpus": spec.runner.gpus_per_actor, "num_cpus": 1}, None, requested,
                       units, backups)
     # more actors than CPUs share them (fractional CPUs) rather than wait for CPUs that never come

@@ -34,6 +34,7 @@ from ..output.paths import join
 from ..output.lease import this_machine
 from ..planning.units import WorkUnit
 from ..spec import JobSpec
+from .layout import Device
 from .dispatcher import UNIT_COUNTS, Fatal, UnitResult
 from .metrics import ActorMetrics, job_label
 
@@ -76,7 +77,7 @@ def compressed_data(batches, shard: str):
         raise broken_compression(exc, shard) from None
 
 
-def build_pipeline(spec: JobSpec, device: str):
+def build_pipeline(spec: JobSpec, device: Device):
     """The pipeline a job spec describes."""
     from pipelines.tasks import TASKS
 
@@ -124,7 +125,7 @@ def skip_where_null(batch, text_column: str, column: str):
 
 class UnitWorker:
     def __init__(self, spec: JobSpec, fingerprint: str, run_id: str, pin: dict[str, Any], in_fs: pafs.FileSystem,
-                 in_base: str, out_fs: pafs.FileSystem, out_base: str, device: str, threads: int | None) -> None:
+                 in_base: str, out_fs: pafs.FileSystem, out_base: str, device: Device, threads: int | None) -> None:
         self.spec, self.fingerprint, self.run_id, self.pin = spec, fingerprint, run_id, pin
         self.in_fs, self.in_base, self.out_fs, self.out_base = in_fs, in_base, out_fs, out_base
         self.device, self.threads = device, threads
@@ -163,7 +164,7 @@ class UnitWorker:
                 torch.set_num_threads(self.threads)
             self.pipeline = build_pipeline(self.spec, self.device)
             check_pin(self.spec.model, self.pin)
-            if self.device == "cpu":
+            if self.device == Device.CPU:
                 import torch
 
                 self.threads = torch.get_num_threads()  # what the units really ran with: in their stats

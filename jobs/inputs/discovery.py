@@ -28,6 +28,8 @@ from typing import Any
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from persimmon.kinds import Kind
+
 from ..errors import UsageError
 from .formats import Format
 from ..output.paths import existing_chain, folder_key, inside, join, resolve
@@ -69,6 +71,14 @@ def _glob_regex(pattern: str) -> re.Pattern:
     return re.compile("".join(out) + r"\Z", re.S)
 
 
+class InputKind(Kind):
+    """What an input path named: one file, a folder of files, or a glob pattern."""
+
+    FILE = "file"
+    DIRECTORY = "directory"
+    GLOB = "glob"
+
+
 @dataclass
 class Discovery:
     fs: pafs.FileSystem
@@ -76,7 +86,7 @@ class Discovery:
     shards: list[str]
     skipped: int = 0  # entries left out: hidden, _-prefixed, or not .parquet
     skipped_names: list[str] = field(default_factory=list)  # the first SKIPPED_SHOWN of them, to name them
-    kind: str = "directory"  # "file", "directory" or "glob"
+    kind: InputKind = InputKind.DIRECTORY
     files: dict[str, pafs.FileInfo] = field(default_factory=dict)  # shard -> its file info
     # local only: (device, inode) of the folders that are input (every folder of a directory input; the folders
     # holding the files of a file or glob input)
@@ -209,19 +219,19 @@ def discover(uri: str, output: tuple[pafs.FileSystem, str] | None = None, input_
             raise _unreadable(path, exc) from None
         if st is not None and not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
             raise _not_regular(uri)
-        kind = None if st is None else ("file" if stat.S_ISREG(st.st_mode) else "directory")
+        kind = None if st is None else (InputKind.FILE if stat.S_ISREG(st.st_mode) else InputKind.DIRECTORY)
     else:
         try:
             info = fs.get_file_info(path)
         except OSError as exc:
             raise UsageError(f"cannot read input {uri}: {exc}") from None
-        kind = {pafs.FileType.File: "file", pafs.FileType.Directory: "directory"}.get(info.type)
+        kind = {pafs.FileType.File: InputKind.FILE, pafs.FileType.Directory: InputKind.DIRECTORY}.get(info.type)
     if kind is None and not any(ch in path for ch in GLOB_CHARS):
         raise UsageError(f"input {uri} does not exist")
-    kind = kind or "glob"
-    if kind == "file":
+    kind = kind or InputKind.GLOB
+    if kind == InputKind.FILE:
         base = path.rsplit("/", 1)[0] if "/" in path else ""
-    elif kind == "directory":
+    elif kind == InputKind.DIRECTORY:
         base = path
     else:
         base = path
@@ -238,7 +248,7 @@ def discover(uri: str, output: tuple[pafs.FileSystem, str] | None = None, input_
     for item in candidates:
         rel = str(PurePosixPath(item.path).relative_to(found.base)) if found.base else item.path
         if any(_hidden(part) for part in PurePosixPath(rel).parts) or \
-                (found.kind == "directory" and not takes(rel, input_format)):
+                (found.kind == InputKind.DIRECTORY and not takes(rel, input_format)):
             _skip(found, rel)
             continue
         found.shards.append(rel)
@@ -264,7 +274,7 @@ def discover(uri: str, output: tuple[pafs.FileSystem, str] | None = None, input_
 
 def _local_candidates(found: Discovery, path: str, exclude_path: str | None) -> list[pafs.FileInfo]:
     exclude = folder_key(exclude_path) if exclude_path else None
-    if found.kind == "file":
+    if found.kind == InputKind.FILE:
         st = os.stat(path)
         key = folder_key(found.base or ".")
         if key is not None:
@@ -275,7 +285,7 @@ def _local_candidates(found: Discovery, path: str, exclude_path: str | None) -> 
     found.skipped_names = (found.skipped_names + walk.skipped_names)[:SKIPPED_SHOWN]
     found.notes += walk.notes
     items = [_info(p, st) for p, st in walk.files]
-    if found.kind == "directory":
+    if found.kind == InputKind.DIRECTORY:
         found.folders.update(walk.folders)
         return items
     regex = _glob_regex(path)
@@ -289,16 +299,16 @@ def _local_candidates(found: Discovery, path: str, exclude_path: str | None) -> 
 
 
 def _remote_candidates(found: Discovery, path: str, exclude_path: str | None) -> list[pafs.FileInfo]:
-    if found.kind == "file":
+    if found.kind == InputKind.FILE:
         return [found.fs.get_file_info(path)]
     try:
         listing = found.fs.get_file_info(pafs.FileSelector(found.base, recursive=True,
-                                                           allow_not_found=found.kind == "glob"))
+                                                           allow_not_found=found.kind == InputKind.GLOB))
     except OSError as exc:
         raise UsageError(f"cannot list input {found.base}: {exc}") from None
     items = [i for i in listing if i.type == pafs.FileType.File
              and not (exclude_path is not None and inside(i.path, exclude_path))]
-    if found.kind == "glob":
+    if found.kind == InputKind.GLOB:
         regex = _glob_regex(path)
         items = [i for i in items if regex.match(i.path)]
     return items
@@ -314,7 +324,7 @@ def output_overlap(discovery: Discovery, out_fs: pafs.FileSystem, out_base: str)
     if out_fs.type_name == "local":
         chain = existing_chain(out_base)
         itself = os.path.abspath(out_base)
-        if discovery.kind == "directory":
+        if discovery.kind == InputKind.DIRECTORY:
             for folder, key in chain:
                 if key in discovery.folders:
                     seen = discovery.folders[key]  # the input's folder, as discovery reached it
@@ -330,7 +340,7 @@ def output_overlap(discovery: Discovery, out_fs: pafs.FileSystem, out_base: str)
         elif chain and chain[0][0] == itself and chain[0][1] in discovery.folders:
             return (f"output {out_base} overlaps the input: it is the folder the input's files are in, where its "
                     "files would replace or join them")
-    elif inside(out_base, discovery.base) and (discovery.kind == "directory"
+    elif inside(out_base, discovery.base) and (discovery.kind == InputKind.DIRECTORY
                                                or out_base.rstrip("/") == discovery.base.rstrip("/")):
         where = "it is the input folder" if out_base.rstrip("/") == discovery.base.rstrip("/") else \
             f"it is inside the input folder {discovery.base}"
