@@ -3,7 +3,7 @@ means, when an actor is stalled, when placement has failed, when the job stops.
 
 The pool (pool.py) turns actors and Ray's futures into calls of this class; the runner executes what it
 decides (commits, failures). A clock is injected, so every rule is tested in milliseconds
-(tests/jobs/test_dispatcher.py).
+(tests/jobs/execution/test_dispatcher.py).
 
 Actors move through: requested -> loading (placed, loading the model) -> idle <-> busy -> gone.
 - An idle actor gets the next unit of the queue (a merge of a sliced shard's parts first).

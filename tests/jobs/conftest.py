@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import signal
 import subprocess
 import sys
@@ -84,6 +85,12 @@ def ray_local():
     ray.shutdown()
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def add_shards(input: Path, upto: int) -> None:
     """Copies of the four demo shards as part-00004 .. part-{upto - 1}, with ids of their own (1000 x shard)."""
     for i in range(4, upto):
@@ -94,7 +101,6 @@ def add_shards(input: Path, upto: int) -> None:
 
 def node_ports() -> list[str]:
     """`ray start` flags giving a node agent ports of its own, so two nodes on one machine never clash."""
-    from tests.jobs.test_cli import free_port
 
     return [f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
             f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}"]
@@ -222,8 +228,7 @@ class RayCluster:
     cluster on the machine (`ray stop` would end every Ray process of the user)."""
 
     def __init__(self, env: dict | None = None) -> None:
-        from tests.jobs.test_cli import free_port
-
+    
         self.temp = tempfile.mkdtemp(prefix="pbr-", dir="/tmp")  # short: Ray's socket paths live under it
         self.port = free_port()
         self.env = {**os.environ, "RAY_AUTH_MODE": "token", **(env or {})}
@@ -233,8 +238,7 @@ class RayCluster:
         return f"127.0.0.1:{self.port}"
 
     def start_head(self, *flags: str, timeout: int = 180) -> None:
-        from tests.jobs.test_cli import free_port
-
+    
         subprocess.run([str(BIN / "ray"), "start", "--head", f"--port={self.port}", f"--temp-dir={self.temp}",
                         f"--ray-client-server-port={free_port()}", "--node-ip-address=127.0.0.1",
                         "--disable-usage-stats", *node_ports(), *flags], env=self.env, check=True,

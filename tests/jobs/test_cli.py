@@ -6,7 +6,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -102,12 +101,6 @@ def test_driver_killed_then_rerun_completes_exactly_once(demo):
     assert ids_in(out) == input_ids(input)
     assert (out / SUCCESS).exists() and not (out / TEMPORARY).exists()
     assert not [p for p in out.rglob("*") if p.name.endswith(".tmp") or TEMPORARY in p.parts]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_two_node_cluster_runs_across_both_nodes(demo, tmp_path):

@@ -10,8 +10,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from tests.jobs.conftest import RayCluster
-from tests.jobs.test_cli import free_port
+from tests.jobs.conftest import RayCluster, free_port
 from tests.jobs.test_jobfile import good, partition
 
 BIN = Path(sys.executable).parent

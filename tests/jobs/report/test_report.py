@@ -18,9 +18,8 @@ import pytest
 
 from jobs.report.drift import DEFAULT_THRESHOLD, compare, psi
 from jobs.report.figures import RunFigures, error_kind
-from tests.jobs import browser
-from tests.jobs.conftest import classify, run_here
-from tests.jobs.test_cli import free_port
+from tests.jobs.report import browser
+from tests.jobs.conftest import classify, free_port, run_here
 
 
 def made_up(labels: dict[str, int], scores: np.ndarray, errors: int = 0) -> RunFigures:
