@@ -478,7 +478,16 @@ def test_11_an_output_that_cannot_be_written_mid_run_is_one_line_and_leaves_noth
         if how == "read-only":
             wait_for(lambda: int(inside(f"ls {out}/scores | grep -c '^part-' || true").strip() or 0) >= 1, proc,
                      timeout=240, what="a commit")
-            subprocess.run(["nsenter", "-t", str(proc.pid), "-m", "mount", "-o", "remount,ro", str(out)], check=True)
+            # a remount to read-only is refused (EBUSY, exit 32) while a file on it is open for writing, as a
+            # part file is for a moment: tried again until it holds, within a deadline
+            deadline = time.monotonic() + 60
+            while True:
+                remount = subprocess.run(["nsenter", "-t", str(proc.pid), "-m", "mount", "-o", "remount,ro", str(out)],
+                                         capture_output=True, text=True)
+                if remount.returncode == 0 or proc.poll() is not None or time.monotonic() > deadline:
+                    break
+                time.sleep(0.05)
+            assert remount.returncode == 0, remount.stderr
         else:
             wait_for(lambda: "scores" in inside(f"ls {out}"), proc, timeout=240, what="the output folder")
         stdout, stderr = proc.communicate(timeout=300)
