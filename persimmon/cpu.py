@@ -126,15 +126,15 @@ def current_core() -> int | None:
 
 
 class CorePinning:
-    """A thread setter for ThreadGovernor: `pin(n)` gives torch n threads; at one thread the calling thread (the
-    one that runs the steps) is also pinned to the core it last ran on, within the CPU set it had when this was
-    made. Any other count, and `release()`, give the pinned thread that whole set back first: threads torch
+    """A thread setter for ThreadGovernor: calling it with n gives torch n threads; at one thread the calling
+    thread (the one that runs the steps) is also pinned to the core it last ran on, within the CPU set it had
+    when this was made. Any other count, and `release()`, give the pinned thread that whole set back first: threads torch
     starts inherit their creator's set, and must not all be born on one core."""
 
     def __init__(self, set_threads: Callable[[int], None], allowed: set[int] | None = None) -> None:
         self.set_threads = set_threads
         self.allowed = set(allowed) if allowed is not None else _own_cpus()
-        self.pinned: tuple[int, int] | None = None  # (thread id, core)
+        self.pinned: int | None = None  # the native id of the thread pinned
 
     def __call__(self, n: int) -> None:
         if n == 1 and len(self.allowed) > 1:
@@ -142,11 +142,11 @@ class CorePinning:
             core = current_core()
             core = core if core in self.allowed else min(self.allowed)
             tid = threading.get_native_id()
-            if self.pinned is not None and self.pinned[0] != tid:
+            if self.pinned is not None and self.pinned != tid:
                 self.release()
             try:
                 os.sched_setaffinity(tid, {core})
-                self.pinned = (tid, core)
+                self.pinned = tid
             except OSError:  # not allowed here (a container's policy): unpinned, as before
                 pass
             return
@@ -156,7 +156,7 @@ class CorePinning:
     def release(self) -> None:
         if self.pinned is not None:
             try:
-                os.sched_setaffinity(self.pinned[0], self.allowed)
+                os.sched_setaffinity(self.pinned, self.allowed)
             except OSError:  # the thread has ended
                 pass
             self.pinned = None

@@ -120,7 +120,8 @@ def pytest_collection_modifyitems(config, items):
         module = item.module.__name__.rsplit(".", 1)[-1] if item.module else ""
         if module in SLOW_MODULES or SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
-    seen = config.cache.get(SECONDS_KEY, {}) if config.cache is not None else {}
+    cache = getattr(config, "cache", None)  # absent under -p no:cacheprovider
+    seen = cache.get(SECONDS_KEY, {}) if cache is not None else {}
     weight: dict[str, float] = {}
     for item in items:
         file = item.nodeid.split("::")[0]
@@ -139,8 +140,9 @@ def pytest_sessionfinish(session):
     """Each test's seconds into the cache for the next run's order (from the main process only: xdist's
     workers report to it)."""
     config = session.config
-    if config.cache is None or hasattr(config, "workerinput") or not _SECONDS:
+    cache = getattr(config, "cache", None)
+    if cache is None or hasattr(config, "workerinput") or not _SECONDS:
         return
-    seen = config.cache.get(SECONDS_KEY, {})
+    seen = cache.get(SECONDS_KEY, {})
     seen.update({k: round(v, 2) for k, v in _SECONDS.items()})
-    config.cache.set(SECONDS_KEY, seen)
+    cache.set(SECONDS_KEY, seen)
