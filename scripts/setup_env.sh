@@ -31,7 +31,8 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
     "${pip[@]}" "torch==$TORCH_VERSION"
   fi
   # what was installed, whichever way it came: the build, and how to choose another
-  "$VENV/bin/python" - "$CPU_INDEX" <<'PY' >&2 || true
+  # (numpy comes with the package below: torch's warning that it is missing yet says nothing here)
+  "$VENV/bin/python" -W "ignore:Failed to initialize NumPy" - "$CPU_INDEX" <<'PY' >&2 || true
 import sys
 import torch
 cuda = torch.version.cuda

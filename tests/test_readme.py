@@ -71,6 +71,10 @@ def test_readme_demo_and_quick_start_run_as_written(tmp_path):
     assert "stopping at the first full stop" in out and "finish" in out
     report = (repo / "demo-data" / "report.html").read_text()
     assert f"report: {repo / 'demo-data' / 'report.html'}" in out and 'id="labels"' in report
+    named = re.search(r"# writes demo-data/\{(.*?)\}", commands).group(1).split(",")
+    named += re.findall(r"`([\w./]+)`", readme.split(commands, 1)[1].split("\n## ", 1)[0].split("\n\n")[1])
+    assert {"completions", "report.html", "tickets.parquet", "requests.jsonl"} <= set(named)
+    assert [n for n in named if not (repo / "demo-data" / n.strip()).exists()] == []  # what the README says it writes
     completions = pq.read_table(repo / "demo-data" / "completions")
     assert set(completions.column("finish_reason").to_pylist()) <= {"eos", "stop", "length"}
     assert "Token authentication" not in demo.stderr
