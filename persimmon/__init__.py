@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from .lazy import lazy_exports
 
-__version__ = "0.11.2"
+__version__ = "0.11.1"
 
 _EXPORTS = {
     "CheckpointError": ".files",

@@ -19,11 +19,6 @@
   (embeddings, LayerNorms, the residual stream) stays bf16. bf16 GEMM and attention kernels accumulate in
   fp32 anyway, so the outputs agree to bf16 rounding. Whether the CPU has bf16 units is read from its feature
   flags (not timed), so nodes of one kind decide alike however busy they are.
-- attend_in_fp32: on any CPU, a bf16 model's attention runs in fp32 over an fp32 cache of its bf16-valued keys
-  and values, where the CPU has bf16 units too. torch's CPU attention kernel is slower in bf16 than in fp32 for
-  one query over a cache (32 rows x 8 heads x 300 positions, AVX-512 BF16: 4.9 ms in bf16, 1.5-2.1 ms in fp32,
-  though bf16 reads half the bytes), and a decode step is mostly that: greedy generation in bf16 ran 1.3-1.5x
-  faster with it. The linears keep their bf16 units. The cache then takes twice the bytes per position.
 """
 
 from __future__ import annotations
@@ -248,19 +243,8 @@ def compute_bf16_linears_in_fp32(model, force: bool = False) -> bool:
         if m.bias is not None:
             m.bias = nn.Parameter(m.bias.detach().float(), requires_grad=False)
         m.forward = functools.partial(_fp32_linear, m)
-    attend_in_fp32(model)
-    return True
-
-
-def attend_in_fp32(model) -> bool:
-    """A bf16 model on a CPU: attention computed in fp32, over an fp32 cache of the (bf16-valued) keys and
-    values; its output is rounded back to bf16 (see the module's docstring). Returns whether it did."""
-    import torch
-
     from .model import PersimmonAttention
 
-    if model.device.type != "cpu" or model.dtype != torch.bfloat16:
-        return False
     for m in model.modules():
         if isinstance(m, PersimmonAttention):
             m.compute_dtype = torch.float32

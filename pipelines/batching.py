@@ -218,13 +218,12 @@ def pad_batch(tok: PersimmonTokenizer, group: list[EncodedRow], side: str, stats
 
 def load_model(cls, model_dir, dtype: str, device: torch.device):
     """How every pipeline loads its model: the checkpoint in the asked dtype on the device, then fitted to the
-    CPU it runs on (persimmon.cpu): a bf16 model's attention computed in fp32 on any CPU, its linear layers too
-    where the CPU has no bf16 units."""
-    from persimmon.cpu import attend_in_fp32, compute_bf16_linears_in_fp32
+    CPU it runs on (bf16 linear layers and attention computed in fp32 where the CPU has no bf16 units:
+    persimmon.cpu)."""
+    from persimmon.cpu import compute_bf16_linears_in_fp32
 
     model = cls.from_pretrained(model_dir, dtype=dtype, device=device)
-    if not compute_bf16_linears_in_fp32(model):  # which moves attention to fp32 too where it acts
-        attend_in_fp32(model)
+    compute_bf16_linears_in_fp32(model)
     return model
 
 

@@ -196,31 +196,6 @@ def test_bf16_computed_in_fp32_matches_bf16_and_caches_fp32(tmp_path):
     assert got == {i: naive_generate(fitted, r, 8, SamplingParams(), [])[0] for i, r in enumerate(rows)}
 
 
-def test_a_bf16_pipeline_on_a_cpu_with_bf16_units_attends_in_fp32_and_keeps_its_bf16_linears(tmp_path, monkeypatch):
-    """As every pipeline loads a bf16 model on a CPU that has bf16 units (told so, whatever this CPU is): the
-    linear layers stay bf16, attention runs over an fp32 cache, the logits are no further from the fp32 model
-    than plain bf16's, and greedy generation equals the naive loop on that model."""
-    from persimmon import cpu
-    from pipelines.batching import load_model
-
-    monkeypatch.setattr(cpu, "bf16_matmul_is_native", lambda: True)
-    build_hf_model(tmp_path, "causal", seed=6, max_position_embeddings=128)
-    model = load_model(PersimmonForCausalLM, tmp_path, "bfloat16", torch.device("cpu"))
-    assert model.lm_head.weight.dtype == torch.bfloat16 and model.kv_dtype == torch.float32
-    plain = PersimmonForCausalLM.from_pretrained(tmp_path, dtype="bfloat16")
-    ids = torch.tensor(prompts(3, seed=9)[0])[None]
-    with torch.inference_mode():
-        a, b = plain(ids).logits, model(ids).logits
-        reference = PersimmonForCausalLM.from_pretrained(tmp_path, dtype="float32")(ids).logits
-    assert b.dtype == torch.bfloat16
-    assert (b.float() - reference).abs().max() <= 1.5 * (a.float() - reference).abs().max() + 1e-2
-    rows = prompts(5, seed=10)
-    engine = GenerationEngine(model, 8, eos_token_id=[], token_budget=4 * 128)
-    got = {c.key: c.tokens for c in engine.run(Request(i, r) for i, r in enumerate(rows))}
-    assert engine.pool.keys[0].dtype == torch.float32
-    assert got == {i: naive_generate(model, r, 8, SamplingParams(), [])[0] for i, r in enumerate(rows)}
-
-
 @pytest.mark.skipif(not hasattr(os, "sched_getaffinity") or len(os.sched_getaffinity(0)) < 2,
                     reason="needs a CPU set of 2 or more cores")
 def test_an_engine_that_fails_mid_step_leaves_its_thread_unpinned_and_torch_its_threads(model):
