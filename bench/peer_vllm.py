@@ -295,7 +295,8 @@ def run_shape(shape: str, path: Path, dtype: str, args, peer_python_path: str, o
             return
         ours = Ours(path, dtype, longest)
         out.append(f"  start-up: vLLM {started['seconds']:.1f} s, ours {ours.load_seconds:.1f} s "
-                   f"(model load; fp32 linears on this CPU: {bool(ours.model.kv_dtype != ours.model.dtype)})")
+                   f"(model load; on this CPU, linears in {str(ours.model.lm_head.weight.dtype)[6:]}, attention "
+                   f"in {str(ours.model.kv_dtype)[6:]})")
         print(out[-1], flush=True)
 
         def generation(name, temperature, ignore_eos, schema=None, count=None, new=new):
