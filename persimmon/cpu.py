@@ -128,8 +128,8 @@ def current_core() -> int | None:
 class CorePinning:
     """A thread setter for ThreadGovernor: calling it with n gives torch n threads; at one thread the calling
     thread (the one that runs the steps) is also pinned to the core it last ran on, within the CPU set it had
-    when this was made. Any other count, and `release()`, give the pinned thread that whole set back first: threads torch
-    starts inherit their creator's set, and must not all be born on one core."""
+    when this was made. Any other count, and `release()`, give the pinned thread that whole set back first:
+    threads torch starts inherit their creator's set, and must not all be born on one core."""
 
     def __init__(self, set_threads: Callable[[int], None], allowed: set[int] | None = None) -> None:
         self.set_threads = set_threads

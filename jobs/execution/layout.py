@@ -50,7 +50,7 @@ class Layout:
                 "backup_tasks": self.backup_tasks}
 
 
-def cluster_capacity(spec: JobSpec) -> tuple[int, str, int]:
+def cluster_capacity(spec: JobSpec) -> tuple[int, Device, int]:
     """(actors the job may use, device, the cluster's CPUs) from the cluster's resources and the spec."""
     resources = ray.cluster_resources()
     gpus, cpus = resources.get("GPU", 0.0), int(resources.get("CPU", 1))
@@ -64,7 +64,7 @@ def cluster_capacity(spec: JobSpec) -> tuple[int, str, int]:
     return r.actors or max(1, cpus // CPU_THREADS_PER_ACTOR), Device.CPU, cpus
 
 
-def actor_layout(spec: JobSpec, capacity: tuple[int, str, int], units: int) -> Layout:
+def actor_layout(spec: JobSpec, capacity: tuple[int, Device, int], units: int) -> Layout:
     """The layout for a job of `units` work units on a cluster's capacity (cluster_capacity): as many actors as
     may run, but no more than there are units; CPU actors share the cluster's CPUs between the actors started (threads follow them:
     one actor on 4 CPUs runs 4 threads, not the 1 it would get as one of 4 requested). Backups default to on

@@ -101,7 +101,6 @@ def add_shards(input: Path, upto: int) -> None:
 
 def node_ports() -> list[str]:
     """`ray start` flags giving a node agent ports of its own, so two nodes on one machine never clash."""
-
     return [f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
             f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}"]
 
@@ -228,7 +227,6 @@ class RayCluster:
     cluster on the machine (`ray stop` would end every Ray process of the user)."""
 
     def __init__(self, env: dict | None = None) -> None:
-    
         self.temp = tempfile.mkdtemp(prefix="pbr-", dir="/tmp")  # short: Ray's socket paths live under it
         self.port = free_port()
         self.env = {**os.environ, "RAY_AUTH_MODE": "token", **(env or {})}
@@ -238,7 +236,6 @@ class RayCluster:
         return f"127.0.0.1:{self.port}"
 
     def start_head(self, *flags: str, timeout: int = 180) -> None:
-    
         subprocess.run([str(BIN / "ray"), "start", "--head", f"--port={self.port}", f"--temp-dir={self.temp}",
                         f"--ray-client-server-port={free_port()}", "--node-ip-address=127.0.0.1",
                         "--disable-usage-stats", *node_ports(), *flags], env=self.env, check=True,

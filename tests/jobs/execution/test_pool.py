@@ -112,6 +112,13 @@ def straggle(model: Path, path: Path, out: Path) -> tuple[subprocess.Popen, str,
     finally:
         if throttle is not None:
             throttle.stop()
+        if proc.poll() is None:  # failed mid-run: end the run this test started (SIGTERM: the CLI ends its Ray)
+            proc.terminate()
+            try:
+                proc.communicate(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.communicate()
     assert proc.returncode == 0, stderr
     return None if throttle is None else (proc, stdout, stderr)
 
