@@ -4,19 +4,26 @@
 # trains a classifier head on the labeled rows (`persimmon-batch train-head`), classifies the other rows
 # (`persimmon-batch classify`, Ray started locally), scores the labels against the rows' true source, then
 # generates short completions for a few rows with the base model (`persimmon-batch generate`, a stop string).
-# Usage: bash scripts/demo.sh [DIR]   (default: ./demo-data)
+# Usage: bash scripts/demo.sh [DIR]   (default: the checkout's demo-data; a relative DIR is taken from the folder
+# you run it in)
 set -euo pipefail
+case "${1:-}" in
+  "") dir="demo-data" ;;
+  /*) dir="$1" ;;
+  *) dir="$PWD/$1" ;;
+esac
 cd "$(dirname "$0")/.."
 source scripts/setup_env.sh
-dir="${1:-demo-data}"
 pb="$VENV/bin/persimmon-batch"
 echo "== persimmon-batch demo: about a minute after the first set-up (which takes a few minutes)"
 echo "== building the demo: a random-weight base model, a tokenizer and Parquet rows from this machine's text"
 "$VENV/bin/python" -m jobs.demo "$dir" >/dev/null
 # a rerun of the demo starts over: its outputs and those of the README's quick start go (a retrained head
 # may differ in its last bits, and a job's output refuses another model's results)
-rm -rf "$dir/classifier" "$dir/output" "$dir/completions" "$dir/daily" "$dir/vectors" "$dir/fields" \
-  "$dir/scores" "$dir/batch-results" "$dir/report.html"
+# (the head's features too: the labeled files were just written again, so a kept embed output would call
+# them changed)
+rm -rf "$dir/features" "$dir/classifier" "$dir/output" "$dir/completions" "$dir/daily" "$dir/vectors" \
+  "$dir/fields" "$dir/scores" "$dir/batch-results" "$dir/report.html"
 echo "== train-head: features of the labeled rows (an embed job on Ray), then a linear head on them"
 "$pb" train-head --model "$dir/base" --input "$dir/labeled" --label-column source --output "$dir/classifier" \
   --features "$dir/features"
